@@ -1,0 +1,139 @@
+"""The backend contract: the one narrow interface every framework implements.
+
+A backend object serves one variant (one model file). The gateway calls, in order:
+
+1. ``load(path, options)`` once, from a worker thread: read the model, return what the file
+   says about its signature;
+2. ``infer(inputs, outputs)`` many times, from the variant's own worker threads (up to
+   ``options.instances`` calls at once), never from the event loop;
+3. ``unload()`` once, after the last ``infer`` has returned.
+
+Backends never see protobuf, gRPC metadata or asyncio: tensors go in and out as
+``dict[str, numpy.ndarray]``. BYTES tensors are numpy object arrays of ``bytes``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+
+class BackendError(Exception):
+    """Raised by a backend when a model cannot be loaded or an inference fails.
+
+    The message is shown to the caller (RepositoryIndex reason, or the gRPC status detail),
+    so it should say what went wrong in the user's terms.
+    """
+
+
+class BackendUnavailable(BackendError):
+    """The framework this backend needs is not installed (e.g. no TensorFlow)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output as a model file or config describes it.
+
+    ``datatype`` is an OIP name ("FP32"), ``shape`` is the whole tensor shape with -1 for a
+    variable dimension (batch dimension included). ``None`` means "the source does not say";
+    the repository completes it from config.toml or sibling variants.
+    """
+
+    name: str | None
+    datatype: str | None = None
+    shape: tuple[int, ...] | None = None
+
+    def complete(self) -> bool:
+        return self.name is not None and self.datatype is not None and self.shape is not None
+
+    def merged(self, other: TensorSpec) -> TensorSpec:
+        """Fill the fields this spec leaves open from ``other`` (this spec wins)."""
+        return replace(
+            self,
+            name=self.name if self.name is not None else other.name,
+            datatype=self.datatype if self.datatype is not None else other.datatype,
+            shape=self.shape if self.shape is not None else other.shape,
+        )
+
+
+@dataclass(frozen=True)
+class Signature:
+    """Inputs and outputs of a model, in the order the model takes and returns them.
+
+    ``positional`` is True when the framework binds tensors by position, not by name
+    (TorchScript): its names are then only suggestions (forward() argument names,
+    ``output__N``) and the gateway maps the model-level names onto positions.
+    """
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    positional: bool = False
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Per-variant settings a backend honours (from MODEL/config.toml)."""
+
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N"
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    instances: int = 1
+    signature_name: str | None = None  # TF SavedModel signature; default "serving_default"
+    # The completed signature, known after all variants of a model have been read. A
+    # positional backend (TorchScript) uses it to bind tensor names to positions.
+    signature: Signature | None = None
+    extra: Mapping[str, object] = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    """One loaded variant of a model, in one framework."""
+
+    #: Name used in config.toml's ``backend = "..."`` and in metrics labels.
+    name: ClassVar[str]
+    #: Triton platform name reported by ModelMetadata/ModelConfig.
+    platform: ClassVar[str]
+
+    @classmethod
+    @abc.abstractmethod
+    def find_model_file(cls, variant_dir: Path) -> Path | None:
+        """The model file (or directory) in ``variant_dir`` this backend can serve, or None.
+
+        Called during repository scanning to detect the backend from the files present.
+        Must not import the framework.
+        """
+
+    @abc.abstractmethod
+    def load(self, path: Path, options: BackendOptions) -> Signature:
+        """Load the model at ``path`` (returned earlier by ``find_model_file``).
+
+        Called once, in a worker thread. Returns the signature as far as the file tells it.
+        Raises BackendUnavailable when the framework is missing and BackendError when the
+        model cannot be loaded.
+        """
+
+    def bind(self, signature: Signature) -> None:  # noqa: B027 - optional hook
+        """Receive the model's completed signature once every variant is read.
+
+        Called after ``load`` and before the first ``infer``; positional backends use it to
+        map model-level tensor names onto their positions.
+        """
+
+    @abc.abstractmethod
+    def infer(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run the model. ``inputs`` are keyed by the model-level names of the signature and
+        already validated against it (datatype, shape). ``outputs`` names the outputs wanted
+        (None: all); a backend may return more, the gateway filters.
+
+        Called from a worker thread, possibly concurrently up to ``options.instances``.
+        Raises BackendError on a failure in the framework.
+        """
+
+    def unload(self) -> None:  # noqa: B027 - optional hook
+        """Release the model. Called once, after the last ``infer`` has returned."""

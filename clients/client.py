@@ -1,0 +1,245 @@
+"""The tensorgate Python client: one class, a synchronous face and an asyncio face.
+
+Each call is written once, as a generator that builds the request, yields it, and turns the
+reply into Python values; the two faces differ only in how they drive that generator over
+a channel (``grpc`` or ``grpc.aio``)::
+
+    with Client("127.0.0.1:8001") as client:
+        result = client.infer("scorer", {"input": x})
+        result["output"], result.variant
+
+        result = await client.aio.infer("scorer", {"input": x})
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Generator, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
+from tensorgate.server import codec
+
+VARIANT_METADATA_KEY = "tensorgate-variant"
+T = TypeVar("T")
+
+
+class InferenceError(Exception):
+    """A call failed; ``code`` is the gRPC status, ``message`` the server's explanation."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+class InferResult(dict[str, np.ndarray]):
+    """Outputs by name, plus which model variant served them."""
+
+    def __init__(self, outputs: Mapping[str, np.ndarray], model: str, variant: str, id: str):
+        super().__init__(outputs)
+        self.model = model
+        self.variant = variant
+        self.id = id
+
+
+@dataclass
+class _Call:
+    method: str  # GRPCInferenceService method name
+    request: Message
+    timeout: float | None = None
+
+
+# A call: yields one or more _Call, receives (reply, trailing metadata), returns the result.
+_Op = Generator[_Call, tuple[Any, dict[str, str]], T]
+
+
+class _op(Generic[T]):
+    """Marks a generator method as a client call; each face binds it to its own driver."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __get__(self, face: Any, owner: type | None = None) -> Any:
+        if face is None:
+            return self
+        return functools.update_wrapper(functools.partial(face._drive, self.fn, face), self.fn)
+
+
+def _as_dict(msg: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
+class _Calls:
+    """Every call the client offers, written once."""
+
+    @_op
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        version: str | None = None,
+        timeout: float | None = None,
+        outputs: Iterable[str] = (),
+        parameters: Mapping[str, object] | None = None,
+        request_id: str = "",
+    ) -> _Op[InferResult]:
+        """Run ``model`` on ``inputs``; returns {output name: array} with ``.variant`` set.
+        ``version`` pins a variant; ``timeout`` (seconds) becomes the call's deadline."""
+        request = codec.encode_request(
+            model, inputs, version or "", outputs, request_id, parameters
+        )
+        reply, trailing = yield _Call("ModelInfer", request, timeout)
+        variant = reply.model_version or trailing.get(VARIANT_METADATA_KEY, "")
+        return InferResult(codec.decode_response(reply), reply.model_name, variant, reply.id)
+
+    @_op
+    def is_live(self, timeout: float | None = None) -> _Op[bool]:
+        reply, _ = yield _Call("ServerLive", pb.ServerLiveRequest(), timeout)
+        return reply.live
+
+    @_op
+    def is_ready(self, timeout: float | None = None) -> _Op[bool]:
+        reply, _ = yield _Call("ServerReady", pb.ServerReadyRequest(), timeout)
+        return reply.ready
+
+    @_op
+    def is_model_ready(
+        self, model: str, version: str | None = None, timeout: float | None = None
+    ) -> _Op[bool]:
+        request = pb.ModelReadyRequest(name=model, version=version or "")
+        reply, _ = yield _Call("ModelReady", request, timeout)
+        return reply.ready
+
+    @_op
+    def server_metadata(self, timeout: float | None = None) -> _Op[dict[str, Any]]:
+        reply, _ = yield _Call("ServerMetadata", pb.ServerMetadataRequest(), timeout)
+        return _as_dict(reply)
+
+    @_op
+    def model_metadata(
+        self, model: str, version: str | None = None, timeout: float | None = None
+    ) -> _Op[dict[str, Any]]:
+        request = pb.ModelMetadataRequest(name=model, version=version or "")
+        reply, _ = yield _Call("ModelMetadata", request, timeout)
+        return _as_dict(reply)
+
+    @_op
+    def model_config(
+        self, model: str, version: str | None = None, timeout: float | None = None
+    ) -> _Op[dict[str, Any]]:
+        request = pb.ModelConfigRequest(name=model, version=version or "")
+        reply, _ = yield _Call("ModelConfig", request, timeout)
+        return _as_dict(reply.config)
+
+    @_op
+    def repository_index(self, timeout: float | None = None) -> _Op[list[dict[str, Any]]]:
+        reply, _ = yield _Call("RepositoryIndex", pb.RepositoryIndexRequest(), timeout)
+        return [_as_dict(m) for m in reply.models]
+
+    @_op
+    def load_model(self, model: str, timeout: float | None = None) -> _Op[None]:
+        yield _Call("RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name=model), timeout)
+
+    @_op
+    def unload_model(self, model: str, timeout: float | None = None) -> _Op[None]:
+        request = pb.RepositoryModelUnloadRequest(model_name=model)
+        yield _Call("RepositoryModelUnload", request, timeout)
+
+
+def _error(e: grpc.RpcError) -> InferenceError:
+    return InferenceError(e.code(), e.details() or "")  # type: ignore[attr-defined]
+
+
+class AsyncFace(_Calls):
+    """The asyncio face of a Client: the same calls, awaited."""
+
+    def __init__(self, target: str, metadata: tuple[tuple[str, str], ...], options: list) -> None:
+        self._channel = grpc.aio.insecure_channel(target, options=options)
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._metadata = metadata
+
+    async def _drive(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        op = fn(*args, **kwargs)
+        reply: Any = None
+        try:
+            call = next(op)
+            while True:
+                rpc = getattr(self._stub, call.method)(
+                    call.request, timeout=call.timeout, metadata=self._metadata
+                )
+                try:
+                    reply = await rpc
+                except grpc.RpcError as e:
+                    raise _error(e) from None
+                trailing = {k: v for k, v in (await rpc.trailing_metadata() or ())}
+                call = op.send((reply, trailing))
+        except StopIteration as stop:
+            return stop.value
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class Client(_Calls):
+    """Synchronous client; ``client.aio`` is the asyncio face over its own aio channel.
+
+    ``metadata`` is sent with every call (e.g. a sticky routing key or an auth token).
+    """
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:8001",
+        *,
+        metadata: Mapping[str, str] | None = None,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.target = target
+        self._metadata = tuple((metadata or {}).items())
+        self._options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        self._channel = grpc.insecure_channel(target, options=self._options)
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._aio: AsyncFace | None = None
+
+    @property
+    def aio(self) -> AsyncFace:
+        """The asyncio face (created on first use, inside the running event loop)."""
+        if self._aio is None:
+            self._aio = AsyncFace(self.target, self._metadata, self._options)
+        return self._aio
+
+    def _drive(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        op = fn(*args, **kwargs)
+        try:
+            call = next(op)
+            while True:
+                try:
+                    reply, rpc = getattr(self._stub, call.method).with_call(
+                        call.request, timeout=call.timeout, metadata=self._metadata
+                    )
+                except grpc.RpcError as e:
+                    raise _error(e) from None
+                trailing = {k: v for k, v in (rpc.trailing_metadata() or ())}
+                call = op.send((reply, trailing))
+        except StopIteration as stop:
+            return stop.value
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

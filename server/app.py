@@ -1,0 +1,172 @@
+"""The gateway process: gRPC server (inference, health, reflection), metrics endpoint,
+model repository, and orderly start-up and shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from prometheus_client import start_http_server
+
+from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
+
+from .interceptors import ErrorInterceptor
+from .metrics import Metrics
+from .pipeline import Pipeline
+from .repository import Repository
+from .router import Router
+from .servicer import InferenceServicer
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+# Messages large enough for a batch of images; refused with RESOURCE_EXHAUSTED beyond.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class ServerSettings:
+    repository: Path
+    host: str = "127.0.0.1"
+    port: int = 8001
+    metrics_port: int | None = 8002  # None: no metrics endpoint
+    metrics_host: str | None = None  # default: same as host
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    drain_timeout: float = 30.0
+    port_file: Path | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class Gateway:
+    """One gateway process. ``start()`` binds and loads; ``stop()`` drains and exits."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.repository = Repository(settings.repository, self.metrics)
+        self.pipeline = Pipeline(self.repository, Router(), self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.ready = False
+        self.draining = False
+        self.grpc_port = 0
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._metrics_server = None
+
+    async def start(self) -> None:
+        s = self.settings
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self._add_reflection(server)
+        self.grpc_port = server.add_insecure_port(f"{s.host}:{s.port}")
+        if self.grpc_port == 0:
+            raise OSError(f"could not bind gRPC port {s.host}:{s.port}")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self._server = server
+        if s.metrics_port is not None:
+            self._metrics_server, _ = start_http_server(
+                s.metrics_port, addr=s.metrics_host or s.host, registry=self.metrics.registry
+            )
+            self.metrics_port = self._metrics_server.server_port
+        started = time.perf_counter()
+        await self.repository.load_all()
+        self.ready = True
+        await self.model_health_changed_async()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "tensorgate serving gRPC on %s:%d, metrics on %s, %d model(s) loaded in %.1f s",
+            s.host, self.grpc_port,
+            f"http://{s.metrics_host or s.host}:{self.metrics_port}/metrics"
+            if self.metrics_port else "(off)",
+            sum(m.ready for m in self.repository.models.values()),
+            time.perf_counter() - started,
+        )
+        if s.port_file is not None:
+            tmp = s.port_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"grpc_port": self.grpc_port,
+                                       "metrics_port": self.metrics_port}))
+            tmp.replace(s.port_file)
+
+    def _add_reflection(self, server: grpc.aio.Server) -> None:
+        names = (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
+        servicer = reflection.aio.ReflectionServicer(names)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+        # grpc.reflection.v1 has the same messages as v1alpha under another package name, so
+        # the same servicer answers both (grpcurl asks v1 first, ghz v1alpha).
+        server.add_generic_rpc_handlers((
+            grpc.method_handlers_generic_handler(REFLECTION_V1, {
+                "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                    servicer.ServerReflectionInfo,
+                    request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                    response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+                )
+            }),
+        ))
+
+    async def _set_health(self, status: int) -> None:
+        await self.health.set("", status)
+        await self.health.set(INFERENCE_SERVICE, status)
+
+    async def model_health_changed_async(self) -> None:
+        """Per-model health entries: a model name is SERVING while it has a ready variant."""
+        for name, model in self.repository.models.items():
+            await self.health.set(
+                name,
+                health_pb2.HealthCheckResponse.SERVING
+                if model.ready and not self.draining
+                else health_pb2.HealthCheckResponse.NOT_SERVING,
+            )
+
+    def model_health_changed(self) -> None:
+        asyncio.get_running_loop().create_task(self.model_health_changed_async())
+
+    def authorize_repository(self, context: grpc.aio.ServicerContext) -> None:
+        """Repository and admin RPCs: open for now (auth arrives with the security issue)."""
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: health NOT_SERVING, refuse new calls, let accepted calls finish."""
+        self.draining = True
+        self.ready = False
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._server is not None:
+            await self._server.stop(self.settings.drain_timeout if grace is None else grace)
+        await self.repository.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+
+    async def wait(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+
+async def serve(settings: ServerSettings) -> None:
+    """Run a gateway until SIGTERM/SIGINT, then drain and return."""
+    gateway = Gateway(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await gateway.start()
+    await stop.wait()
+    log.info("signal received: draining (up to %.0f s)", settings.drain_timeout)
+    await gateway.stop()
+    log.info("stopped")

@@ -1,0 +1,175 @@
+"""The ``tensorgate`` command: serve, demo, infer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from tensorgate.backends.datatypes import by_name
+
+
+def default_demo_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tensorgate" / "demo"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tensorgate")
+def main() -> None:
+    """tensorgate: one Open Inference Protocol gRPC gateway for TorchScript, SavedModel and ONNX."""
+
+
+@main.command()
+@click.option("--repository", "-r", type=click.Path(path_type=Path, file_okay=False),
+              help="Model repository (MODEL/VARIANT/<file>). Default: the built-in demo, "
+                   "generated on first use.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address for gRPC.")
+@click.option("--port", default=8001, show_default=True, type=click.IntRange(0, 65535),
+              help="gRPC port (0: any free port).")
+@click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(-1, 65535),
+              help="Prometheus /metrics port (0: any free port, -1: off).")
+@click.option("--metrics-host", default=None, help="Address for /metrics (default: --host).")
+@click.option("--drain-timeout", default=30.0, show_default=True, type=float,
+              help="Seconds accepted calls may take to finish after SIGTERM.")
+@click.option("--max-message-bytes", default=64 * 1024 * 1024, show_default=True, type=int,
+              help="Largest gRPC message accepted or sent.")
+@click.option("--port-file", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write {'grpc_port', 'metrics_port'} as JSON here once serving.")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def serve(repository: Path | None, host: str, port: int, metrics_port: int,
+          metrics_host: str | None, drain_timeout: float, max_message_bytes: int,
+          port_file: Path | None, log_level: str) -> None:
+    """Serve every model in a repository over gRPC."""
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from .app import ServerSettings
+    from .app import serve as run
+
+    if repository is None:
+        from .demo import write_demo_repository
+
+        repository = default_demo_dir()
+        click.echo(f"no --repository given: serving the demo repository in {repository}",
+                   err=True)
+        write_demo_repository(repository)
+    if not repository.is_dir():
+        raise click.BadParameter(f"{repository} is not a directory", param_hint="--repository")
+    settings = ServerSettings(
+        repository=repository, host=host, port=port,
+        metrics_port=None if metrics_port < 0 else metrics_port, metrics_host=metrics_host,
+        drain_timeout=drain_timeout, max_message_bytes=max_message_bytes, port_file=port_file,
+    )
+    asyncio.run(run(settings))
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+def demo(directory: Path) -> None:
+    """Write the demo model repository to DIRECTORY (models are generated, not downloaded)."""
+    logging.basicConfig(level="INFO", format="%(levelname)s %(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from .demo import write_demo_repository
+
+    write_demo_repository(directory)
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and "variables" not in p.parts and p.name != ".complete":
+            click.echo(p.relative_to(directory))
+
+
+def _parse_input(spec: str, meta: dict[str, dict]) -> tuple[str, np.ndarray]:
+    name, sep, value = spec.partition("=")
+    if not sep:
+        raise click.BadParameter(f"'{spec}': use NAME=FILE.npy or NAME=JSON", param_hint="--input")
+    tensor = meta.get(name)
+    if tensor is None:
+        raise click.BadParameter(f"the model has no input '{name}'; inputs: {list(meta)}",
+                                 param_hint="--input")
+    dt = by_name(tensor["datatype"])
+    if value.endswith(".npy"):
+        arr = np.load(value, allow_pickle=False)
+    else:
+        try:
+            data = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise click.BadParameter(f"{name}: not a .npy file or JSON: {e}",
+                                     param_hint="--input") from None
+        if dt.name == "BYTES":
+            arr = np.array(data, dtype=object)
+            arr = np.vectorize(lambda s: s.encode() if isinstance(s, str) else s,
+                               otypes=[object])(arr)
+        else:
+            arr = np.array(data, dtype=dt.numpy)
+    return name, arr
+
+
+def _random_input(tensor: dict) -> np.ndarray:
+    dt = by_name(tensor["datatype"])
+    shape = [1 if int(d) < 0 else int(d) for d in tensor.get("shape", [])]
+    rng = np.random.default_rng()
+    if dt.name == "BYTES":
+        return np.array([b"tensorgate"] * int(np.prod(shape)), dtype=object).reshape(shape)
+    if dt.name == "BOOL":
+        return rng.integers(0, 2, shape).astype(bool)
+    if dt.numpy.kind in "iu":
+        return rng.integers(0, 10, shape).astype(dt.numpy)
+    return rng.standard_normal(shape).astype(dt.numpy)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--version", "-v", default=None, help="Pin a variant (model_version).")
+@click.option("--input", "-i", "inputs", multiple=True, metavar="NAME=FILE.npy|JSON",
+              help="An input tensor; repeat for several. JSON is cast to the input's datatype.")
+@click.option("--random", "random_inputs", is_flag=True,
+              help="Fill every input not given with random data of its shape (-1 -> 1).")
+@click.option("--output", "-o", "outputs", multiple=True, help="Only return these outputs.")
+@click.option("--url", default="127.0.0.1:8001", show_default=True, help="Server address.")
+@click.option("--timeout", default=30.0, show_default=True, type=float, help="Deadline, seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outputs as JSON.")
+def infer(model: str, version: str | None, inputs: tuple[str, ...], random_inputs: bool,
+          outputs: tuple[str, ...], url: str, timeout: float, as_json: bool) -> None:
+    """Call MODEL once and print its outputs."""
+    from tensorgate.clients import Client, InferenceError
+
+    with Client(url) as client:
+        try:
+            meta = client.model_metadata(model, version, timeout=timeout)
+            by_input = {t["name"]: t for t in meta.get("inputs", [])}
+            tensors = dict(_parse_input(s, by_input) for s in inputs)
+            if random_inputs:
+                for name, t in by_input.items():
+                    tensors.setdefault(name, _random_input(t))
+            missing = [n for n in by_input if n not in tensors]
+            if missing:
+                raise click.UsageError(
+                    f"missing input(s) {missing}: give --input NAME=... or --random")
+            result = client.infer(model, tensors, version=version, timeout=timeout,
+                                  outputs=outputs)
+        except InferenceError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+    if as_json:
+        def plain(a: np.ndarray):
+            if a.dtype == object:
+                return [x.decode("utf-8", "replace") for x in a.reshape(-1)]
+            return a.tolist()
+        click.echo(json.dumps({"model": result.model, "variant": result.variant,
+                               "outputs": {k: plain(v) for k, v in result.items()}}))
+        return
+    click.echo(f"model {result.model}, served by variant '{result.variant}'")
+    with np.printoptions(precision=5, suppress=True, threshold=64, edgeitems=4):
+        for name, arr in result.items():
+            click.echo(f"{name}: {arr.dtype} {list(arr.shape)}\n{arr}")
+
+
+if __name__ == "__main__":
+    main()

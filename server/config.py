@@ -1,0 +1,114 @@
+"""Typed model configuration: ``MODEL/config.toml``, validated when the model is loaded.
+
+Every error names the file, the field and what to do about it. The schema is documented in
+docs/repository.md; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tensorgate.backends.datatypes import DATATYPES
+
+from .errors import ConfigError
+
+CONFIG_FILE = "config.toml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorConfig(_Strict):
+    """An ``[[input]]`` or ``[[output]]`` table: completes what a model file does not say."""
+
+    name: str
+    datatype: str | None = None
+    shape: list[int] | None = None
+
+    @field_validator("datatype")
+    @classmethod
+    def _known_datatype(cls, v: str | None) -> str | None:
+        if v is not None and v not in DATATYPES:
+            raise ValueError(f"unknown datatype '{v}'; use one of {', '.join(DATATYPES)}")
+        return v
+
+    @field_validator("shape")
+    @classmethod
+    def _valid_shape(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(d < -1 or d == 0 for d in v):
+            raise ValueError(f"shape {v}: use positive sizes, or -1 for a variable dimension")
+        return v
+
+
+class VariantConfig(_Strict):
+    """``[variants.NAME]``: settings for one variant, over the model-wide ones."""
+
+    backend: str | None = None
+    device: str | None = None
+    intra_op_threads: Annotated[int, Field(ge=0)] | None = None
+    inter_op_threads: Annotated[int, Field(ge=0)] | None = None
+    signature_name: str | None = None
+
+
+class InstancesConfig(_Strict):
+    """``[instances]``: executions of one variant that may run at once, and its queue."""
+
+    count: Annotated[int, Field(ge=1, le=64)] = 1
+    max_queue_size: Annotated[int, Field(ge=1)] = 1024
+
+
+class ModelConfig(_Strict):
+    """The whole of ``MODEL/config.toml``. Every field is optional."""
+
+    backend: str | None = None
+    max_batch_size: Annotated[int, Field(ge=0)] = 0
+    default_variant: str | None = None
+    device: str = "cpu"
+    # One framework thread per variant by default: STACK.md measured that spinning
+    # framework pools steal the cores the other variants and the gRPC loop need.
+    intra_op_threads: Annotated[int, Field(ge=0)] = 1
+    inter_op_threads: Annotated[int, Field(ge=0)] = 1
+    signature_name: str | None = None
+    input: list[TensorConfig] = Field(default_factory=list)
+    output: list[TensorConfig] = Field(default_factory=list)
+    variants: dict[str, VariantConfig] = Field(default_factory=dict)
+    instances: InstancesConfig = Field(default_factory=InstancesConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _valid_device(cls, v: str) -> str:
+        if v != "cpu" and not v.startswith("cuda"):
+            raise ValueError(f"device '{v}': use 'cpu', 'cuda' or 'cuda:N'")
+        return v
+
+
+FieldKind = Literal["input", "output"]
+
+
+def _describe(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field; check its spelling against docs/repository.md"
+    return f"field '{loc}': {msg}"
+
+
+def load_model_config(model_dir: Path) -> ModelConfig:
+    """Read ``model_dir/config.toml`` (absent: all defaults). Raises ConfigError."""
+    path = model_dir / CONFIG_FILE
+    if not path.exists():
+        return ModelConfig()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as e:
+        details = "; ".join(_describe(err) for err in e.errors())
+        raise ConfigError(f"{path}: {details}") from None

@@ -1,0 +1,82 @@
+"""Prometheus metrics, created on a registry passed in (never module globals).
+
+Label sets are bounded: ``model`` is a model the repository knows (``_unknown`` otherwise),
+``variant`` and ``backend`` come from the repository, ``code`` is a gRPC status name.
+Histograms are in seconds, with buckets from 50 us to 10 s, so they can be aggregated
+across replicas (``sum by (le)``) - which Triton's summaries cannot.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2,
+    2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+UNKNOWN_MODEL = "_unknown"
+
+_VARIANT = ("model", "variant", "backend")
+
+
+class Metrics:
+    """Every metric the gateway exports. One instance per server, on its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+
+        def hist(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, _VARIANT, buckets=LATENCY_BUCKETS, registry=r)
+
+        self.request_duration = hist(
+            "tensorgate_request_duration_seconds",
+            "End-to-end ModelInfer time at the gateway, from receipt to reply encoded.",
+        )
+        self.queue_duration = hist(
+            "tensorgate_queue_duration_seconds",
+            "Time a request waited in its variant's queue before compute.",
+        )
+        self.compute_duration = hist(
+            "tensorgate_compute_duration_seconds", "Backend (framework) compute time."
+        )
+        self.decode_duration = hist(
+            "tensorgate_decode_duration_seconds", "Time to decode a request's input tensors."
+        )
+        self.encode_duration = hist(
+            "tensorgate_encode_duration_seconds", "Time to encode a reply's output tensors."
+        )
+        self.batch_size = Histogram(
+            "tensorgate_batch_size",
+            "Rows per backend execution.",
+            _VARIANT,
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "tensorgate_requests",
+            "ModelInfer requests by final gRPC status code.",
+            (*_VARIANT, "code"),
+            registry=r,
+        )
+        self.inferences = Counter(
+            "tensorgate_inferences",
+            "Inferences (batch rows) computed successfully.",
+            _VARIANT,
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "tensorgate_inflight_requests",
+            "ModelInfer requests being handled now.",
+            ("model",),
+            registry=r,
+        )
+        self.queued = Gauge(
+            "tensorgate_queued_requests", "Requests waiting in a variant's queue.", _VARIANT,
+            registry=r,
+        )
+        self.model_ready = Gauge(
+            "tensorgate_model_ready", "1 when the variant is loaded and serving.", _VARIANT,
+            registry=r,
+        )

@@ -1,0 +1,334 @@
+"""The model repository: ``ROOT/MODEL/VARIANT/<model file>`` plus ``MODEL/config.toml``.
+
+Scans the directory, loads each variant's backend off the event loop, merges the variants'
+signatures into one, and keeps the live set of models. A reload builds the new model
+completely before swapping it in, then lets the old one finish what it accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from tensorgate.backends import (
+    Backend,
+    BackendError,
+    BackendOptions,
+    Signature,
+    available_names,
+    backend_class,
+    detect,
+)
+
+from .config import ModelConfig, load_model_config
+from .errors import ConfigError, InvalidInput, ModelNotFound, TensorgateError
+from .metrics import Metrics
+from .scheduler import Scheduler
+from .signature import ModelSignature, merge_signatures
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class State(StrEnum):
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+    LOADING = "LOADING"
+
+
+@dataclass
+class Variant:
+    """One variant of a model: a model file served by one backend."""
+
+    model: str
+    name: str
+    backend_name: str
+    platform: str
+    path: Path
+    state: State = State.LOADING
+    reason: str = ""
+    backend: Backend | None = None
+    scheduler: Scheduler | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state is State.READY
+
+    @property
+    def is_version(self) -> bool:
+        return self.name.isdigit()
+
+
+@dataclass
+class Model:
+    """A model name: one route over one or more variants sharing one signature."""
+
+    name: str
+    directory: Path
+    config: ModelConfig = field(default_factory=ModelConfig)
+    variants: dict[str, Variant] = field(default_factory=dict)  # in documented order
+    signature: ModelSignature | None = None
+    reason: str = ""  # why the model as a whole failed
+
+    @property
+    def ready(self) -> bool:
+        return self.signature is not None and any(v.ready for v in self.variants.values())
+
+    def ready_variants(self) -> Iterator[Variant]:
+        return (v for v in self.variants.values() if v.ready)
+
+    def default_variant(self) -> Variant | None:
+        """Where an unpinned request goes while no routing is configured: the config's
+        ``default_variant`` when ready, else the first ready variant in documented order
+        (newest integer version first, then named variants alphabetically)."""
+        if self.config.default_variant:
+            v = self.variants.get(self.config.default_variant)
+            if v is not None and v.ready:
+                return v
+        return next(self.ready_variants(), None)
+
+    @property
+    def platform(self) -> str:
+        platforms = {v.platform for v in self.variants.values()}
+        return platforms.pop() if len(platforms) == 1 else "tensorgate_ensemble"
+
+
+def variant_order(names: list[str]) -> list[str]:
+    """Integer versions newest first, then other names alphabetically."""
+    versions = sorted((n for n in names if n.isdigit()), key=int, reverse=True)
+    return versions + sorted(n for n in names if not n.isdigit())
+
+
+def check_model_name(name: str) -> str:
+    """A model name must be one plain path component (no '/', '..', hidden names)."""
+    if not _NAME.match(name) or name in (".", ".."):
+        raise InvalidInput(
+            f"invalid model name '{name}': use letters, digits, '_', '-' and '.', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+class Repository:
+    """The live set of models served from one directory."""
+
+    def __init__(self, root: Path, metrics: Metrics) -> None:
+        self.root = root.resolve()
+        self.metrics = metrics
+        self.models: dict[str, Model] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- lookup -------------------------------------------------------------------------
+    def get(self, name: str) -> Model:
+        model = self.models.get(name)
+        if model is None:
+            raise ModelNotFound(name)
+        return model
+
+    def scan(self) -> list[str]:
+        """Names of the model directories under the root."""
+        if not self.root.is_dir():
+            raise ConfigError(f"model repository {self.root} is not a directory")
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and _NAME.match(p.name) and not p.name.startswith(".")
+        )
+
+    def model_dir(self, name: str) -> Path:
+        """The directory of model ``name``, refusing anything that resolves outside the root."""
+        check_model_name(name)
+        path = (self.root / name).resolve()
+        if path.parent != self.root:
+            raise InvalidInput(f"model '{name}' resolves outside the model repository")
+        return path
+
+    # -- load / unload ------------------------------------------------------------------
+    async def load_all(self) -> None:
+        for name in self.scan():
+            await self.load(name)
+
+    async def load(self, name: str) -> Model:
+        """(Re)load model ``name`` from disk. Failures are recorded on the model (not raised)
+        unless the directory does not exist. The previous version keeps serving until the
+        new one is ready; if the new one fails entirely, the old one stays."""
+        directory = self.model_dir(name)
+        if not directory.is_dir():
+            raise ModelNotFound(name)
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            model = await self._build(name, directory)
+            old = self.models.get(name)
+            if old is not None and old.ready and not model.ready:
+                log.error("reload of %s failed, keeping the loaded version: %s", name,
+                          model.reason or [v.reason for v in model.variants.values()])
+                await self._close(model)
+                raise ConfigError(
+                    f"model '{name}' was not reloaded, the loaded version keeps serving: "
+                    f"{model.reason or '; '.join(v.reason for v in model.variants.values())}"
+                )
+            for v in model.variants.values():
+                if v.scheduler is not None:
+                    v.scheduler.start()
+            self.models[name] = model
+            self._export_ready(model)
+            if old is not None:
+                self._export_ready(old, gone=True)
+                await self._close(old)
+            return model
+
+    async def unload(self, name: str) -> None:
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            model = self.models.pop(name, None)
+            if model is None:
+                raise ModelNotFound(name)
+            self._export_ready(model, gone=True)
+            await self._close(model)
+
+    async def close(self) -> None:
+        for name in list(self.models):
+            await self.unload(name)
+
+    async def _close(self, model: Model) -> None:
+        for v in model.variants.values():
+            v.state = State.UNAVAILABLE
+            v.reason = v.reason or "unloaded"
+        for v in model.variants.values():
+            if v.scheduler is not None:
+                await v.scheduler.close()
+            if v.backend is not None:
+                backend, v.backend = v.backend, None
+                await asyncio.to_thread(backend.unload)
+
+    def _export_ready(self, model: Model, gone: bool = False) -> None:
+        for v in model.variants.values():
+            self.metrics.model_ready.labels(model.name, v.name, v.backend_name).set(
+                0 if gone else int(v.ready)
+            )
+
+    async def _build(self, name: str, directory: Path) -> Model:
+        model = Model(name, directory)
+        try:
+            model.config = load_model_config(directory)
+            model.variants = self._discover(model)
+        except TensorgateError as e:
+            model.reason = str(e)
+            log.error("model %s: %s", name, e)
+            return model
+        signatures: dict[str, Signature] = {}
+        for v in model.variants.values():
+            try:
+                signatures[v.name] = await asyncio.to_thread(self._load_variant, model, v)
+            except BackendError as e:
+                v.state, v.reason = State.UNAVAILABLE, f"failed to load: {e}"
+                log.error("model %s variant %s: %s", name, v.name, v.reason)
+        if not signatures:
+            model.reason = model.reason or "no variant could be loaded"
+            return model
+        try:
+            model.signature, bound = merge_signatures(name, model.config, signatures)
+            for vname, sig in bound.items():
+                model.variants[vname].backend.bind(sig)  # type: ignore[union-attr]
+        except (TensorgateError, BackendError) as e:
+            model.reason = str(e)
+            log.error("%s", e)
+            for vname in signatures:
+                model.variants[vname].state = State.UNAVAILABLE
+                model.variants[vname].reason = str(e)
+            await self._close(model)
+            return model
+        for vname in signatures:
+            v = model.variants[vname]
+            v.scheduler = Scheduler(
+                v.backend,  # type: ignore[arg-type]
+                name=f"{name}/{vname}",
+                instances=model.config.instances.count,
+                max_queue_size=model.config.instances.max_queue_size,
+                on_queue_change=self.metrics.queued.labels(name, vname, v.backend_name).set,
+            )
+            v.state = State.READY
+        log.info("model %s ready: %s", name, ", ".join(
+            f"{v.name} ({v.backend_name})" for v in model.ready_variants()))
+        return model
+
+    def _discover(self, model: Model) -> dict[str, Variant]:
+        cfg = model.config
+        names = [
+            p.name for p in model.directory.iterdir()
+            if p.is_dir() and _NAME.match(p.name) and not p.name.startswith(".")
+        ]
+        for configured in cfg.variants:
+            if configured not in names:
+                raise ConfigError(
+                    f"{model.directory / 'config.toml'}: field 'variants.{configured}': no "
+                    f"directory {model.name}/{configured}/; variants are {sorted(names)}"
+                )
+        if cfg.default_variant is not None and cfg.default_variant not in names:
+            raise ConfigError(
+                f"{model.directory / 'config.toml'}: field 'default_variant': no variant "
+                f"'{cfg.default_variant}'; variants are {sorted(names)}"
+            )
+        variants: dict[str, Variant] = {}
+        for vname in variant_order(names):
+            vdir = model.directory / vname
+            vcfg = cfg.variants.get(vname)
+            backend_name = (vcfg.backend if vcfg else None) or cfg.backend
+            if backend_name is not None:
+                try:
+                    cls = backend_class(backend_name)
+                except KeyError:
+                    raise ConfigError(
+                        f"{model.directory / 'config.toml'}: field 'backend': unknown backend "
+                        f"'{backend_name}'; use one of {available_names()}"
+                    ) from None
+                path = cls.find_model_file(vdir)
+                if path is None:
+                    variants[vname] = Variant(
+                        model.name, vname, backend_name, cls.platform, vdir,
+                        State.UNAVAILABLE, f"no {backend_name} model file in {vdir}",
+                    )
+                    continue
+            else:
+                found = detect(vdir)
+                if found is None:
+                    variants[vname] = Variant(
+                        model.name, vname, "", "", vdir, State.UNAVAILABLE,
+                        f"no model file found in {vdir} (expected *.pt, *.onnx or a SavedModel)",
+                    )
+                    continue
+                cls, path = found
+            variants[vname] = Variant(model.name, vname, cls.name, cls.platform, path)
+        if not variants:
+            raise ConfigError(
+                f"model directory {model.directory} has no variant subdirectories; put the "
+                f"model file in {model.directory}/<variant>/, e.g. {model.name}/1/model.onnx"
+            )
+        return variants
+
+    def _load_variant(self, model: Model, v: Variant) -> Signature:
+        """Runs in a worker thread."""
+        cfg = model.config
+        vcfg = cfg.variants.get(v.name)
+
+        def pick(attr: str):  # variant setting over model-wide setting
+            value = getattr(vcfg, attr) if vcfg is not None else None
+            return value if value is not None else getattr(cfg, attr)
+
+        if v.state is State.UNAVAILABLE:  # nothing to load (reason already recorded)
+            raise BackendError(v.reason)
+        options = BackendOptions(
+            device=pick("device"),
+            intra_op_threads=pick("intra_op_threads"),
+            inter_op_threads=pick("inter_op_threads"),
+            instances=cfg.instances.count,
+            signature_name=pick("signature_name"),
+        )
+        backend = backend_class(v.backend_name)()
+        signature = backend.load(v.path, options)
+        v.backend = backend
+        return signature

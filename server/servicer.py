@@ -1,0 +1,178 @@
+"""``inference.GRPCInferenceService``: thin translation between RPCs and the gateway.
+
+Servicers hold no logic: ModelInfer goes to the pipeline, the rest read the repository.
+RPCs not overridden here answer UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import grpc
+
+import tensorgate
+from tensorgate.backends.datatypes import by_name
+from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
+from tensorgate.protos import model_config_pb2 as mc
+
+from .errors import ModelNotFound, ModelNotReady, TensorgateError
+from .repository import Model, State, check_model_name
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+VARIANT_METADATA_KEY = "tensorgate-variant"
+EXTENSIONS = ["model_repository", "model_configuration"]
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.repository = gateway.repository
+
+    # -- health ---------------------------------------------------------------------------
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.gateway.ready)
+
+    async def ModelReady(self, request, context):
+        model = self.repository.models.get(request.name)
+        if model is None or not model.ready:
+            return pb.ModelReadyResponse(ready=False)
+        if request.version:
+            v = model.variants.get(request.version)
+            return pb.ModelReadyResponse(ready=v is not None and v.ready)
+        return pb.ModelReadyResponse(ready=True)
+
+    # -- metadata -------------------------------------------------------------------------
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(
+            name="tensorgate", version=tensorgate.__version__, extensions=EXTENSIONS
+        )
+
+    def _ready_model(self, name: str, version: str) -> tuple[Model, str]:
+        model = self.repository.get(name)
+        if version and version not in model.variants:
+            raise ModelNotFound(name, version)
+        if model.signature is None:
+            raise ModelNotReady(f"model '{name}' is not ready: {model.reason}")
+        platform = model.variants[version].platform if version else model.platform
+        return model, platform
+
+    async def ModelMetadata(self, request, context):
+        model, platform = self._ready_model(request.name, request.version)
+        sig = model.signature
+        assert sig is not None
+
+        def meta(specs):
+            return [
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name=s.name, datatype=s.datatype, shape=s.shape
+                )
+                for s in specs
+            ]
+
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[v.name for v in model.variants.values() if v.ready],
+            platform=platform,
+            inputs=meta(sig.inputs),
+            outputs=meta(sig.outputs),
+        )
+
+    async def ModelConfig(self, request, context):
+        model, platform = self._ready_model(request.name, request.version)
+        sig = model.signature
+        assert sig is not None
+        batched = sig.max_batch_size > 0
+
+        def dims(shape):
+            return list(shape[1:] if batched else shape)
+
+        backends = {v.backend_name for v in model.variants.values()}
+        config = mc.ModelConfig(
+            name=model.name,
+            platform=platform,
+            backend=backends.pop() if len(backends) == 1 and not request.version else "",
+            max_batch_size=sig.max_batch_size,
+            input=[
+                mc.ModelInput(
+                    name=s.name,
+                    data_type=mc.DataType.Value(by_name(s.datatype).triton),
+                    dims=dims(s.shape),
+                )
+                for s in sig.inputs
+            ],
+            output=[
+                mc.ModelOutput(
+                    name=s.name,
+                    data_type=mc.DataType.Value(by_name(s.datatype).triton),
+                    dims=dims(s.shape),
+                )
+                for s in sig.outputs
+            ],
+            instance_group=[
+                mc.ModelInstanceGroup(
+                    name=model.name,
+                    count=model.config.instances.count,
+                    kind=mc.ModelInstanceGroup.KIND_GPU
+                    if model.config.device.startswith("cuda")
+                    else mc.ModelInstanceGroup.KIND_CPU,
+                )
+            ],
+        )
+        return pb.ModelConfigResponse(config=config)
+
+    # -- inference ------------------------------------------------------------------------
+    async def ModelInfer(self, request, context):
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        served = await self.gateway.pipeline.model_infer(
+            request, context.time_remaining(), metadata
+        )
+        context.set_trailing_metadata(((VARIANT_METADATA_KEY, served.variant),))
+        return served.message
+
+    # -- repository -----------------------------------------------------------------------
+    async def RepositoryIndex(self, request, context):
+        entries: list[pb.RepositoryIndexResponse.ModelIndex] = []
+        Index = pb.RepositoryIndexResponse.ModelIndex
+        on_disk = set(self.repository.scan())
+        for name in sorted(on_disk | set(self.repository.models)):
+            model = self.repository.models.get(name)
+            if model is None:
+                if not request.ready:
+                    entries.append(Index(name=name, state=State.UNAVAILABLE, reason="unloaded"))
+                continue
+            if not model.variants and not request.ready:
+                entries.append(Index(name=name, state=State.UNAVAILABLE, reason=model.reason))
+            for v in model.variants.values():
+                if request.ready and not v.ready:
+                    continue
+                entries.append(Index(name=name, version=v.name, state=v.state, reason=v.reason))
+        return pb.RepositoryIndexResponse(models=entries)
+
+    async def RepositoryModelLoad(self, request, context):
+        self.gateway.authorize_repository(context)
+        check_model_name(request.model_name)
+        model = await self.repository.load(request.model_name)
+        if not model.ready:
+            reasons = model.reason or "; ".join(
+                f"{v.name}: {v.reason}" for v in model.variants.values()
+            )
+            raise LoadFailed(f"failed to load model '{request.model_name}': {reasons}")
+        self.gateway.model_health_changed()
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        self.gateway.authorize_repository(context)
+        check_model_name(request.model_name)
+        await self.repository.unload(request.model_name)
+        self.gateway.model_health_changed()
+        return pb.RepositoryModelUnloadResponse()
+
+
+class LoadFailed(TensorgateError):
+    code = grpc.StatusCode.FAILED_PRECONDITION

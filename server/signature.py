@@ -1,0 +1,219 @@
+"""One signature per model: merge what each variant's file says with config.toml, refuse
+disagreements, and check requests against the result.
+
+Named frameworks (SavedModel, ONNX) bind tensors by name; TorchScript binds them by
+position, so its names are suggestions and it is matched by position (or by its
+``forward()`` argument names when they are the model's names).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from tensorgate.backends import Signature, TensorSpec
+
+from .config import ModelConfig, TensorConfig
+from .errors import ConfigError, InvalidInput
+from .types import InputTensor
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """The completed signature every variant of a model presents."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)  # type: ignore[misc]
+
+    def as_signature(self) -> Signature:
+        return Signature(self.inputs, self.outputs)
+
+
+def _fmt(spec: TensorSpec) -> str:
+    shape = list(spec.shape) if spec.shape is not None else "?"
+    return f"{spec.datatype or '?'} {shape}"
+
+
+class _Merger:
+    """Merges one tensor list (inputs or outputs) across sources, remembering who said what."""
+
+    def __init__(self, model: str, kind: str, ref: list[TensorSpec], ref_source: str) -> None:
+        self.model = model
+        self.kind = kind
+        self.specs = ref
+        self.sources: list[dict[str, str]] = [
+            {f: ref_source for f in ("datatype", "shape") if getattr(s, f) is not None}
+            for s in ref
+        ]
+
+    def names(self) -> list[str]:
+        return [s.name for s in self.specs]  # type: ignore[misc]
+
+    def absorb(self, index: int, spec: TensorSpec, source: str) -> None:
+        cur = self.specs[index]
+        for f in ("datatype", "shape"):
+            mine, theirs = getattr(cur, f), getattr(spec, f)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise ConfigError(
+                    f"model '{self.model}': {self.sources[index][f]} and {source} disagree "
+                    f"on {self.kind} '{cur.name}': {_fmt(cur)} vs {_fmt(spec)}; all variants "
+                    "of a model must present one signature"
+                )
+        self.specs[index] = cur.merged(TensorSpec(None, spec.datatype, spec.shape))
+        for f in ("datatype", "shape"):
+            if getattr(spec, f) is not None:
+                self.sources[index].setdefault(f, source)
+
+
+def _from_config(tables: list[TensorConfig]) -> list[TensorSpec]:
+    return [
+        TensorSpec(t.name, t.datatype, tuple(t.shape) if t.shape is not None else None)
+        for t in tables
+    ]
+
+
+def merge_signatures(
+    model: str, config: ModelConfig, variants: Mapping[str, Signature]
+) -> tuple[ModelSignature, dict[str, Signature]]:
+    """The model's signature, plus, for each positional variant, the signature in that
+    variant's own positional order (to pass to ``Backend.bind``).
+
+    Raises ConfigError naming the model, the variants and the difference.
+    """
+    named = {v: s for v, s in variants.items() if not s.positional}
+    positional = {v: s for v, s in variants.items() if s.positional}
+    # For each positional variant: {attr: [model-level index of its position 0, 1, ...]}
+    orders: dict[str, dict[str, list[int]]] = {v: {} for v in positional}
+    merged: dict[str, tuple[TensorSpec, ...]] = {}
+    for kind in ("input", "output"):
+        attr = kind + "s"
+        cfg = getattr(config, kind)
+        if cfg:
+            ref, ref_source, ordered = _from_config(cfg), "config.toml", True
+        elif named:
+            first = next(iter(named))
+            ref, ordered = list(getattr(named[first], attr)), False
+            ref_source = f"variant '{first}'"
+            named_rest = {v: s for v, s in named.items() if v != first}
+        else:
+            first = next(iter(positional))
+            own = getattr(positional[first], attr)
+            ref = [
+                TensorSpec(s.name or f"{kind}__{i}", s.datatype, s.shape) for i, s in enumerate(own)
+            ]
+            ref_source, ordered = f"variant '{first}'", True
+        m = _Merger(model, kind, ref, ref_source)
+        for v, sig in (named if cfg or not named else named_rest).items():
+            specs = getattr(sig, attr)
+            theirs = sorted(s.name for s in specs)  # type: ignore[type-var]
+            if theirs != sorted(m.names()):
+                raise ConfigError(
+                    f"model '{model}': variant '{v}' has {attr} {theirs} but {ref_source} has "
+                    f"{sorted(m.names())}; all variants of a model must present one signature"
+                )
+            for s in specs:
+                m.absorb(m.names().index(s.name), s, f"variant '{v}'")
+        for v, sig in positional.items():
+            specs = getattr(sig, attr)
+            if len(specs) != len(m.specs):
+                raise ConfigError(
+                    f"model '{model}': variant '{v}' (TorchScript) takes/returns {len(specs)} "
+                    f"{attr} but {ref_source} has {len(m.specs)} ({m.names()})"
+                )
+            own_names = [s.name for s in specs]
+            if sorted(n for n in own_names if n) == sorted(m.names()):
+                order = [m.names().index(n) for n in own_names]
+            elif ordered or len(specs) == 1:
+                order = list(range(len(specs)))
+            else:
+                raise ConfigError(
+                    f"model '{model}': cannot tell which {kind} of variant '{v}' (TorchScript, "
+                    f"bound by position) is which of {m.names()}; list the [[{kind}]] tables "
+                    f"in {model}/config.toml in forward() order"
+                )
+            for pos, idx in enumerate(order):
+                m.absorb(idx, specs[pos], f"variant '{v}'")
+            orders[v][attr] = order
+        merged[attr] = tuple(m.specs)
+    for kind, specs in (("input", merged["inputs"]), ("output", merged["outputs"])):
+        for s in specs:
+            if not s.complete():
+                missing = "datatype" if s.datatype is None else "shape"
+                raise ConfigError(
+                    f"model '{model}': {kind} '{s.name}' has no {missing}: the model files do "
+                    f"not say it; add it to the [[{kind}]] table with name = \"{s.name}\" in "
+                    f"{model}/config.toml"
+                )
+    sig = ModelSignature(merged["inputs"], merged["outputs"], config.max_batch_size)
+    _check_batch_dim(model, sig)
+    # Positional variants get the model's specs in their own positional order.
+    per_variant = {
+        v: Signature(
+            tuple(sig.inputs[i] for i in o["inputs"]),
+            tuple(sig.outputs[i] for i in o["outputs"]),
+            positional=True,
+        )
+        for v, o in orders.items()
+    }
+    return sig, per_variant
+
+
+def _check_batch_dim(model: str, sig: ModelSignature) -> None:
+    if sig.max_batch_size <= 0:
+        return
+    for kind, specs in (("input", sig.inputs), ("output", sig.outputs)):
+        for s in specs:
+            if not s.shape or s.shape[0] != -1:
+                raise ConfigError(
+                    f"model '{model}': max_batch_size = {sig.max_batch_size} needs a variable "
+                    f"first (batch) dimension, but {kind} '{s.name}' has shape "
+                    f"{list(s.shape or ())}; use -1 as its first dimension or set "
+                    "max_batch_size = 0"
+                )
+
+
+def validate_inputs(
+    model: str, sig: ModelSignature, inputs: Sequence[InputTensor]
+) -> dict[str, object]:
+    """Check a request's inputs against the model's signature. Returns {name: array}.
+
+    Raises InvalidInput naming the tensor and what was expected.
+    """
+    given = {t.name for t in inputs}
+    for t in inputs:
+        spec = sig.input(t.name)
+        if spec is None:
+            raise InvalidInput(
+                f"model '{model}' has no input '{t.name}'; its inputs are "
+                f"{[s.name for s in sig.inputs]}"
+            )
+        if t.datatype != spec.datatype:
+            raise InvalidInput(
+                f"input '{t.name}' of model '{model}': datatype {t.datatype}, expected "
+                f"{spec.datatype}"
+            )
+        shape = spec.shape or ()
+        if len(t.shape) != len(shape) or any(
+            want != -1 and got != want for got, want in zip(t.shape, shape, strict=True)
+        ):
+            raise InvalidInput(
+                f"input '{t.name}' of model '{model}': shape {list(t.shape)}, expected "
+                f"{list(shape)} (-1 = any size)"
+            )
+        if sig.max_batch_size > 0 and t.shape[0] > sig.max_batch_size:
+            raise InvalidInput(
+                f"input '{t.name}' of model '{model}': batch size {t.shape[0]} exceeds "
+                f"max_batch_size {sig.max_batch_size}"
+            )
+    missing = [s.name for s in sig.inputs if s.name not in given]
+    if missing:
+        raise InvalidInput(f"model '{model}': missing input(s) {missing}")
+    return {t.name: t.data for t in inputs}

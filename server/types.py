@@ -1,0 +1,46 @@
+"""The one internal request/response type the pipeline works on.
+
+The codec builds these from protobuf at the edge; everything behind it (router, scheduler,
+backends) sees numpy arrays only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class InputTensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray  # already shaped; BYTES: object array of bytes
+
+
+@dataclass
+class InferenceRequest:
+    model: str
+    version: str  # "" = let the router choose
+    id: str = ""
+    inputs: list[InputTensor] = field(default_factory=list)
+    requested_outputs: list[str] = field(default_factory=list)  # [] = all
+    parameters: dict[str, object] = field(default_factory=dict)
+    # Routing keys from gRPC metadata (lower-cased names), for sticky routing.
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    datatype: str
+    data: np.ndarray
+
+
+@dataclass
+class InferenceResponse:
+    model: str
+    variant: str
+    id: str
+    outputs: list[OutputTensor]
