@@ -31,6 +31,12 @@ class BackendError(Exception):
     """
 
 
+class BackendInputError(BackendError):
+    """The request is valid for the protocol but this framework cannot take it (e.g. BYTES
+    that are not UTF-8 for an ONNX string input). Reported as INVALID_ARGUMENT, never retried.
+    """
+
+
 class BackendUnavailable(BackendError):
     """The framework this backend needs is not installed (e.g. no TensorFlow)."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -60,7 +61,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
-                    async for item in streaming(request, context):
+                    result = streaming(request, context)
+                    if inspect.isawaitable(result):  # a handler that writes via context.write
+                        await result
+                        return
+                    async for item in result:
                         yield item
                 except grpc.aio.AbortError:
                     raise

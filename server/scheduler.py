@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tensorgate.backends import Backend, BackendError
+from tensorgate.backends.base import BackendInputError
 
-from .errors import BackendFailed, DeadlineExceeded, Overloaded, Unavailable
+from .errors import BackendFailed, DeadlineExceeded, InvalidInput, Overloaded, Unavailable
 
 
 @dataclass

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install everything the tests need, then lint and run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --test
+.venv/bin/ruff check .
+.venv/bin/python protos/generate.py --check
+export TF_CPP_MIN_LOG_LEVEL=2
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

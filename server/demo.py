@@ -1,0 +1,317 @@
+"""The built-in demo model repository, generated from seeded numpy weights (no downloads).
+
+``scorer`` is the "core" model: one MLP (64 -> 256 -> 256 -> 10, ReLU, FP32) with the same
+weights in TorchScript, TF SavedModel and ONNX, so the variants can back each other up and
+be cross-checked. ``detector`` is an "edge" model in ONNX only. Frameworks are imported
+inside the builders; a missing one only drops its variant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tensorgate.backends.base import BackendOptions
+
+logger = logging.getLogger(__name__)
+
+#: ONNX opset and IR version of the generated models: old enough for any recent runtime
+#: (Triton, onnxruntime >= 1.14), new enough for bfloat16 Identity and Softmax(axis=-1).
+ONNX_OPSET = 17
+ONNX_IR_VERSION = 8
+
+MLP_SIZES = (64, 256, 256, 10)
+DETECTOR_CLASSES = 4
+DETECTOR_FILTERS = 8
+
+SCORER_CONFIG = """\
+# Core model: the same MLP in three frameworks. TorchScript carries no tensor names,
+# so they are given here; the other variants read theirs from the model files.
+max_batch_size = 0
+default_variant = "torch"
+
+[[input]]
+name = "input"
+datatype = "FP32"
+shape = [-1, 64]
+
+[[output]]
+name = "output"
+datatype = "FP32"
+shape = [-1, 10]
+"""
+
+_COMPLETE = ".complete"
+
+
+# --- the scorer MLP --------------------------------------------------------------------
+
+
+def mlp_weights(seed: int = 0) -> dict[str, np.ndarray]:
+    """FP32 weights ``w1..w3`` (shape (in, out)) and biases ``b1..b3`` of the scorer MLP."""
+    rng = np.random.default_rng(seed)
+    weights: dict[str, np.ndarray] = {}
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(MLP_SIZES), start=1):
+        # He initialisation keeps activations O(1), so an absolute tolerance is meaningful.
+        weights[f"w{i}"] = (rng.standard_normal((n_in, n_out)) * np.sqrt(2.0 / n_in)).astype(
+            np.float32
+        )
+        weights[f"b{i}"] = (rng.standard_normal(n_out) * 0.1).astype(np.float32)
+    return weights
+
+
+def mlp_reference(x: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
+    """The scorer's forward pass in numpy (computed in FP64, returned as FP32)."""
+    h = np.asarray(x, dtype=np.float64)
+    h = np.maximum(h @ weights["w1"] + weights["b1"], 0.0)
+    h = np.maximum(h @ weights["w2"] + weights["b2"], 0.0)
+    return (h @ weights["w3"] + weights["b3"]).astype(np.float32)
+
+
+def build_mlp_torchscript(path: Path, weights: dict[str, np.ndarray]) -> Path:
+    """Write the scorer as a scripted TorchScript module to ``path``."""
+    import torch
+
+    class Mlp(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = torch.nn.Linear(MLP_SIZES[0], MLP_SIZES[1])
+            self.fc2 = torch.nn.Linear(MLP_SIZES[1], MLP_SIZES[2])
+            self.fc3 = torch.nn.Linear(MLP_SIZES[2], MLP_SIZES[3])
+
+        def forward(self, input: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.fc1(input))
+            h = torch.relu(self.fc2(h))
+            return self.fc3(h)
+
+    module = Mlp()
+    with torch.no_grad():
+        for i, layer in enumerate((module.fc1, module.fc2, module.fc3), start=1):
+            # nn.Linear stores (out, in); the numpy weights are (in, out).
+            layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(weights[f"w{i}"].T)))
+            layer.bias.copy_(torch.from_numpy(weights[f"b{i}"]))
+    module.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(torch.jit.script(module), str(path))
+    return path
+
+
+def build_mlp_savedmodel(directory: Path, weights: dict[str, np.ndarray]) -> Path:
+    """Write the scorer as a SavedModel whose ``serving_default`` maps input -> output."""
+    tf = import_tensorflow()
+
+    class Mlp(tf.Module):
+        def __init__(self) -> None:
+            super().__init__(name="scorer")
+            self.params = {k: tf.Variable(v, name=k, trainable=False) for k, v in weights.items()}
+
+        @tf.function(
+            input_signature=[tf.TensorSpec([None, MLP_SIZES[0]], tf.float32, name="input")]
+        )
+        def serve(self, x: Any) -> dict[str, Any]:
+            p = self.params
+            h = tf.nn.relu(tf.matmul(x, p["w1"]) + p["b1"])
+            h = tf.nn.relu(tf.matmul(h, p["w2"]) + p["b2"])
+            return {"output": tf.matmul(h, p["w3"]) + p["b3"]}
+
+    module = Mlp()
+    tf.saved_model.save(module, str(directory), signatures={"serving_default": module.serve})
+    return directory
+
+
+def build_mlp_onnx(path: Path, weights: dict[str, np.ndarray]) -> Path:
+    """Write the scorer as an ONNX graph: input FP32 [batch, 64] -> output FP32 [batch, 10]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    initializers = [numpy_helper.from_array(v, name=k) for k, v in weights.items()]
+    nodes = [
+        helper.make_node("Gemm", ["input", "w1", "b1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["a1"]),
+        helper.make_node("Gemm", ["a1", "w2", "b2"], ["h2"]),
+        helper.make_node("Relu", ["h2"], ["a2"]),
+        helper.make_node("Gemm", ["a2", "w3", "b3"], ["output"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "scorer",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", MLP_SIZES[0]])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", MLP_SIZES[-1]])],
+        initializer=initializers,
+    )
+    return save_onnx(graph, path)
+
+
+# --- the detector ----------------------------------------------------------------------
+
+
+def detector_weights(seed: int = 0) -> dict[str, np.ndarray]:
+    """Conv (8x3x3x3), its bias, and the (8, 4) classifier with its bias, FP32."""
+    rng = np.random.default_rng(seed)
+    return {
+        "conv_w": (rng.standard_normal((DETECTOR_FILTERS, 3, 3, 3)) * np.sqrt(2.0 / 27)).astype(
+            np.float32
+        ),
+        "conv_b": (rng.standard_normal(DETECTOR_FILTERS) * 0.1).astype(np.float32),
+        "fc_w": rng.standard_normal((DETECTOR_FILTERS, DETECTOR_CLASSES)).astype(np.float32),
+        "fc_b": (rng.standard_normal(DETECTOR_CLASSES) * 0.1).astype(np.float32),
+    }
+
+
+def detector_reference(x: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
+    """The detector's forward pass in numpy: x FP32 [n, 3, 32, 32] -> scores FP32 [n, 4]."""
+    x = np.asarray(x, dtype=np.float64)
+    n, _, height, width = x.shape
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    conv = np.zeros((n, DETECTOR_FILTERS, height, width))
+    for dy in range(3):
+        for dx in range(3):
+            patch = padded[:, :, dy : dy + height, dx : dx + width]
+            conv += np.einsum("nchw,fc->nfhw", patch, weights["conv_w"][:, :, dy, dx])
+    conv += weights["conv_b"][None, :, None, None]
+    pooled = np.maximum(conv, 0.0).mean(axis=(2, 3))
+    logits = pooled @ weights["fc_w"] + weights["fc_b"]
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def build_detector_onnx(path: Path, weights: dict[str, np.ndarray]) -> Path:
+    """Write the detector: image FP32 [batch, 3, 32, 32] -> scores FP32 [batch, 4]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    initializers = [numpy_helper.from_array(v, name=k) for k, v in weights.items()]
+    nodes = [
+        helper.make_node("Conv", ["image", "conv_w", "conv_b"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("GlobalAveragePool", ["relu"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["features"]),
+        helper.make_node("Gemm", ["features", "fc_w", "fc_b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["scores"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "detector",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", DETECTOR_CLASSES])],
+        initializer=initializers,
+    )
+    return save_onnx(graph, path)
+
+
+# --- shared helpers --------------------------------------------------------------------
+
+
+def save_onnx(graph: Any, path: Path) -> Path:
+    """Wrap an ONNX ``graph`` in a model pinned to ``ONNX_OPSET``/``ONNX_IR_VERSION``, check
+    it and write it to ``path``.
+
+    onnx's own defaults follow the newest spec, which released runtimes may not load yet.
+    """
+    import onnx
+
+    model = onnx.helper.make_model(
+        graph,
+        producer_name="tensorgate",
+        opset_imports=[onnx.helper.make_opsetid("", ONNX_OPSET)],
+    )
+    model.ir_version = ONNX_IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def import_tensorflow() -> Any:
+    """Import tensorflow for exporting a model, quietly and with small thread pools.
+
+    TensorFlow sizes its thread pools once per process, when it first runs anything, and
+    exporting here runs it before any SavedModel backend can ask for its own setting. So
+    pin the pools to the backends' default (``BackendOptions``) while that is still possible
+    rather than leave them at one thread per core.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    import tensorflow as tf
+
+    defaults = BackendOptions()
+    threading = tf.config.threading
+    with contextlib.suppress(RuntimeError):  # already initialised: nothing left to decide
+        if threading.get_intra_op_parallelism_threads() == 0:
+            threading.set_intra_op_parallelism_threads(defaults.intra_op_threads)
+        if threading.get_inter_op_parallelism_threads() == 0:
+            threading.set_inter_op_parallelism_threads(defaults.inter_op_threads)
+    return tf
+
+
+# --- the repository --------------------------------------------------------------------
+
+
+def write_demo_repository(root: Path) -> Path:
+    """Write the demo model repository at ``root`` and return ``root``.
+
+    Idempotent: returns at once when ``root/.complete`` exists. The repository is built in a
+    sibling temporary directory and renamed into place, so a server never sees half of it.
+    ``root`` may be absent or an empty directory; anything else is refused. A variant whose
+    framework is not installed is skipped with a warning.
+    """
+    root = Path(root)
+    if (root / _COMPLETE).exists():
+        return root
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise _occupied(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
+    try:
+        _write_demo(staging)
+        (staging / _COMPLETE).write_text("tensorgate demo repository\n")
+        try:
+            # rename() atomically replaces an absent or empty directory, nothing else.
+            staging.rename(root)
+        except OSError as exc:
+            if (root / _COMPLETE).exists():  # another process finished first
+                return root
+            raise _occupied(root) from exc
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    logger.info("wrote the demo model repository to %s", root)
+    return root
+
+
+def _occupied(root: Path) -> FileExistsError:
+    return FileExistsError(
+        f"cannot write the demo repository to {root}: it exists and is neither empty nor a "
+        "complete demo; remove it or choose another path"
+    )
+
+
+def _write_demo(root: Path) -> None:
+    weights = mlp_weights()
+    scorer = root / "scorer"
+    scorer.mkdir(parents=True)
+    (scorer / "config.toml").write_text(SCORER_CONFIG)
+    builders: list[tuple[str, Callable[[], Path]]] = [
+        ("scorer/torch", lambda: build_mlp_torchscript(scorer / "torch" / "model.pt", weights)),
+        (
+            "scorer/tf",
+            lambda: build_mlp_savedmodel(scorer / "tf" / "model.savedmodel", weights),
+        ),
+        ("scorer/onnx", lambda: build_mlp_onnx(scorer / "onnx" / "model.onnx", weights)),
+        (
+            "detector/1",
+            lambda: build_detector_onnx(root / "detector" / "1" / "model.onnx", detector_weights()),
+        ),
+    ]
+    for variant, build in builders:
+        try:
+            build()
+        except ImportError as exc:
+            logger.warning("demo variant %s skipped: %s is not installed", variant, exc.name)
+            shutil.rmtree(root / variant, ignore_errors=True)

@@ -1,0 +1,84 @@
+"""Shared fixtures: one real model repository (built once per session from real framework
+files) and one real gateway process serving it."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tensorgate.clients import Client
+from tensorgate.server.demo import build_mlp_onnx, mlp_weights, write_demo_repository
+
+from . import modelfactory as mf
+from .serverproc import ServerProcess
+
+PAIR_CONFIG = """
+[[input]]
+name = "a"
+datatype = "FP32"
+shape = [-1]
+
+[[input]]
+name = "b"
+datatype = "FP32"
+shape = [-1]
+
+[[output]]
+name = "sum"
+datatype = "FP32"
+shape = [-1]
+
+[[output]]
+name = "product"
+datatype = "FP32"
+shape = [-1]
+"""
+
+
+@pytest.fixture(scope="session")
+def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in demo repository (scorer in three frameworks, detector in ONNX)."""
+    return write_demo_repository(tmp_path_factory.mktemp("demo") / "models")
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory: pytest.TempPathFactory, demo_repo: Path) -> Path:
+    """The demo models plus test models covering strings, every datatype, positional
+    TorchScript, and models that must fail to load."""
+    root = tmp_path_factory.mktemp("repo") / "models"
+    shutil.copytree(demo_repo, root)
+    mf.build_string_onnx(root / "strings" / "onnx" / "model.onnx")
+    mf.build_string_torchscript(root / "strings" / "torch" / "model.pt")
+    mf.build_string_savedmodel(root / "strings" / "tf" / "model.savedmodel")
+    mf.build_identity_all_onnx(root / "identity" / "1" / "model.onnx")
+    mf.build_identity_bf16_onnx(root / "bf16" / "1" / "model.onnx")
+    mf.build_two_output_torchscript(root / "pair" / "torch" / "model.pt")
+    (root / "pair" / "config.toml").write_text(PAIR_CONFIG)
+    mf.write_broken_model(root / "broken" / "1" / "model.onnx")
+    # One good version and one broken: version 1 serves, version 2 reports why it cannot.
+    build_mlp_onnx(root / "partial" / "1" / "model.onnx", mlp_weights())
+    mf.write_broken_model(root / "partial" / "2" / "model.onnx")
+    # Two variants with different signatures: refused as a whole.
+    build_mlp_onnx(root / "mismatch" / "a" / "model.onnx", mlp_weights())
+    mf.build_string_onnx(root / "mismatch" / "b" / "model.onnx")
+    # A config.toml with a misspelt field.
+    build_mlp_onnx(root / "badconfig" / "1" / "model.onnx", mlp_weights())
+    (root / "badconfig" / "config.toml").write_text("max_batch_sise = 4\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = ServerProcess(model_repo, tmp_path_factory.mktemp("server"))
+    with proc:
+        yield proc
+    assert proc.proc is not None and proc.proc.returncode == 0, proc.log()
+
+
+@pytest.fixture(scope="session")
+def client(server: ServerProcess) -> Iterator[Client]:
+    with Client(server.address) as c:
+        yield c

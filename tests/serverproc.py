@@ -1,0 +1,118 @@
+"""Start a real ``tensorgate serve`` process on ephemeral ports and talk to it.
+
+The server binds port 0 itself and writes the ports it got to a port file, so no test ever
+binds a port, closes it and hopes to reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRITON_PYTHON = Path(
+    os.environ.get("TENSORGATE_TRITON_PYTHON", REPO_ROOT / ".venv-triton" / "bin" / "python")
+)
+
+
+class ServerProcess:
+    """A gateway subprocess. Use as a context manager; ``stop()`` checks a clean exit."""
+
+    def __init__(
+        self,
+        repository: Path,
+        workdir: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        startup_timeout: float = 180.0,
+    ) -> None:
+        self.repository = repository
+        self.port_file = workdir / f"ports-{os.getpid()}-{time.monotonic_ns()}.json"
+        self.log_path = self.port_file.with_suffix(".log")
+        self.args = args
+        self.env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.grpc_port = 0
+        self.metrics_port = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def start(self) -> ServerProcess:
+        cmd = [
+            sys.executable, "-m", "tensorgate.server.cli", "serve",
+            "--repository", str(self.repository), "--host", "127.0.0.1",
+            "--port", "0", "--metrics-port", "0", "--port-file", str(self.port_file),
+            *self.args,
+        ]  # fmt: skip
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + self.startup_timeout
+        while not self.port_file.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"server did not start in {self.startup_timeout} s:\n{self.log()}")
+            time.sleep(0.1)
+        ports = json.loads(self.port_file.read_text())
+        self.grpc_port, self.metrics_port = ports["grpc_port"], ports["metrics_port"]
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
+            return r.read().decode()
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, wait for the drain, return the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run_triton_script(script: str, *args: str, timeout: float = 120.0) -> dict:
+    """Run ``script`` with the tritonclient interpreter (its own venv and process: it
+    registers its own ``inference`` protos) and return the JSON it prints last."""
+    if not TRITON_PYTHON.exists():
+        raise AssertionError(
+            f"no tritonclient interpreter at {TRITON_PYTHON}; create it with: python -m venv "
+            ".venv-triton && .venv-triton/bin/pip install 'tritonclient[grpc]==2.73.0'"
+        )
+    proc = subprocess.run(
+        [str(TRITON_PYTHON), "-c", script, *args], capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"tritonclient script failed ({proc.returncode}):\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
