@@ -50,6 +50,11 @@ def element_count(shape: Sequence[int], what: str) -> int:
     for d in shape:
         if d < 0:
             raise InvalidInput(f"{what}: shape {list(shape)} has a negative dimension")
+        if d > MAX_ELEMENTS:
+            raise InvalidInput(
+                f"{what}: shape {list(shape)} has a dimension larger than the limit of "
+                f"{MAX_ELEMENTS} elements"
+            )
     count = math.prod(shape)
     if count > MAX_ELEMENTS:
         raise InvalidInput(
@@ -83,7 +88,7 @@ def deserialize_bytes(buf: bytes | memoryview, count: int, what: str) -> np.ndar
             break
     if len(items) != count:
         raise InvalidInput(
-            f"{what}: BYTES tensor holds {'more than ' if len(items) > count else ''}"
+            f"{what}: BYTES tensor holds {'at least ' if len(items) > count else ''}"
             f"{len(items)} element(s) but its shape needs {count}"
         )
     out = np.empty(count, dtype=object)
@@ -95,7 +100,12 @@ def serialize_bytes(arr: np.ndarray) -> bytes:
     """Length-prefix every element of a BYTES (object/str/bytes) array, in C order."""
     parts: list[bytes] = []
     for item in arr.reshape(-1):
-        b = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        if isinstance(item, str):
+            b = item.encode("utf-8")
+        elif isinstance(item, bytes | bytearray | memoryview | np.bytes_):
+            b = bytes(item)
+        else:
+            raise TypeError(f"BYTES elements must be bytes or str, not {type(item).__name__}")
         parts.append(_LEN.pack(len(b)))
         parts.append(b)
     return b"".join(parts)
@@ -139,10 +149,16 @@ def decode_typed(
         arr = np.empty(count, dtype=object)
         arr[:] = list(values)
         return arr.reshape(shape)
-    try:
-        return np.array(values, dtype=dt.numpy).reshape(shape)
-    except OverflowError as e:
-        raise InvalidInput(f"{what}: a value does not fit {dt.name}: {e}") from None
+    wide = np.asarray(values)
+    if dt.numpy.kind in "iu" and wide.size:
+        info = np.iinfo(dt.numpy)
+        low, high = wide.min(), wide.max()
+        if low < info.min or high > info.max:
+            bad = low if low < info.min else high
+            raise InvalidInput(
+                f"{what}: value {bad} does not fit {dt.name} ({info.min}..{info.max})"
+            )
+    return wide.astype(dt.numpy).reshape(shape)
 
 
 def decode_request(msg: pb.ModelInferRequest) -> InferenceRequest:
@@ -174,7 +190,8 @@ def decode_request(msg: pb.ModelInferRequest) -> InferenceRequest:
         inputs.append(InputTensor(t.name, dt.name, shape, data))
     outputs = [o.name for o in msg.outputs]
     if len(set(outputs)) != len(outputs):
-        raise InvalidInput("the request names the same output more than once")
+        twice = sorted({n for n in outputs if outputs.count(n) > 1})
+        raise InvalidInput(f"the request names output(s) {twice} more than once")
     return InferenceRequest(
         model=msg.model_name,
         version=msg.model_version,
@@ -193,7 +210,9 @@ def decode_parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, obje
     return out
 
 
-def encode_parameters(target: Mapping[str, pb.InferParameter], params: Mapping[str, object]) -> None:
+def encode_parameters(
+    target: Mapping[str, pb.InferParameter], params: Mapping[str, object]
+) -> None:
     for key, value in params.items():
         p = target[key]  # type: ignore[index]
         if isinstance(value, bool):
@@ -235,6 +254,8 @@ def encode_request(
     msg = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
     for name, value in inputs.items():
         arr = np.asarray(value)
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("="))
         if arr.dtype.kind in "SU":
             arr = arr.astype(object)
         datatype, raw = encode_array(arr)
@@ -250,6 +271,11 @@ def encode_request(
 def decode_response(msg: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     """ModelInferResponse -> {name: array}, from raw or typed contents (client side)."""
     raw = msg.raw_output_contents
+    if raw and len(raw) != len(msg.outputs):
+        raise InvalidInput(
+            f"raw_output_contents has {len(raw)} entries but the reply has {len(msg.outputs)} "
+            "outputs"
+        )
     out: dict[str, np.ndarray] = {}
     for i, t in enumerate(msg.outputs):
         what = f"output '{t.name}'"

@@ -6,6 +6,7 @@ docs/repository.md; keep the two in step.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -45,6 +46,23 @@ class TensorConfig(_Strict):
         return v
 
 
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def _check_device(v: str | None) -> str | None:
+    if v is not None and not _DEVICE.fullmatch(v):
+        raise ValueError(f"device '{v}': use 'cpu', 'cuda' or 'cuda:N'")
+    return v
+
+
+def _check_unique(tables: list[TensorConfig]) -> list[TensorConfig]:
+    names = [t.name for t in tables]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"name(s) {twice} listed more than once")
+    return tables
+
+
 class VariantConfig(_Strict):
     """``[variants.NAME]``: settings for one variant, over the model-wide ones."""
 
@@ -53,6 +71,8 @@ class VariantConfig(_Strict):
     intra_op_threads: Annotated[int, Field(ge=0)] | None = None
     inter_op_threads: Annotated[int, Field(ge=0)] | None = None
     signature_name: str | None = None
+
+    _device = field_validator("device")(_check_device)
 
 
 class InstancesConfig(_Strict):
@@ -79,12 +99,8 @@ class ModelConfig(_Strict):
     variants: dict[str, VariantConfig] = Field(default_factory=dict)
     instances: InstancesConfig = Field(default_factory=InstancesConfig)
 
-    @field_validator("device")
-    @classmethod
-    def _valid_device(cls, v: str) -> str:
-        if v != "cpu" and not v.startswith("cuda"):
-            raise ValueError(f"device '{v}': use 'cpu', 'cuda' or 'cuda:N'")
-        return v
+    _device = field_validator("device")(_check_device)
+    _unique = field_validator("input", "output")(_check_unique)
 
 
 FieldKind = Literal["input", "output"]
@@ -107,6 +123,8 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read: {e}") from None
     try:
         return ModelConfig.model_validate(data)
     except ValidationError as e:

@@ -87,7 +87,8 @@ class Pipeline:
         m.encode_duration.labels(*labels).observe(end - encoded_start)
         m.queue_duration.labels(*labels).observe(timings.queue)
         m.compute_duration.labels(*labels).observe(timings.compute)
-        rows = request.inputs[0].shape[0] if model.signature.max_batch_size and request.inputs else 1
+        batched = model.signature is not None and model.signature.max_batch_size > 0
+        rows = request.inputs[0].shape[0] if batched and request.inputs else 1
         m.inferences.labels(*labels).inc(rows)
         return Served(reply, variant.name)
 

@@ -131,6 +131,9 @@ class Scheduler:
             result = await loop.run_in_executor(
                 self._executor, self._backend.infer, work.inputs, work.outputs
             )
+        except BackendInputError as e:
+            if not work.future.done():
+                work.future.set_exception(InvalidInput(f"variant {self._name}: {e}"))
         except BackendError as e:
             if not work.future.done():
                 work.future.set_exception(BackendFailed(f"variant {self._name}: {e}"))
