@@ -93,16 +93,19 @@ class Gateway:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "tensorgate serving gRPC on %s:%d, metrics on %s, %d model(s) loaded in %.1f s",
-            s.host, self.grpc_port,
+            s.host,
+            self.grpc_port,
             f"http://{s.metrics_host or s.host}:{self.metrics_port}/metrics"
-            if self.metrics_port else "(off)",
+            if self.metrics_port
+            else "(off)",
             sum(m.ready for m in self.repository.models.values()),
             time.perf_counter() - started,
         )
         if s.port_file is not None:
             tmp = s.port_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"grpc_port": self.grpc_port,
-                                       "metrics_port": self.metrics_port}))
+            tmp.write_text(
+                json.dumps({"grpc_port": self.grpc_port, "metrics_port": self.metrics_port})
+            )
             tmp.replace(s.port_file)
 
     def _add_reflection(self, server: grpc.aio.Server) -> None:
@@ -111,15 +114,20 @@ class Gateway:
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
         # grpc.reflection.v1 has the same messages as v1alpha under another package name, so
         # the same servicer answers both (grpcurl asks v1 first, ghz v1alpha).
-        server.add_generic_rpc_handlers((
-            grpc.method_handlers_generic_handler(REFLECTION_V1, {
-                "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
-                    servicer.ServerReflectionInfo,
-                    request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-                    response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
-                )
-            }),
-        ))
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    REFLECTION_V1,
+                    {
+                        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                            servicer.ServerReflectionInfo,
+                            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+                        )
+                    },
+                ),
+            )
+        )
 
     async def _set_health(self, status: int) -> None:
         await self.health.set("", status)

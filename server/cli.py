@@ -27,29 +27,69 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--repository", "-r", type=click.Path(path_type=Path, file_okay=False),
-              help="Model repository (MODEL/VARIANT/<file>). Default: the built-in demo, "
-                   "generated on first use.")
+@click.option(
+    "--repository",
+    "-r",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Model repository (MODEL/VARIANT/<file>). Default: the built-in demo, "
+    "generated on first use.",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address for gRPC.")
-@click.option("--port", default=8001, show_default=True, type=click.IntRange(0, 65535),
-              help="gRPC port (0: any free port).")
-@click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(-1, 65535),
-              help="Prometheus /metrics port (0: any free port, -1: off).")
+@click.option(
+    "--port",
+    default=8001,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="gRPC port (0: any free port).",
+)
+@click.option(
+    "--metrics-port",
+    default=8002,
+    show_default=True,
+    type=click.IntRange(-1, 65535),
+    help="Prometheus /metrics port (0: any free port, -1: off).",
+)
 @click.option("--metrics-host", default=None, help="Address for /metrics (default: --host).")
-@click.option("--drain-timeout", default=30.0, show_default=True, type=float,
-              help="Seconds accepted calls may take to finish after SIGTERM.")
-@click.option("--max-message-bytes", default=64 * 1024 * 1024, show_default=True, type=int,
-              help="Largest gRPC message accepted or sent.")
-@click.option("--port-file", type=click.Path(path_type=Path, dir_okay=False),
-              help="Write {'grpc_port', 'metrics_port'} as JSON here once serving.")
-@click.option("--log-level", default="INFO", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-def serve(repository: Path | None, host: str, port: int, metrics_port: int,
-          metrics_host: str | None, drain_timeout: float, max_message_bytes: int,
-          port_file: Path | None, log_level: str) -> None:
+@click.option(
+    "--drain-timeout",
+    default=30.0,
+    show_default=True,
+    type=float,
+    help="Seconds accepted calls may take to finish after SIGTERM.",
+)
+@click.option(
+    "--max-message-bytes",
+    default=64 * 1024 * 1024,
+    show_default=True,
+    type=int,
+    help="Largest gRPC message accepted or sent.",
+)
+@click.option(
+    "--port-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write {'grpc_port', 'metrics_port'} as JSON here once serving.",
+)
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+def serve(
+    repository: Path | None,
+    host: str,
+    port: int,
+    metrics_port: int,
+    metrics_host: str | None,
+    drain_timeout: float,
+    max_message_bytes: int,
+    port_file: Path | None,
+    log_level: str,
+) -> None:
     """Serve every model in a repository over gRPC."""
-    logging.basicConfig(level=log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from .app import ServerSettings
     from .app import serve as run
@@ -58,15 +98,19 @@ def serve(repository: Path | None, host: str, port: int, metrics_port: int,
         from .demo import write_demo_repository
 
         repository = default_demo_dir()
-        click.echo(f"no --repository given: serving the demo repository in {repository}",
-                   err=True)
+        click.echo(f"no --repository given: serving the demo repository in {repository}", err=True)
         write_demo_repository(repository)
     if not repository.is_dir():
         raise click.BadParameter(f"{repository} is not a directory", param_hint="--repository")
     settings = ServerSettings(
-        repository=repository, host=host, port=port,
-        metrics_port=None if metrics_port < 0 else metrics_port, metrics_host=metrics_host,
-        drain_timeout=drain_timeout, max_message_bytes=max_message_bytes, port_file=port_file,
+        repository=repository,
+        host=host,
+        port=port,
+        metrics_port=None if metrics_port < 0 else metrics_port,
+        metrics_host=metrics_host,
+        drain_timeout=drain_timeout,
+        max_message_bytes=max_message_bytes,
+        port_file=port_file,
     )
     asyncio.run(run(settings))
 
@@ -91,8 +135,9 @@ def _parse_input(spec: str, meta: dict[str, dict]) -> tuple[str, np.ndarray]:
         raise click.BadParameter(f"'{spec}': use NAME=FILE.npy or NAME=JSON", param_hint="--input")
     tensor = meta.get(name)
     if tensor is None:
-        raise click.BadParameter(f"the model has no input '{name}'; inputs: {list(meta)}",
-                                 param_hint="--input")
+        raise click.BadParameter(
+            f"the model has no input '{name}'; inputs: {list(meta)}", param_hint="--input"
+        )
     dt = by_name(tensor["datatype"])
     if value.endswith(".npy"):
         arr = np.load(value, allow_pickle=False)
@@ -100,12 +145,14 @@ def _parse_input(spec: str, meta: dict[str, dict]) -> tuple[str, np.ndarray]:
         try:
             data = json.loads(value)
         except json.JSONDecodeError as e:
-            raise click.BadParameter(f"{name}: not a .npy file or JSON: {e}",
-                                     param_hint="--input") from None
+            raise click.BadParameter(
+                f"{name}: not a .npy file or JSON: {e}", param_hint="--input"
+            ) from None
         if dt.name == "BYTES":
             arr = np.array(data, dtype=object)
-            arr = np.vectorize(lambda s: s.encode() if isinstance(s, str) else s,
-                               otypes=[object])(arr)
+            arr = np.vectorize(lambda s: s.encode() if isinstance(s, str) else s, otypes=[object])(
+                arr
+            )
         else:
             arr = np.array(data, dtype=dt.numpy)
     return name, arr
@@ -127,16 +174,34 @@ def _random_input(tensor: dict) -> np.ndarray:
 @main.command()
 @click.argument("model")
 @click.option("--version", "-v", default=None, help="Pin a variant (model_version).")
-@click.option("--input", "-i", "inputs", multiple=True, metavar="NAME=FILE.npy|JSON",
-              help="An input tensor; repeat for several. JSON is cast to the input's datatype.")
-@click.option("--random", "random_inputs", is_flag=True,
-              help="Fill every input not given with random data of its shape (-1 -> 1).")
+@click.option(
+    "--input",
+    "-i",
+    "inputs",
+    multiple=True,
+    metavar="NAME=FILE.npy|JSON",
+    help="An input tensor; repeat for several. JSON is cast to the input's datatype.",
+)
+@click.option(
+    "--random",
+    "random_inputs",
+    is_flag=True,
+    help="Fill every input not given with random data of its shape (-1 -> 1).",
+)
 @click.option("--output", "-o", "outputs", multiple=True, help="Only return these outputs.")
 @click.option("--url", default="127.0.0.1:8001", show_default=True, help="Server address.")
 @click.option("--timeout", default=30.0, show_default=True, type=float, help="Deadline, seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outputs as JSON.")
-def infer(model: str, version: str | None, inputs: tuple[str, ...], random_inputs: bool,
-          outputs: tuple[str, ...], url: str, timeout: float, as_json: bool) -> None:
+def infer(
+    model: str,
+    version: str | None,
+    inputs: tuple[str, ...],
+    random_inputs: bool,
+    outputs: tuple[str, ...],
+    url: str,
+    timeout: float,
+    as_json: bool,
+) -> None:
     """Call MODEL once and print its outputs."""
     from tensorgate.clients import Client, InferenceError
 
@@ -151,19 +216,28 @@ def infer(model: str, version: str | None, inputs: tuple[str, ...], random_input
             missing = [n for n in by_input if n not in tensors]
             if missing:
                 raise click.UsageError(
-                    f"missing input(s) {missing}: give --input NAME=... or --random")
-            result = client.infer(model, tensors, version=version, timeout=timeout,
-                                  outputs=outputs)
+                    f"missing input(s) {missing}: give --input NAME=... or --random"
+                )
+            result = client.infer(model, tensors, version=version, timeout=timeout, outputs=outputs)
         except InferenceError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
     if as_json:
+
         def plain(a: np.ndarray):
             if a.dtype == object:
                 return [x.decode("utf-8", "replace") for x in a.reshape(-1)]
             return a.tolist()
-        click.echo(json.dumps({"model": result.model, "variant": result.variant,
-                               "outputs": {k: plain(v) for k, v in result.items()}}))
+
+        click.echo(
+            json.dumps(
+                {
+                    "model": result.model,
+                    "variant": result.variant,
+                    "outputs": {k: plain(v) for k, v in result.items()},
+                }
+            )
+        )
         return
     click.echo(f"model {result.model}, served by variant '{result.variant}'")
     with np.printoptions(precision=5, suppress=True, threshold=64, edgeitems=4):

@@ -315,3 +315,7 @@ def _write_demo(root: Path) -> None:
         except ImportError as exc:
             logger.warning("demo variant %s skipped: %s is not installed", variant, exc.name)
             shutil.rmtree(root / variant, ignore_errors=True)
+    if not (scorer / "torch").exists():
+        # Without PyTorch there is no "torch" variant to be the default.
+        config = scorer / "config.toml"
+        config.write_text(config.read_text().replace('default_variant = "torch"\n', ""))

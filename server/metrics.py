@@ -73,10 +73,14 @@ class Metrics:
             registry=r,
         )
         self.queued = Gauge(
-            "tensorgate_queued_requests", "Requests waiting in a variant's queue.", _VARIANT,
+            "tensorgate_queued_requests",
+            "Requests waiting in a variant's queue.",
+            _VARIANT,
             registry=r,
         )
         self.model_ready = Gauge(
-            "tensorgate_model_ready", "1 when the variant is loaded and serving.", _VARIANT,
+            "tensorgate_model_ready",
+            "1 when the variant is loaded and serving.",
+            _VARIANT,
             registry=r,
         )

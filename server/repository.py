@@ -95,8 +95,14 @@ class Model:
 
     @property
     def platform(self) -> str:
-        platforms = {v.platform for v in self.variants.values()}
-        return platforms.pop() if len(platforms) == 1 else "tensorgate_ensemble"
+        """The platform an unpinned request is served by (its default variant's)."""
+        v = self.default_variant() or next(iter(self.variants.values()), None)
+        return v.platform if v is not None else ""
+
+    @property
+    def backend_name(self) -> str:
+        v = self.default_variant() or next(iter(self.variants.values()), None)
+        return v.backend_name if v is not None else ""
 
 
 def variant_order(names: list[str]) -> list[str]:
@@ -165,8 +171,11 @@ class Repository:
             model = await self._build(name, directory)
             old = self.models.get(name)
             if old is not None and old.ready and not model.ready:
-                log.error("reload of %s failed, keeping the loaded version: %s", name,
-                          model.reason or [v.reason for v in model.variants.values()])
+                log.error(
+                    "reload of %s failed, keeping the loaded version: %s",
+                    name,
+                    model.reason or [v.reason for v in model.variants.values()],
+                )
                 await self._close(model)
                 raise ConfigError(
                     f"model '{name}' was not reloaded, the loaded version keeps serving: "
@@ -252,14 +261,18 @@ class Repository:
                 on_queue_change=self.metrics.queued.labels(name, vname, v.backend_name).set,
             )
             v.state = State.READY
-        log.info("model %s ready: %s", name, ", ".join(
-            f"{v.name} ({v.backend_name})" for v in model.ready_variants()))
+        log.info(
+            "model %s ready: %s",
+            name,
+            ", ".join(f"{v.name} ({v.backend_name})" for v in model.ready_variants()),
+        )
         return model
 
     def _discover(self, model: Model) -> dict[str, Variant]:
         cfg = model.config
         names = [
-            p.name for p in model.directory.iterdir()
+            p.name
+            for p in model.directory.iterdir()
             if p.is_dir() and _NAME.match(p.name) and not p.name.startswith(".")
         ]
         for configured in cfg.variants:
@@ -289,15 +302,25 @@ class Repository:
                 path = cls.find_model_file(vdir)
                 if path is None:
                     variants[vname] = Variant(
-                        model.name, vname, backend_name, cls.platform, vdir,
-                        State.UNAVAILABLE, f"no {backend_name} model file in {vdir}",
+                        model.name,
+                        vname,
+                        backend_name,
+                        cls.platform,
+                        vdir,
+                        State.UNAVAILABLE,
+                        f"no {backend_name} model file in {vdir}",
                     )
                     continue
             else:
                 found = detect(vdir)
                 if found is None:
                     variants[vname] = Variant(
-                        model.name, vname, "", "", vdir, State.UNAVAILABLE,
+                        model.name,
+                        vname,
+                        "",
+                        "",
+                        vdir,
+                        State.UNAVAILABLE,
                         f"no model file found in {vdir} (expected *.pt, *.onnx or a SavedModel)",
                     )
                     continue

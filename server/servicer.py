@@ -92,11 +92,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         def dims(shape):
             return list(shape[1:] if batched else shape)
 
-        backends = {v.backend_name for v in model.variants.values()}
         config = mc.ModelConfig(
             name=model.name,
             platform=platform,
-            backend=backends.pop() if len(backends) == 1 and not request.version else "",
+            backend=model.variants[request.version].backend_name
+            if request.version
+            else model.backend_name,
             max_batch_size=sig.max_batch_size,
             input=[
                 mc.ModelInput(

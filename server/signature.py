@@ -50,8 +50,7 @@ class _Merger:
         self.kind = kind
         self.specs = ref
         self.sources: list[dict[str, str]] = [
-            {f: ref_source for f in ("datatype", "shape") if getattr(s, f) is not None}
-            for s in ref
+            {f: ref_source for f in ("datatype", "shape") if getattr(s, f) is not None} for s in ref
         ]
 
     def names(self) -> list[str]:
@@ -149,7 +148,7 @@ def merge_signatures(
                 missing = "datatype" if s.datatype is None else "shape"
                 raise ConfigError(
                     f"model '{model}': {kind} '{s.name}' has no {missing}: the model files do "
-                    f"not say it; add it to the [[{kind}]] table with name = \"{s.name}\" in "
+                    f'not say it; add it to the [[{kind}]] table with name = "{s.name}" in '
                     f"{model}/config.toml"
                 )
     sig = ModelSignature(merged["inputs"], merged["outputs"], config.max_batch_size)

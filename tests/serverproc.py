@@ -65,7 +65,9 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             if time.monotonic() > deadline:
                 self.kill()
-                raise RuntimeError(f"server did not start in {self.startup_timeout} s:\n{self.log()}")
+                raise RuntimeError(
+                    f"server did not start in {self.startup_timeout} s:\n{self.log()}"
+                )
             time.sleep(0.1)
         ports = json.loads(self.port_file.read_text())
         self.grpc_port, self.metrics_port = ports["grpc_port"], ports["metrics_port"]
@@ -113,6 +115,8 @@ def run_triton_script(script: str, *args: str, timeout: float = 120.0) -> dict:
     proc = subprocess.run(
         [str(TRITON_PYTHON), "-c", script, *args], capture_output=True, text=True, timeout=timeout
     )
-    if proc.returncode != 0:
-        raise AssertionError(f"tritonclient script failed ({proc.returncode}):\n{proc.stderr}")
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise AssertionError(
+            f"tritonclient script failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,0 +1,118 @@
+"""Triton-shaped per-variant statistics for the ModelStatistics RPC.
+
+Fed by the same measurements as the Prometheus histograms (see ``Telemetry``), so the two
+views agree. Cumulative counts and nanoseconds, as Triton reports them; kept across
+reloads of a model, since clients such as perf_analyzer compute deltas between reads.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from tensorgate.protos import grpc_service_pb2 as pb
+
+
+@dataclass
+class _Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.count += count
+        self.ns += int(seconds * 1e9)
+
+    def proto(self) -> pb.StatisticDuration:
+        return pb.StatisticDuration(count=self.count, ns=self.ns)
+
+
+@dataclass
+class _Batch:
+    compute_input: _Duration = field(default_factory=_Duration)
+    compute_infer: _Duration = field(default_factory=_Duration)
+    compute_output: _Duration = field(default_factory=_Duration)
+
+
+@dataclass
+class VariantStatistics:
+    last_inference_ms: int = 0
+    inference_count: int = 0
+    execution_count: int = 0
+    success: _Duration = field(default_factory=_Duration)
+    fail: _Duration = field(default_factory=_Duration)
+    queue: _Duration = field(default_factory=_Duration)
+    compute_input: _Duration = field(default_factory=_Duration)
+    compute_infer: _Duration = field(default_factory=_Duration)
+    compute_output: _Duration = field(default_factory=_Duration)
+    batches: dict[int, _Batch] = field(default_factory=lambda: defaultdict(_Batch))
+
+
+class Statistics:
+    """All variants' statistics; only touched from the event loop thread."""
+
+    def __init__(self) -> None:
+        self._variants: dict[tuple[str, str], VariantStatistics] = defaultdict(VariantStatistics)
+
+    def success(
+        self,
+        model: str,
+        variant: str,
+        *,
+        total: float,
+        queue: float,
+        decode: float,
+        compute: float,
+        encode: float,
+        rows: int,
+    ) -> None:
+        s = self._variants[(model, variant)]
+        s.last_inference_ms = int(time.time() * 1000)
+        s.inference_count += rows
+        s.execution_count += 1
+        s.success.add(total)
+        s.queue.add(queue)
+        s.compute_input.add(decode)
+        s.compute_infer.add(compute)
+        s.compute_output.add(encode)
+        b = s.batches[rows]
+        b.compute_input.add(decode)
+        b.compute_infer.add(compute)
+        b.compute_output.add(encode)
+
+    def failure(self, model: str, variant: str, total: float) -> None:
+        self._variants[(model, variant)].fail.add(total)
+
+    def report(self, models: dict[str, list[str]]) -> pb.ModelStatisticsResponse:
+        """Statistics for ``{model: [variant, ...]}``, zeros for variants not yet used."""
+        out = pb.ModelStatisticsResponse()
+        for model, variants in models.items():
+            for variant in variants:
+                s = self._variants.get((model, variant)) or VariantStatistics()
+                out.model_stats.append(
+                    pb.ModelStatistics(
+                        name=model,
+                        version=variant,
+                        last_inference=s.last_inference_ms,
+                        inference_count=s.inference_count,
+                        execution_count=s.execution_count,
+                        inference_stats=pb.InferStatistics(
+                            success=s.success.proto(),
+                            fail=s.fail.proto(),
+                            queue=s.queue.proto(),
+                            compute_input=s.compute_input.proto(),
+                            compute_infer=s.compute_infer.proto(),
+                            compute_output=s.compute_output.proto(),
+                        ),
+                        batch_stats=[
+                            pb.InferBatchStatistics(
+                                batch_size=size,
+                                compute_input=b.compute_input.proto(),
+                                compute_infer=b.compute_infer.proto(),
+                                compute_output=b.compute_output.proto(),
+                            )
+                            for size, b in sorted(s.batches.items())
+                        ],
+                    )
+                )
+        return out
