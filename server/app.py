@@ -21,11 +21,12 @@ from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 
 from .interceptors import ErrorInterceptor
-from .metrics import Metrics
+from .metrics import Metrics, Telemetry
 from .pipeline import Pipeline
 from .repository import Repository
 from .router import Router
 from .servicer import InferenceServicer
+from .statistics import Statistics
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,11 @@ class Gateway:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        self.statistics = Statistics()
         self.repository = Repository(settings.repository, self.metrics)
-        self.pipeline = Pipeline(self.repository, Router(), self.metrics)
+        self.pipeline = Pipeline(
+            self.repository, Router(), Telemetry(self.metrics, self.statistics)
+        )
         self.health = health.aio.HealthServicer()
         self.ready = False
         self.draining = False

@@ -8,7 +8,20 @@ across replicas (``sum by (le)``) - which Triton's summaries cannot.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+from .scheduler import Timings
+from .statistics import Statistics
 
 LATENCY_BUCKETS = (
     5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2,
@@ -26,6 +39,10 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # CPU seconds, resident memory, open fds, and the Python version, as
+        # prometheus-client provides them (process_*, python_info).
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
 
         def hist(name: str, doc: str) -> Histogram:
             return Histogram(name, doc, _VARIANT, buckets=LATENCY_BUCKETS, registry=r)
@@ -84,3 +101,57 @@ class Metrics:
             _VARIANT,
             registry=r,
         )
+
+
+@dataclass
+class Trace:
+    """What one request went through, filled in as it moves along the pipeline."""
+
+    start: float
+    model: str
+    variant: str = ""
+    backend: str = ""
+    rows: int = 1
+    decode: float = 0.0
+    encode: float = 0.0
+    end: float = 0.0
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def labels(self) -> tuple[str, str, str]:
+        return (self.model, self.variant, self.backend)
+
+
+class Telemetry:
+    """Feeds one request's measurements to both the Prometheus metrics and the
+    Triton-style statistics, so the two always agree."""
+
+    def __init__(self, metrics: Metrics, statistics: Statistics) -> None:
+        self.metrics = metrics
+        self.statistics = statistics
+
+    def succeeded(self, t: Trace) -> None:
+        m, labels = self.metrics, t.labels
+        total = t.end - t.start
+        m.requests.labels(*labels, "OK").inc()
+        m.request_duration.labels(*labels).observe(total)
+        m.decode_duration.labels(*labels).observe(t.decode)
+        m.encode_duration.labels(*labels).observe(t.encode)
+        m.queue_duration.labels(*labels).observe(t.timings.queue)
+        m.compute_duration.labels(*labels).observe(t.timings.compute)
+        m.inferences.labels(*labels).inc(t.rows)
+        self.statistics.success(
+            t.model,
+            t.variant,
+            total=total,
+            queue=t.timings.queue,
+            decode=t.decode,
+            compute=t.timings.compute,
+            encode=t.encode,
+            rows=t.rows,
+        )
+
+    def failed(self, t: Trace, code: str) -> None:
+        self.metrics.requests.labels(*t.labels, code).inc()
+        if t.variant:
+            self.statistics.failure(t.model, t.variant, time.perf_counter() - t.start)

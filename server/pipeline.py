@@ -18,10 +18,9 @@ from tensorgate.protos import grpc_service_pb2 as pb
 
 from . import codec
 from .errors import BackendFailed, InvalidInput, ModelNotReady, TensorgateError, Unavailable
-from .metrics import UNKNOWN_MODEL, Metrics
+from .metrics import UNKNOWN_MODEL, Telemetry, Trace
 from .repository import Model, Repository, Variant
 from .router import Router
-from .scheduler import Timings
 from .signature import validate_inputs
 from .types import InferenceRequest, InferenceResponse, OutputTensor
 
@@ -35,10 +34,11 @@ class Served:
 
 
 class Pipeline:
-    def __init__(self, repository: Repository, router: Router, metrics: Metrics) -> None:
+    def __init__(self, repository: Repository, router: Router, telemetry: Telemetry) -> None:
         self.repository = repository
         self.router = router
-        self.metrics = metrics
+        self.telemetry = telemetry
+        self.metrics = telemetry.metrics
 
     async def model_infer(
         self,
@@ -50,51 +50,40 @@ class Pipeline:
 
         Raises a TensorgateError subclass (mapped to a gRPC status by the interceptor).
         """
-        start = time.perf_counter()
-        deadline = time.monotonic() + timeout if timeout is not None else None
-        labels = (
-            msg.model_name if msg.model_name in self.repository.models else UNKNOWN_MODEL,
-            "",
-            "",
+        trace = Trace(
+            start=time.perf_counter(),
+            model=msg.model_name if msg.model_name in self.repository.models else UNKNOWN_MODEL,
         )
-        inflight = self.metrics.inflight.labels(labels[0])
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        inflight = self.metrics.inflight.labels(trace.model)
         inflight.inc()
         try:
             request = codec.decode_request(msg)
-            decoded = time.perf_counter()
+            trace.decode = time.perf_counter() - trace.start
             if metadata:
                 request.metadata = dict(metadata)
-            model, variant, response, timings = await self._infer(request, deadline)
-            labels = (model.name, variant.name, variant.backend_name)
-            encoded_start = time.perf_counter()
+            response = await self._infer(request, deadline, trace)
+            encode_start = time.perf_counter()
             reply = codec.encode_response(response)
-            end = time.perf_counter()
+            trace.end = time.perf_counter()
+            trace.encode = trace.end - encode_start
         except TensorgateError as e:
-            self.metrics.requests.labels(*labels, e.code.name).inc()
+            self.telemetry.failed(trace, e.code.name)
             raise
         except asyncio.CancelledError:
-            self.metrics.requests.labels(*labels, "CANCELLED").inc()
+            self.telemetry.failed(trace, "CANCELLED")
             raise
         except Exception:
-            self.metrics.requests.labels(*labels, "INTERNAL").inc()
+            self.telemetry.failed(trace, "INTERNAL")
             raise
         finally:
             inflight.dec()
-        m = self.metrics
-        m.requests.labels(*labels, "OK").inc()
-        m.request_duration.labels(*labels).observe(end - start)
-        m.decode_duration.labels(*labels).observe(decoded - start)
-        m.encode_duration.labels(*labels).observe(end - encoded_start)
-        m.queue_duration.labels(*labels).observe(timings.queue)
-        m.compute_duration.labels(*labels).observe(timings.compute)
-        batched = model.signature is not None and model.signature.max_batch_size > 0
-        rows = request.inputs[0].shape[0] if batched and request.inputs else 1
-        m.inferences.labels(*labels).inc(rows)
-        return Served(reply, variant.name)
+        self.telemetry.succeeded(trace)
+        return Served(reply, trace.variant)
 
     async def _infer(
-        self, request: InferenceRequest, deadline: float | None
-    ) -> tuple[Model, Variant, InferenceResponse, Timings]:
+        self, request: InferenceRequest, deadline: float | None, trace: Trace
+    ) -> InferenceResponse:
         for attempt in range(2):
             model = self.repository.get(request.model)
             if model.signature is None or not model.ready:
@@ -102,6 +91,7 @@ class Pipeline:
                     f"model '{model.name}' is not ready: {model.reason or 'no ready variant'}"
                 )
             variant = self.router.choose(model, request)
+            trace.variant, trace.backend = variant.name, variant.backend_name
             inputs = validate_inputs(model.name, model.signature, request.inputs)
             wanted = request.requested_outputs
             for name in wanted:
@@ -110,10 +100,11 @@ class Pipeline:
                         f"model '{model.name}' has no output '{name}'; its outputs are "
                         f"{list(model.signature.output_names)}"
                     )
-            timings = Timings()
+            if model.signature.max_batch_size > 0 and request.inputs:
+                trace.rows = request.inputs[0].shape[0]
             try:
                 outputs = await variant.scheduler.submit(  # type: ignore[union-attr]
-                    inputs, wanted or None, deadline, timings
+                    inputs, wanted or None, deadline, trace.timings
                 )
             except Unavailable:
                 # The variant was swapped out by a reload between lookup and submit: the
@@ -121,7 +112,7 @@ class Pipeline:
                 if attempt == 0 and self.repository.models.get(request.model) is not model:
                     continue
                 raise
-            return model, variant, self._outputs(model, variant, request, outputs), timings
+            return self._outputs(model, variant, request, outputs)
         raise AssertionError("unreachable")
 
     @staticmethod

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .app import Gateway
 
 VARIANT_METADATA_KEY = "tensorgate-variant"
-EXTENSIONS = ["model_repository", "model_configuration"]
+EXTENSIONS = ["model_repository", "model_configuration", "statistics"]
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -126,6 +126,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             ],
         )
         return pb.ModelConfigResponse(config=config)
+
+    async def ModelStatistics(self, request, context):
+        if request.name:
+            model = self.repository.get(request.name)
+            if request.version and request.version not in model.variants:
+                raise ModelNotFound(request.name, request.version)
+            names = [request.version] if request.version else list(model.variants)
+            wanted = {model.name: names}
+        else:
+            wanted = {name: list(m.variants) for name, m in self.repository.models.items()}
+        return self.gateway.statistics.report(wanted)
 
     # -- inference ------------------------------------------------------------------------
     async def ModelInfer(self, request, context):

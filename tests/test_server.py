@@ -372,10 +372,38 @@ def test_server_metadata_and_readiness(client: Client) -> None:
     assert client.is_live() and client.is_ready()
 
 
-def test_statistics_and_stream_answer_unimplemented_for_now(stub) -> None:
+def test_stream_infer_answers_unimplemented_for_now(stub) -> None:
     with pytest.raises(grpc.RpcError) as info:
-        stub.ModelStatistics(pb.ModelStatisticsRequest(name="scorer"), timeout=10)
+        list(stub.ModelStreamInfer(iter([pb.ModelInferRequest(model_name="scorer")]), timeout=10))
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def _stats(stub, name: str, version: str = "") -> dict[str, pb.ModelStatistics]:
+    reply = stub.ModelStatistics(pb.ModelStatisticsRequest(name=name, version=version), timeout=10)
+    return {s.version: s for s in reply.model_stats}
+
+
+def test_model_statistics_count_what_was_served(client: Client, stub) -> None:
+    before = _stats(stub, "scorer")
+    assert set(before) == set(SCORER_VARIANTS)
+    for _ in range(4):
+        client.infer("scorer", {"input": x64(2)}, version="onnx")
+    with pytest.raises(InferenceError):
+        client.infer("scorer", {"input": x64(1)[:, :8]}, version="onnx")
+    after = _stats(stub, "scorer", "onnx")["onnx"]
+    old = before["onnx"]
+    stats, prev = after.inference_stats, old.inference_stats
+    assert stats.success.count - prev.success.count == 4
+    assert stats.fail.count - prev.fail.count == 1
+    for part in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert getattr(stats, part).count - getattr(prev, part).count == 4, part
+        assert getattr(stats, part).ns > getattr(prev, part).ns, part
+    assert after.execution_count - old.execution_count == 4
+    assert after.last_inference > 0
+    assert sum(b.compute_infer.count for b in after.batch_stats) == after.execution_count
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelStatistics(pb.ModelStatisticsRequest(name="nosuch"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_health_check_and_watch(server) -> None:
