@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -243,6 +244,75 @@ def infer(
     with np.printoptions(precision=5, suppress=True, threshold=64, edgeitems=4):
         for name, arr in result.items():
             click.echo(f"{name}: {arr.dtype} {list(arr.shape)}\n{arr}")
+
+
+@main.command()
+@click.option("--metrics-url", default="http://127.0.0.1:8002/metrics", show_default=True,
+              help="The gateway's Prometheus endpoint.")
+@click.option("--interval", default=2.0, show_default=True, type=float,
+              help="Seconds between the two scrapes each figure is computed over.")
+@click.option("--once", is_flag=True, help="Print one table and exit (no live view).")
+@click.option("--json", "as_json", is_flag=True, help="With --once: print JSON rows.")
+def top(metrics_url: str, interval: float, once: bool, as_json: bool) -> None:
+    """Live per-model, per-backend requests/s, errors, latency percentiles, queue vs compute."""
+    from dataclasses import asdict
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from . import top as view
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    try:
+        before = view.scrape(metrics_url)
+        if once:
+            time.sleep(interval)
+            data = view.rows(before, view.scrape(metrics_url))
+            if as_json:
+                click.echo(json.dumps([asdict(r) for r in data]))
+            else:
+                console.print(view.table(data, f"tensorgate {metrics_url} ({interval:g} s)"))
+            return
+        with Live(console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                after = view.scrape(metrics_url)
+                title = f"tensorgate {metrics_url} (every {interval:g} s, Ctrl-C to quit)"
+                live.update(view.table(view.rows(before, after), title), refresh=True)
+                before = after
+    except KeyboardInterrupt:
+        pass
+    except OSError as e:
+        click.echo(f"error: cannot read {metrics_url}: {e}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--url", default="127.0.0.1:8001", show_default=True, help="Server address.")
+@click.option(
+    "--service",
+    default="",
+    show_default=True,
+    help='Health service to ask for: "" is the whole server, a model name that model.',
+)
+@click.option("--timeout", default=3.0, show_default=True, type=float, help="Deadline, seconds.")
+def health(url: str, service: str, timeout: float) -> None:
+    """Ask a server's grpc.health.v1 service; exit 0 when SERVING, 1 otherwise.
+
+    The container HEALTHCHECK runs this; Kubernetes probes ask the same service natively.
+    """
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    request = health_pb2.HealthCheckRequest(service=service)
+    with grpc.insecure_channel(url) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout)
+        except grpc.RpcError as e:
+            click.echo(f"{e.code().name}: {e.details()}")  # type: ignore[attr-defined]
+            sys.exit(1)
+    click.echo(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+    sys.exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
 
 
 if __name__ == "__main__":

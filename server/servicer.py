@@ -18,6 +18,7 @@ from tensorgate.protos import model_config_pb2 as mc
 
 from .errors import ModelNotFound, ModelNotReady, TensorgateError
 from .repository import Model, State, check_model_name
+from .statistics import NAMED_VARIANTS_VERSION
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -130,12 +131,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request, context):
         if request.name:
             model = self.repository.get(request.name)
-            if request.version and request.version not in model.variants:
+            if request.version and request.version not in model.variants and (
+                request.version != NAMED_VARIANTS_VERSION or not _named(model.variants)
+            ):
                 raise ModelNotFound(request.name, request.version)
-            names = [request.version] if request.version else list(model.variants)
-            wanted = {model.name: names}
+            wanted = {model.name: [request.version] if request.version else _versions(model)}
         else:
-            wanted = {name: list(m.variants) for name, m in self.repository.models.items()}
+            wanted = {name: _versions(m) for name, m in self.repository.models.items()}
         return self.gateway.statistics.report(wanted)
 
     # -- inference ------------------------------------------------------------------------
@@ -184,6 +186,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self.repository.unload(request.model_name)
         self.gateway.model_health_changed()
         return pb.RepositoryModelUnloadResponse()
+
+
+def _named(variants) -> list[str]:
+    return [v for v in variants if not v.isdigit()]
+
+
+def _versions(model: Model) -> list[str]:
+    """What an unpinned ModelStatistics lists: integer versions one by one, and the named
+    variants together under version "0" (Triton clients parse versions as integers)."""
+    versions = [v for v in model.variants if v.isdigit()]
+    return versions + ([NAMED_VARIANTS_VERSION] if _named(model.variants) else [])
 
 
 class LoadFailed(TensorgateError):

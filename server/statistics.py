@@ -48,6 +48,30 @@ class VariantStatistics:
     batches: dict[int, _Batch] = field(default_factory=lambda: defaultdict(_Batch))
 
 
+#: ModelStatistics version under which named (non-integer) variants are reported together.
+#: Triton clients parse versions as integers (perf_analyzer calls std::stoll on them), and
+#: Triton's versions start at 1, so 0 cannot collide with a real version.
+NAMED_VARIANTS_VERSION = "0"
+
+
+def _summed(parts: list[VariantStatistics]) -> VariantStatistics:
+    total = VariantStatistics()
+    for p in parts:
+        total.last_inference_ms = max(total.last_inference_ms, p.last_inference_ms)
+        total.inference_count += p.inference_count
+        total.execution_count += p.execution_count
+        for name in ("success", "fail", "queue", "compute_input", "compute_infer",
+                     "compute_output"):  # fmt: skip
+            getattr(total, name).count += getattr(p, name).count
+            getattr(total, name).ns += getattr(p, name).ns
+        for size, b in p.batches.items():
+            t = total.batches[size]
+            for name in ("compute_input", "compute_infer", "compute_output"):
+                getattr(t, name).count += getattr(b, name).count
+                getattr(t, name).ns += getattr(b, name).ns
+    return total
+
+
 class Statistics:
     """All variants' statistics; only touched from the event loop thread."""
 
@@ -83,12 +107,20 @@ class Statistics:
     def failure(self, model: str, variant: str, total: float) -> None:
         self._variants[(model, variant)].fail.add(total)
 
+    def get(self, model: str, version: str) -> VariantStatistics:
+        """One variant's statistics; ``NAMED_VARIANTS_VERSION`` sums the named variants."""
+        if version == NAMED_VARIANTS_VERSION:
+            return _summed(
+                [s for (m, v), s in self._variants.items() if m == model and not v.isdigit()]
+            )
+        return self._variants.get((model, version)) or VariantStatistics()
+
     def report(self, models: dict[str, list[str]]) -> pb.ModelStatisticsResponse:
-        """Statistics for ``{model: [variant, ...]}``, zeros for variants not yet used."""
+        """Statistics for ``{model: [version, ...]}``, zeros for variants not yet used."""
         out = pb.ModelStatisticsResponse()
         for model, variants in models.items():
             for variant in variants:
-                s = self._variants.get((model, variant)) or VariantStatistics()
+                s = self.get(model, variant)
                 out.model_stats.append(
                     pb.ModelStatistics(
                         name=model,

@@ -384,8 +384,12 @@ def _stats(stub, name: str, version: str = "") -> dict[str, pb.ModelStatistics]:
 
 
 def test_model_statistics_count_what_was_served(client: Client, stub) -> None:
-    before = _stats(stub, "scorer")
-    assert set(before) == set(SCORER_VARIANTS)
+    # Unpinned, named variants are summed under version "0" (Triton tools parse versions
+    # as integers); pinned, each variant answers under its own name.
+    assert set(_stats(stub, "scorer")) == {"0"}
+    assert set(_stats(stub, "partial")) == {"1", "2"}
+    before = {v: _stats(stub, "scorer", v)[v] for v in SCORER_VARIANTS}
+    total_before = _stats(stub, "scorer")["0"].inference_stats.success.count
     for _ in range(4):
         client.infer("scorer", {"input": x64(2)}, version="onnx")
     with pytest.raises(InferenceError):
@@ -401,6 +405,7 @@ def test_model_statistics_count_what_was_served(client: Client, stub) -> None:
     assert after.execution_count - old.execution_count == 4
     assert after.last_inference > 0
     assert sum(b.compute_infer.count for b in after.batch_stats) == after.execution_count
+    assert _stats(stub, "scorer")["0"].inference_stats.success.count - total_before == 4
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelStatistics(pb.ModelStatisticsRequest(name="nosuch"), timeout=10)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
