@@ -11,7 +11,15 @@ import importlib
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from .base import Backend, BackendError, BackendOptions, BackendUnavailable, Signature, TensorSpec
+from .base import (
+    Backend,
+    BackendError,
+    BackendOptions,
+    BackendUnavailable,
+    BackendUnreachable,
+    Signature,
+    TensorSpec,
+)
 
 __all__ = [
     "BUILTIN",
@@ -19,6 +27,7 @@ __all__ = [
     "BackendError",
     "BackendOptions",
     "BackendUnavailable",
+    "BackendUnreachable",
     "Signature",
     "TensorSpec",
     "available_names",
@@ -31,6 +40,7 @@ BUILTIN: dict[str, str] = {
     "torchscript": "tensorgate.backends.torchscript:TorchScriptBackend",
     "tf_savedmodel": "tensorgate.backends.tf_savedmodel:TFSavedModelBackend",
     "onnxruntime": "tensorgate.backends.onnxruntime:OnnxRuntimeBackend",
+    "remote": "tensorgate.backends.remote:RemoteBackend",
 }
 
 ENTRY_POINT_GROUP = "tensorgate.backends"

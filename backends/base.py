@@ -41,6 +41,13 @@ class BackendUnavailable(BackendError):
     """The framework this backend needs is not installed (e.g. no TensorFlow)."""
 
 
+class BackendUnreachable(BackendError):
+    """What computes the model cannot be reached right now, but may be later without a
+    reload (a remote server that is down, restarting or overloaded). Reported as
+    UNAVAILABLE, so callers retry or fall back.
+    """
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One input or output as a model file or config describes it.

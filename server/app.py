@@ -17,9 +17,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import start_http_server
 
+from tensorgate.protos import admin_pb2_grpc
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 
+from .admin import ADMIN_SERVICE, RoutingAdminServicer
 from .interceptors import ErrorInterceptor
 from .metrics import Metrics, Telemetry
 from .pipeline import Pipeline
@@ -57,8 +59,14 @@ class Gateway:
         self.metrics = Metrics()
         self.statistics = Statistics()
         self.repository = Repository(settings.repository, self.metrics)
+        circuit = self.metrics.circuit_state
+        self.router = Router(
+            on_circuit_change=lambda model, variant, backend, state: circuit.labels(
+                model, variant, backend
+            ).set(state)
+        )
         self.pipeline = Pipeline(
-            self.repository, Router(), Telemetry(self.metrics, self.statistics)
+            self.repository, self.router, Telemetry(self.metrics, self.statistics)
         )
         self.health = health.aio.HealthServicer()
         self.ready = False
@@ -77,6 +85,7 @@ class Gateway:
         ]
         server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self), server)
+        admin_pb2_grpc.add_RoutingAdminServicer_to_server(RoutingAdminServicer(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self._add_reflection(server)
         self.grpc_port = server.add_insecure_port(f"{s.host}:{s.port}")
@@ -113,7 +122,13 @@ class Gateway:
             tmp.replace(s.port_file)
 
     def _add_reflection(self, server: grpc.aio.Server) -> None:
-        names = (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
+        names = (
+            INFERENCE_SERVICE,
+            ADMIN_SERVICE,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+            REFLECTION_V1,
+        )
         servicer = reflection.aio.ReflectionServicer(names)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
         # grpc.reflection.v1 has the same messages as v1alpha under another package name, so

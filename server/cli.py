@@ -315,5 +315,12 @@ def health(url: str, service: str, timeout: float) -> None:
     sys.exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
 
 
+from .bench import bench  # noqa: E402 - the load generator lives in its own module
+from .routes_cli import routes  # noqa: E402 - the admin commands live in their own module
+
+main.add_command(routes)
+main.add_command(bench)
+
+
 if __name__ == "__main__":
     main()

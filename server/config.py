@@ -11,7 +11,14 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tensorgate.backends.datatypes import DATATYPES
 
@@ -82,6 +89,37 @@ class InstancesConfig(_Strict):
     max_queue_size: Annotated[int, Field(ge=1)] = 1024
 
 
+class BatchingConfig(_Strict):
+    """``[batching]``: stack concurrent requests along the batch dimension and run them
+    once. Needs the model's ``max_batch_size > 0`` (a batch dimension to stack along)."""
+
+    max_batch_size: Annotated[int, Field(ge=1)] | None = None  # default: the model's
+    max_queue_delay_us: Annotated[int, Field(ge=0, le=10_000_000)] = 500
+    preferred_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)
+
+
+class ShadowConfig(_Strict):
+    """``[routing] shadow``: mirror a fraction of requests to other variants and compare."""
+
+    variants: list[str]
+    fraction: float
+
+
+class RoutingConfig(_Strict):
+    """``[routing]``: how unpinned requests are split between variants, and what happens when
+    a variant fails. Only the shapes are checked here; what needs the model's variant names
+    (unknown variants, all-zero weights, fallback cycles) is checked by
+    ``router.validate_policy`` when the model loads, the same check the admin API uses."""
+
+    weights: dict[str, float] | None = None
+    sticky_key: str | None = None
+    shadow: ShadowConfig | None = None
+    # A list: every variant falls back to these, in order. A table: per-variant chains.
+    fallback: list[str] | dict[str, list[str]] = Field(default_factory=list)
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 10.0
+
+
 class ModelConfig(_Strict):
     """The whole of ``MODEL/config.toml``. Every field is optional."""
 
@@ -98,9 +136,28 @@ class ModelConfig(_Strict):
     output: list[TensorConfig] = Field(default_factory=list)
     variants: dict[str, VariantConfig] = Field(default_factory=dict)
     instances: InstancesConfig = Field(default_factory=InstancesConfig)
+    batching: BatchingConfig | None = None
+    routing: RoutingConfig | None = None
 
     _device = field_validator("device")(_check_device)
     _unique = field_validator("input", "output")(_check_unique)
+
+    @model_validator(mode="after")
+    def _batching_needs_batch_dimension(self) -> ModelConfig:
+        b = self.batching
+        if b is None:
+            return self
+        if self.max_batch_size == 0:
+            raise ValueError(
+                "[batching] needs a batch dimension: set max_batch_size = N (> 0) at the top "
+                "level, with -1 as the first dimension of every input and output"
+            )
+        if b.max_batch_size is not None and b.max_batch_size > self.max_batch_size:
+            raise ValueError(
+                f"[batching] max_batch_size = {b.max_batch_size} exceeds the model's "
+                f"max_batch_size = {self.max_batch_size}"
+            )
+        return self
 
 
 FieldKind = Literal["input", "output"]

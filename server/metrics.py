@@ -18,6 +18,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
 )
 
 from .scheduler import Timings
@@ -28,6 +29,9 @@ LATENCY_BUCKETS = (
     2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Largest absolute difference between a shadow's outputs and the served ones: 0 (bit-equal),
+# float32 rounding between frameworks (~1e-6), up to outright different models.
+DIFF_BUCKETS = (0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
 UNKNOWN_MODEL = "_unknown"
 
 _VARIANT = ("model", "variant", "backend")
@@ -37,6 +41,8 @@ class Metrics:
     """Every metric the gateway exports. One instance per server, on its own registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # No `*_created` series: they double the exposition and no dashboard uses them.
+        disable_created_metrics()
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         # CPU seconds, resident memory, open fds, and the Python version, as
@@ -101,6 +107,43 @@ class Metrics:
             _VARIANT,
             registry=r,
         )
+        # Routing (server/router.py). Labels are variant names of a loaded model; reason is
+        # one of error, unavailable, not_ready, overloaded, circuit_open.
+        self.fallbacks = Counter(
+            "tensorgate_fallbacks",
+            "Requests passed from one variant to the next: the first failed or was skipped.",
+            ("model", "from", "to", "reason"),
+            registry=r,
+        )
+        self.circuit_state = Gauge(
+            "tensorgate_circuit_state",
+            "A variant's circuit breaker: 0 closed, 1 open, 2 half-open (probing).",
+            _VARIANT,
+            registry=r,
+        )
+        _SHADOW = ("model", "primary", "shadow")
+        self.shadow_requests = Counter(
+            "tensorgate_shadow_requests",
+            "Requests mirrored to a shadow variant, by outcome: compared, failed, dropped "
+            "(queue full or variant not ready).",
+            (*_SHADOW, "outcome"),
+            registry=r,
+        )
+        self.shadow_max_abs_diff = Histogram(
+            "tensorgate_shadow_max_abs_diff",
+            "Per mirrored request, the largest absolute difference between the shadow's "
+            "outputs and those of the variant that served (primary).",
+            _SHADOW,
+            buckets=DIFF_BUCKETS,
+            registry=r,
+        )
+        self.shadow_argmax_agreement = Counter(
+            "tensorgate_shadow_argmax_agreement",
+            "Rows of 2-D outputs whose arg-max the shadow and the primary agree on "
+            "(agree=true) or not (agree=false).",
+            (*_SHADOW, "agree"),
+            registry=r,
+        )
 
 
 @dataclass
@@ -116,6 +159,8 @@ class Trace:
     encode: float = 0.0
     end: float = 0.0
     timings: Timings = field(default_factory=Timings)
+    # (from variant, to variant, reason) for each hand-over to a fallback variant.
+    fallbacks: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def labels(self) -> tuple[str, str, str]:
@@ -131,6 +176,7 @@ class Telemetry:
         self.statistics = statistics
 
     def succeeded(self, t: Trace) -> None:
+        self._fallbacks(t)
         m, labels = self.metrics, t.labels
         total = t.end - t.start
         m.requests.labels(*labels, "OK").inc()
@@ -140,6 +186,8 @@ class Telemetry:
         m.queue_duration.labels(*labels).observe(t.timings.queue)
         m.compute_duration.labels(*labels).observe(t.timings.compute)
         m.inferences.labels(*labels).inc(t.rows)
+        if t.timings.execution_rows:  # this request's execution is counted once, here
+            m.batch_size.labels(*labels).observe(t.timings.execution_rows)
         self.statistics.success(
             t.model,
             t.variant,
@@ -149,9 +197,15 @@ class Telemetry:
             compute=t.timings.compute,
             encode=t.encode,
             rows=t.rows,
+            execution_rows=t.timings.execution_rows,
         )
 
     def failed(self, t: Trace, code: str) -> None:
+        self._fallbacks(t)
         self.metrics.requests.labels(*t.labels, code).inc()
         if t.variant:
             self.statistics.failure(t.model, t.variant, time.perf_counter() - t.start)
+
+    def _fallbacks(self, t: Trace) -> None:
+        for source, target, reason in t.fallbacks:
+            self.metrics.fallbacks.labels(t.model, source, target, reason).inc()

@@ -28,7 +28,8 @@ from tensorgate.backends import (
 from .config import ModelConfig, load_model_config
 from .errors import ConfigError, InvalidInput, ModelNotFound, TensorgateError
 from .metrics import Metrics
-from .scheduler import Scheduler
+from .router import RouteError, RoutePolicy, RouteState, policy_from_config, validate_policy
+from .scheduler import BatchPolicy, Scheduler
 from .signature import ModelSignature, merge_signatures
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class Model:
     variants: dict[str, Variant] = field(default_factory=dict)  # in documented order
     signature: ModelSignature | None = None
     reason: str = ""  # why the model as a whole failed
+    policy: RoutePolicy = field(default_factory=RoutePolicy)  # [routing], validated
+    routing: RouteState | None = None  # live routing state (router.Router.state)
 
     @property
     def ready(self) -> bool:
@@ -103,6 +106,17 @@ class Model:
     def backend_name(self) -> str:
         v = self.default_variant() or next(iter(self.variants.values()), None)
         return v.backend_name if v is not None else ""
+
+
+def _batch_policy(config: ModelConfig) -> BatchPolicy | None:
+    b = config.batching
+    if b is None:
+        return None
+    return BatchPolicy(
+        max_batch_size=b.max_batch_size or config.max_batch_size,
+        max_queue_delay=b.max_queue_delay_us / 1e6,
+        preferred_batch_sizes=tuple(b.preferred_batch_sizes),
+    )
 
 
 def variant_order(names: list[str]) -> list[str]:
@@ -258,6 +272,7 @@ class Repository:
                 name=f"{name}/{vname}",
                 instances=model.config.instances.count,
                 max_queue_size=model.config.instances.max_queue_size,
+                batching=_batch_policy(model.config),
                 on_queue_change=self.metrics.queued.labels(name, vname, v.backend_name).set,
             )
             v.state = State.READY
@@ -286,6 +301,12 @@ class Repository:
                 f"{model.directory / 'config.toml'}: field 'default_variant': no variant "
                 f"'{cfg.default_variant}'; variants are {sorted(names)}"
             )
+        try:
+            model.policy = validate_policy(policy_from_config(cfg.routing), names)
+        except RouteError as e:
+            raise ConfigError(
+                f"{model.directory / 'config.toml'}: field 'routing.{e.field}': {e}"
+            ) from None
         variants: dict[str, Variant] = {}
         for vname in variant_order(names):
             vdir = model.directory / vname

@@ -1,18 +1,19 @@
-"""Per-variant scheduling: a bounded queue in front of N instances of one backend.
+"""Per-variant scheduling: a bounded queue in front of N instances of one backend, with
+optional dynamic batching.
 
 Every request for a variant goes through its scheduler: ``submit`` puts the work on the
-queue (full: ``Overloaded``), one of ``instances`` worker tasks takes it, drops it if the
-caller's deadline has passed or the call was cancelled, and runs the backend in the
-variant's own thread pool so framework calls never block the event loop.
-
-The worker loop is where dynamic batching plugs in: it takes one item today; a batching
-policy will take several and stack them.
+queue (full: ``Overloaded``); one of ``instances`` worker tasks takes it - with batching,
+together with every queued request it can be stacked with, waiting up to
+``max_queue_delay`` for more - drops what is cancelled or past its deadline, and runs the
+backend in the variant's own thread pool so framework calls never block the event loop.
+Each caller gets exactly its own rows of the batch back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,17 +21,29 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tensorgate.backends import Backend, BackendError
-from tensorgate.backends.base import BackendInputError
+from tensorgate.backends.base import BackendInputError, BackendUnreachable
 
 from .errors import BackendFailed, DeadlineExceeded, InvalidInput, Overloaded, Unavailable
 
 
 @dataclass
 class Timings:
-    """Seconds spent in each stage of one request (filled in as it moves)."""
+    """What happened to one request in the scheduler (filled in as it moves)."""
 
-    queue: float = 0.0
-    compute: float = 0.0
+    queue: float = 0.0  # seconds waiting before its execution started
+    compute: float = 0.0  # seconds of the execution it was part of
+    # Set on exactly one request per backend execution: the rows that execution computed.
+    # Statistics count executions and batch sizes from it.
+    execution_rows: int = 0
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """Dynamic batching for one variant (``[batching]`` in config.toml)."""
+
+    max_batch_size: int
+    max_queue_delay: float = 0.0005  # seconds
+    preferred_batch_sizes: tuple[int, ...] = ()
 
 
 @dataclass
@@ -39,12 +52,21 @@ class _Work:
     outputs: Sequence[str] | None
     deadline: float | None  # time.monotonic() value
     future: asyncio.Future[dict[str, np.ndarray]]
+    rows: int = 1
+    key: tuple = ()  # requests with equal keys can be stacked along the first dimension
     enqueued: float = field(default_factory=time.perf_counter)
     timings: Timings = field(default_factory=Timings)
 
 
+def _batch_key(inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None) -> tuple:
+    return (
+        tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(inputs.items())),
+        tuple(sorted(outputs)) if outputs else None,
+    )
+
+
 class Scheduler:
-    """Queue + instances for one loaded variant."""
+    """Queue + instances (+ batching) for one loaded variant."""
 
     def __init__(
         self,
@@ -53,17 +75,21 @@ class Scheduler:
         name: str,
         instances: int = 1,
         max_queue_size: int = 1024,
+        batching: BatchPolicy | None = None,
         on_queue_change: Callable[[int], None] | None = None,
     ) -> None:
         self._backend = backend
         self._name = name
         self._instances = instances
-        self._queue: asyncio.Queue[_Work] = asyncio.Queue(maxsize=max_queue_size)
+        self._max_queue = max_queue_size
+        self._batching = batching
+        self._pending: deque[_Work] = deque()
+        self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=name)
         self._workers: list[asyncio.Task[None]] = []
         self._on_queue_change = on_queue_change
         self._closed = False
-        self._active = 0  # items taken off the queue and not yet answered
+        self._active = 0  # requests taken off the queue and not yet answered
 
     def start(self) -> None:
         self._workers = [
@@ -73,7 +99,7 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        return len(self._pending)
 
     async def submit(
         self,
@@ -83,74 +109,155 @@ class Scheduler:
         timings: Timings,
     ) -> dict[str, np.ndarray]:
         """Run one request. Raises Overloaded (queue full), DeadlineExceeded,
-        Unavailable (variant shutting down) or BackendFailed."""
+        Unavailable (variant shutting down or unreachable), InvalidInput (the framework
+        refused the input) or BackendFailed."""
         if self._closed:
             raise Unavailable(f"variant {self._name} is unloading")
+        if len(self._pending) >= self._max_queue:
+            raise Overloaded(
+                f"variant {self._name}: queue is full ({self._max_queue} requests waiting); "
+                "retry later or raise [instances] max_queue_size"
+            )
         loop = asyncio.get_running_loop()
         work = _Work(inputs, outputs, deadline, loop.create_future(), timings=timings)
-        try:
-            self._queue.put_nowait(work)
-        except asyncio.QueueFull:
-            raise Overloaded(
-                f"variant {self._name}: queue is full ({self._queue.maxsize} requests waiting); "
-                "retry later or raise [instances] max_queue_size"
-            ) from None
+        if self._batching is not None:
+            work.rows = next(iter(inputs.values())).shape[0] if inputs else 1
+            work.key = _batch_key(inputs, outputs)
+        self._pending.append(work)
+        self._arrived.set()
         self._notify()
         # If the caller is cancelled, the future is cancelled with it and the worker skips it.
         return await work.future
 
     def _notify(self) -> None:
         if self._on_queue_change is not None:
-            self._on_queue_change(self._queue.qsize())
+            self._on_queue_change(len(self._pending))
 
+    # -- workers ---------------------------------------------------------------------------
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            work = await self._queue.get()
+            while not self._pending:
+                self._arrived.clear()
+                await self._arrived.wait()
+            batch = self._take_live(self._pending.popleft())
+            if batch and self._batching is not None:
+                await self._fill(batch)
             self._notify()
-            self._active += 1
+            if not batch:
+                continue
+            self._active += len(batch)
             try:
-                await self._run(loop, work)
+                await self._run(loop, batch)
             finally:
-                self._active -= 1
+                self._active -= len(batch)
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, work: _Work) -> None:
+    def _take_live(self, work: _Work) -> list[_Work]:
+        """[work] if its caller still waits and its deadline has not passed, else []."""
         if work.future.done():  # cancelled while queued
-            return
-        now = time.perf_counter()
-        work.timings.queue = now - work.enqueued
+            return []
         if work.deadline is not None and time.monotonic() >= work.deadline:
+            waited = time.perf_counter() - work.enqueued
             work.future.set_exception(
                 DeadlineExceeded(
-                    f"variant {self._name}: deadline passed after "
-                    f"{work.timings.queue * 1e3:.1f} ms in the queue, before compute"
+                    f"variant {self._name}: deadline passed after {waited * 1e3:.1f} ms in "
+                    "the queue, before compute"
                 )
             )
-            return
+            return []
+        return [work]
+
+    async def _fill(self, batch: list[_Work]) -> None:
+        """Add queued requests that stack with ``batch[0]`` until the batch is full, a
+        preferred size is reached with nothing more queued, or the delay has passed."""
+        policy = self._batching
+        assert policy is not None
+        rows = batch[0].rows
+        until = time.perf_counter() + policy.max_queue_delay
+        while rows < policy.max_batch_size:
+            skipped: list[_Work] = []
+            while self._pending and rows < policy.max_batch_size:
+                w = self._pending.popleft()
+                if w.key != batch[0].key or rows + w.rows > policy.max_batch_size:
+                    skipped.append(w)
+                    continue
+                live = self._take_live(w)
+                batch.extend(live)
+                rows += w.rows if live else 0
+            self._pending.extendleft(reversed(skipped))
+            if rows >= policy.max_batch_size or rows in policy.preferred_batch_sizes:
+                return
+            remaining = until - time.perf_counter()
+            if remaining <= 0 or skipped:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Work]) -> None:
+        started = time.perf_counter()
+        for w in batch:
+            w.timings.queue = started - w.enqueued
+        first = batch[0]
+        if len(batch) == 1:
+            inputs = first.inputs
+        else:
+            inputs = {
+                name: np.concatenate([w.inputs[name] for w in batch]) for name in first.inputs
+            }
         try:
             result = await loop.run_in_executor(
-                self._executor, self._backend.infer, work.inputs, work.outputs
+                self._executor, self._backend.infer, inputs, first.outputs
             )
-        except BackendInputError as e:
-            if not work.future.done():
-                work.future.set_exception(InvalidInput(f"variant {self._name}: {e}"))
-        except BackendError as e:
-            if not work.future.done():
-                work.future.set_exception(BackendFailed(f"variant {self._name}: {e}"))
-        except Exception as e:  # a framework raising something we did not wrap
-            if not work.future.done():
-                work.future.set_exception(
-                    BackendFailed(f"variant {self._name}: {type(e).__name__}: {e}")
+            if len(batch) > 1:
+                parts = self._split(result, batch)
+        except Exception as e:
+            error = self._error(e)
+            for w in batch:
+                if not w.future.done():
+                    w.future.set_exception(error)
+            return
+        compute = time.perf_counter() - started
+        first.timings.execution_rows = sum(w.rows for w in batch)
+        for i, w in enumerate(batch):
+            w.timings.compute = compute
+            if not w.future.done():
+                w.future.set_result(result if len(batch) == 1 else parts[i])
+
+    def _split(
+        self, result: dict[str, np.ndarray], batch: list[_Work]
+    ) -> list[dict[str, np.ndarray]]:
+        total = sum(w.rows for w in batch)
+        for name, arr in result.items():
+            if arr.ndim == 0 or arr.shape[0] != total:
+                raise BackendFailed(
+                    f"variant {self._name}: output '{name}' has shape {list(arr.shape)} for a "
+                    f"batch of {total} rows; a batched model must return one row per input row"
                 )
-        else:
-            work.timings.compute = time.perf_counter() - now
-            if not work.future.done():
-                work.future.set_result(result)
+        parts, offset = [], 0
+        for w in batch:
+            parts.append({n: a[offset : offset + w.rows] for n, a in result.items()})
+            offset += w.rows
+        return parts
+
+    def _error(self, e: Exception) -> Exception:
+        if isinstance(e, BackendFailed):
+            return e
+        if isinstance(e, BackendInputError):
+            return InvalidInput(f"variant {self._name}: {e}")
+        if isinstance(e, BackendUnreachable):
+            return Unavailable(f"variant {self._name}: {e}")
+        if isinstance(e, BackendError):
+            return BackendFailed(f"variant {self._name}: {e}")
+        # A framework raising something its backend did not wrap.
+        return BackendFailed(f"variant {self._name}: {type(e).__name__}: {e}")
 
     async def close(self) -> None:
         """Refuse new work, let queued and running work finish, stop the workers."""
         self._closed = True
-        while self._queue.qsize() or self._active:
+        while self._pending or self._active:
             await asyncio.sleep(0.005)
         for w in self._workers:
             w.cancel()

@@ -6,6 +6,7 @@ RPCs not overridden here answer UNIMPLEMENTED.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 import grpc
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 
 VARIANT_METADATA_KEY = "tensorgate-variant"
 EXTENSIONS = ["model_repository", "model_configuration", "statistics"]
+# Requests of one ModelStreamInfer stream being served at once; the reader waits beyond.
+STREAM_WINDOW = 128
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -148,6 +151,56 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
         context.set_trailing_metadata(((VARIANT_METADATA_KEY, served.variant),))
         return served.message
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Bidirectional stream of ModelInfer requests (Triton's message types).
+
+        Requests are served concurrently, up to ``STREAM_WINDOW`` at a time per stream, and
+        replies are sent as they complete; each carries the request's ``id``. A failed
+        request answers with ``error_message`` set and the stream goes on, as in Triton.
+        """
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        replies: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        pipeline = self.gateway.pipeline
+
+        async def serve_one(request: pb.ModelInferRequest) -> None:
+            try:
+                served = await pipeline.model_infer(request, context.time_remaining(), metadata)
+                reply = pb.ModelStreamInferResponse(infer_response=served.message)
+            except TensorgateError as e:
+                reply = pb.ModelStreamInferResponse(
+                    error_message=f"{e.code.name}: {e}",
+                    infer_response=pb.ModelInferResponse(
+                        model_name=request.model_name,
+                        model_version=request.model_version,
+                        id=request.id,
+                    ),
+                )
+            finally:
+                window.release()
+            await replies.put(reply)
+
+        async def read_all() -> None:
+            tasks: set[asyncio.Task[None]] = set()
+            try:
+                async for request in request_iterator:
+                    await window.acquire()
+                    task = asyncio.create_task(serve_one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*tasks)
+            finally:
+                await replies.put(None)
+
+        reader = asyncio.create_task(read_all())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+            await reader  # surfaces a broken request stream
+        finally:
+            reader.cancel()
 
     # -- repository -----------------------------------------------------------------------
     async def RepositoryIndex(self, request, context):

@@ -89,20 +89,24 @@ class Statistics:
         compute: float,
         encode: float,
         rows: int,
+        execution_rows: int,
     ) -> None:
+        """One successful request. ``execution_rows`` is non-zero on exactly one request of
+        each backend execution (a batch), and is that execution's size."""
         s = self._variants[(model, variant)]
         s.last_inference_ms = int(time.time() * 1000)
         s.inference_count += rows
-        s.execution_count += 1
         s.success.add(total)
         s.queue.add(queue)
         s.compute_input.add(decode)
         s.compute_infer.add(compute)
         s.compute_output.add(encode)
-        b = s.batches[rows]
-        b.compute_input.add(decode)
-        b.compute_infer.add(compute)
-        b.compute_output.add(encode)
+        if execution_rows:
+            s.execution_count += 1
+            b = s.batches[execution_rows]
+            b.compute_input.add(decode)
+            b.compute_infer.add(compute)
+            b.compute_output.add(encode)
 
     def failure(self, model: str, variant: str, total: float) -> None:
         self._variants[(model, variant)].fail.add(total)

@@ -372,10 +372,27 @@ def test_server_metadata_and_readiness(client: Client) -> None:
     assert client.is_live() and client.is_ready()
 
 
-def test_stream_infer_answers_unimplemented_for_now(stub) -> None:
-    with pytest.raises(grpc.RpcError) as info:
-        list(stub.ModelStreamInfer(iter([pb.ModelInferRequest(model_name="scorer")]), timeout=10))
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+def test_stream_infer_serves_many_requests_on_one_stream(stub) -> None:
+    xs = [x64(1) for _ in range(20)]
+    requests = []
+    for i, x in enumerate(xs):
+        req = raw_request("scorer", "onnx", input=("FP32", [1, 64], x.tobytes()))
+        req.id = f"r{i}"
+        requests.append(req)
+    bad = raw_request("scorer", "onnx", input=("FP32", [1, 64], b"\x00"))
+    bad.id = "bad"
+    requests.insert(5, bad)
+    replies = {r.infer_response.id: r for r in stub.ModelStreamInfer(iter(requests), timeout=60)}
+    assert set(replies) == {f"r{i}" for i in range(20)} | {"bad"}
+    # A bad request gets an error reply; the stream and the other requests go on.
+    assert replies["bad"].error_message.startswith("INVALID_ARGUMENT")
+    weights = mlp_weights()
+    for i, x in enumerate(xs):
+        reply = replies[f"r{i}"]
+        assert not reply.error_message
+        assert reply.infer_response.model_version == "onnx"
+        out = np.frombuffer(reply.infer_response.raw_output_contents[0], np.float32)
+        np.testing.assert_allclose(out.reshape(1, 10), mlp_reference(x, weights), atol=1e-5)
 
 
 def _stats(stub, name: str, version: str = "") -> dict[str, pb.ModelStatistics]:

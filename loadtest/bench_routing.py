@@ -1,0 +1,201 @@
+"""What routing costs: the same ONNX variant reached pinned, through weights, through a sticky
+key, and (for reference) through a model without routing or with a shadow.
+
+Starts one ``tensorgate serve`` on loopback with a repository of one ONNX file (the demo
+MLP) served as several models:
+
+- ``routed``: ``[routing] weights = { onnx = 1 }``, ``sticky_key = "user"``,
+  ``fallback = ["spare"]`` (``spare`` is the same file and is never needed here);
+- ``plain``: the same file, no ``[routing]`` (unpinned requests go to the default variant);
+- ``mirrored``: like ``routed`` plus ``shadow = { variants = ["spare"], fraction = 0.1 }``.
+
+Each path is driven by a grpc.aio client at a fixed concurrency, in several interleaved
+rounds (so that drift on a shared machine hits every path alike), and the script prints
+requests/s, latency percentiles and the server's CPU time per request as a Markdown table.
+
+    .venv/bin/python loadtest/bench_routing.py [--seconds 3] [--rounds 3] [--concurrency 8]
+
+Not a test: numbers depend on the machine. The client shares the cores with the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+from tensorgate.server import codec  # noqa: E402
+from tensorgate.server.demo import SCORER_CONFIG, build_mlp_onnx, mlp_weights  # noqa: E402
+from tests.serverproc import ServerProcess  # noqa: E402
+
+TENSORS = SCORER_CONFIG.replace('default_variant = "torch"\n', "")
+MODELS = {
+    "routed": '[routing]\nweights = { onnx = 1 }\nsticky_key = "user"\nfallback = ["spare"]\n',
+    "plain": "",  # the default variant: the first in order, "onnx"
+    "mirrored": '[routing]\nweights = { onnx = 1 }\nfallback = ["spare"]\n'
+    'shadow = { variants = ["spare"], fraction = 0.1 }\n',
+}
+# (label, model, pinned version, sticky key parameter?)
+PATHS = [
+    ("pinned (`model_version = onnx`)", "routed", "onnx", False),
+    ("routed by weight", "routed", "", False),
+    ("routed by sticky key (request parameter)", "routed", "", True),
+    ("no `[routing]` (default variant)", "plain", "", False),
+    ("routed by weight + shadow 10 % (extra compute)", "mirrored", "", False),
+]
+
+
+@dataclass
+class Result:
+    path: str
+    requests: int
+    errors: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    server_cpu_ms_per_request: float
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def drive(
+    address: str, requests: list, concurrency: int, seconds: float, warmup: float
+) -> tuple[list[float], int]:
+    """Send ``requests`` round-robin from ``concurrency`` callers; latencies after warm-up."""
+    latencies: list[float] = []
+    errors = 0
+    cycle = itertools.cycle(requests)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        await stub.ModelInfer(requests[0], timeout=30)  # connect before the clock starts
+        measure_from = time.perf_counter() + warmup
+        stop = measure_from + seconds
+
+        async def worker() -> None:
+            nonlocal errors
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= stop:
+                    return
+                try:
+                    await stub.ModelInfer(next(cycle), timeout=30)
+                except grpc.RpcError:
+                    errors += 1
+                    continue
+                if t0 >= measure_from:
+                    latencies.append(time.perf_counter() - t0)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, errors
+
+
+def machine() -> str:
+    cpu = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return (
+        f"{os.cpu_count()} CPUs ({cpu or platform.machine()}), Python {platform.python_version()}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per path")
+    parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds per round")
+    parser.add_argument("--concurrency", type=int, default=8, help="calls in flight")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    args = parser.parse_args()
+
+    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+    latencies: dict[str, list[float]] = {label: [] for label, *_ in PATHS}
+    errors = dict.fromkeys(latencies, 0)
+    cpu = dict.fromkeys(latencies, 0.0)
+    with tempfile.TemporaryDirectory(prefix="tensorgate-bench-routing-") as tmp:
+        root = Path(tmp) / "models"
+        onnx = build_mlp_onnx(Path(tmp) / "model.onnx", mlp_weights())
+        for model, routing in MODELS.items():
+            for variant in ("onnx", "spare"):
+                (root / model / variant).mkdir(parents=True)
+                (root / model / variant / "model.onnx").write_bytes(onnx.read_bytes())
+            (root / model / "config.toml").write_text(TENSORS + routing)
+        with ServerProcess(root, Path(tmp), "--log-level", "WARNING") as server:
+            assert server.proc is not None
+            pid = server.proc.pid
+            for _ in range(args.rounds):
+                for label, model, version, sticky in PATHS:
+                    users = [{"user": f"u{i}"} for i in range(1000)] if sticky else [None]
+                    requests = [  # with a key: 1,000 users, one request each in turn
+                        codec.encode_request(model, {"input": x}, version, parameters=user)
+                        for user in users
+                    ]
+                    before = cpu_seconds(pid)
+                    lat, err = asyncio.run(
+                        drive(server.address, requests, args.concurrency, args.seconds, args.warmup)
+                    )
+                    # The warm-up's CPU is counted too: the same small overestimate for all.
+                    cpu[label] += cpu_seconds(pid) - before
+                    latencies[label] += lat
+                    errors[label] += err
+
+    results = []
+    for label, lat in latencies.items():
+        ms = np.array(lat) * 1e3
+        seconds = args.seconds * args.rounds
+        results.append(
+            Result(
+                path=label,
+                requests=len(lat),
+                errors=errors[label],
+                seconds=seconds,
+                rps=len(lat) / seconds,
+                p50_ms=float(np.percentile(ms, 50)),
+                p99_ms=float(np.percentile(ms, 99)),
+                server_cpu_ms_per_request=cpu[label] * 1e3 / max(1, len(lat)),
+            )
+        )
+    if args.json:
+        print(json.dumps({"machine": machine(), "args": vars(args),
+                          "results": [asdict(r) for r in results]}, indent=2))  # fmt: skip
+        return
+    print(f"machine: {machine()}")
+    print(
+        f"concurrency {args.concurrency}, {args.rounds} interleaved rounds of {args.seconds:g} s "
+        f"per path (after {args.warmup:g} s warm-up each), [1, 64] FP32 per request, "
+        "ONNX Runtime, 1 instance\n"
+    )
+    print("| path | requests/s | p50 ms | p99 ms | server CPU ms/request | errors |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(
+            f"| {r.path} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
+            f"{r.server_cpu_ms_per_request:.3f} | {r.errors} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Dynamic batching and instances: the scheduler on its own with a plain-numpy backend,
+then a real ONNX model through a real gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from tensorgate.backends import Backend, BackendOptions, Signature
+from tensorgate.clients import Client, InferenceError
+from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
+from tensorgate.server.demo import mlp_reference, mlp_weights
+from tensorgate.server.errors import DeadlineExceeded, Overloaded
+from tensorgate.server.scheduler import BatchPolicy, Scheduler, Timings
+
+from .serverproc import ServerProcess
+
+
+class RowSums(Backend):
+    """Returns each row's sum and the batch size it was computed in; can be held closed."""
+
+    name = "rowsums"
+    platform = "numpy"
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.calls: list[int] = []
+
+    @classmethod
+    def find_model_file(cls, variant_dir: Path) -> Path | None:
+        return None
+
+    def load(self, path: Path, options: BackendOptions) -> Signature:
+        return Signature((), ())
+
+    def infer(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        self.gate.wait(10)
+        x = inputs["x"]
+        self.calls.append(x.shape[0])
+        return {"sum": x.sum(axis=1), "n": np.full(x.shape[0], x.shape[0])}
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _submit(s: Scheduler, x: np.ndarray, deadline: float | None = None):
+    return await s.submit({"x": x}, None, deadline, Timings())
+
+
+def test_concurrent_requests_are_stacked_and_split_back() -> None:
+    async def main() -> None:
+        backend = RowSums()
+        s = Scheduler(backend, name="m/v", batching=BatchPolicy(8, max_queue_delay=0.05))
+        s.start()
+        backend.gate.clear()  # the first request holds the only instance
+        first = asyncio.ensure_future(_submit(s, np.ones((1, 3))))
+        await asyncio.sleep(0.05)
+        xs = [np.full((rows, 3), float(i)) for i, rows in enumerate([1, 2, 3, 2], start=1)]
+        rest = [asyncio.ensure_future(_submit(s, x)) for x in xs]
+        await asyncio.sleep(0.05)
+        backend.gate.set()
+        results = await asyncio.gather(first, *rest)
+        assert backend.calls == [1, 8]  # the four waiting requests ran as one batch
+        for x, r in zip(xs, results[1:], strict=True):
+            np.testing.assert_array_equal(r["sum"], x.sum(axis=1))  # exactly its own rows
+            assert list(r["n"]) == [8] * x.shape[0]
+        await s.close()
+
+    run(main())
+
+
+def test_batch_never_exceeds_max_and_incompatible_shapes_are_not_mixed() -> None:
+    async def main() -> None:
+        backend = RowSums()
+        s = Scheduler(backend, name="m/v", batching=BatchPolicy(4, max_queue_delay=0.05))
+        s.start()
+        backend.gate.clear()
+        hold = asyncio.ensure_future(_submit(s, np.ones((1, 3))))
+        await asyncio.sleep(0.05)
+        narrow = [asyncio.ensure_future(_submit(s, np.ones((1, 3)))) for _ in range(6)]
+        wide = [asyncio.ensure_future(_submit(s, np.ones((1, 5)))) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        backend.gate.set()
+        await asyncio.gather(hold, *narrow, *wide)
+        assert max(backend.calls) <= 4
+        assert sum(backend.calls) == 9
+        assert sorted(backend.calls[1:]) == [2, 2, 4]  # 4 + 2 narrow, 2 wide apart
+        await s.close()
+
+    run(main())
+
+
+def test_preferred_batch_size_does_not_wait_for_more() -> None:
+    async def main() -> None:
+        backend = RowSums()
+        # A 30 s delay that the preferred size must cut short.
+        policy = BatchPolicy(16, max_queue_delay=30.0, preferred_batch_sizes=(2,))
+        s = Scheduler(backend, name="m/v", batching=policy)
+        s.start()
+        pair = [_submit(s, np.ones((1, 3))) for _ in range(2)]
+        await asyncio.wait_for(asyncio.gather(*pair), timeout=20)
+        assert backend.calls == [2]
+        await s.close()
+
+    run(main())
+
+
+def test_expired_and_cancelled_requests_never_reach_the_backend() -> None:
+    async def main() -> None:
+        backend = RowSums()
+        s = Scheduler(backend, name="m/v", max_queue_size=2)
+        s.start()
+        backend.gate.clear()
+        hold = asyncio.ensure_future(_submit(s, np.ones((1, 3))))
+        await asyncio.sleep(0.05)
+        expired = asyncio.ensure_future(_submit(s, np.ones((1, 3)), time.monotonic() + 0.01))
+        cancelled = asyncio.ensure_future(_submit(s, np.ones((1, 3))))
+        await asyncio.sleep(0.05)
+        with pytest.raises(Overloaded, match="queue is full"):
+            await _submit(s, np.ones((1, 3)))
+        cancelled.cancel()
+        await asyncio.sleep(0.05)
+        backend.gate.set()
+        await hold
+        with pytest.raises(DeadlineExceeded, match="before compute"):
+            await expired
+        assert backend.calls == [1]  # neither the expired nor the cancelled one ran
+        await s.close()
+
+    run(main())
+
+
+def test_instances_run_concurrently() -> None:
+    async def main() -> None:
+        backend = RowSums()
+        s = Scheduler(backend, name="m/v", instances=3)
+        s.start()
+        backend.gate.clear()
+        calls = [asyncio.ensure_future(_submit(s, np.ones((1, 3)))) for _ in range(3)]
+        await asyncio.sleep(0.2)
+        assert s.queued == 0  # all three were taken by an instance, none waits
+        backend.gate.set()
+        await asyncio.gather(*calls)
+        await s.close()
+
+    run(main())
+
+
+BATCHED_CONFIG = """
+max_batch_size = 16
+
+[[input]]
+name = "input"
+datatype = "FP32"
+shape = [-1, 64]
+
+[batching]
+max_queue_delay_us = 20000
+preferred_batch_sizes = [16]
+"""
+
+
+@pytest.fixture(scope="module")
+def batched_server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("batched") / "models"
+    shutil.copytree(demo_repo / "scorer" / "onnx", root / "scorer" / "onnx")
+    (root / "scorer" / "config.toml").write_text(BATCHED_CONFIG)
+    with ServerProcess(root, root.parent) as proc:
+        yield proc
+
+
+def test_batched_gateway_gives_each_caller_its_own_rows(batched_server: ServerProcess) -> None:
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((int(rng.integers(1, 4)), 64)).astype(np.float32) for _ in range(48)]
+
+    async def main() -> list:
+        client = Client(batched_server.address)
+        try:
+            return await asyncio.gather(*(client.aio.infer("scorer", {"input": x}) for x in xs))
+        finally:
+            await client.aio.close()
+            client.close()
+
+    results = asyncio.run(main())
+    weights = mlp_weights()
+    for x, r in zip(xs, results, strict=True):
+        np.testing.assert_allclose(r["output"], mlp_reference(x, weights), atol=1e-5)
+    with grpc.insecure_channel(batched_server.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="scorer", version="onnx"))
+    s = stats.model_stats[0]
+    assert s.inference_count == sum(x.shape[0] for x in xs)
+    assert s.inference_stats.success.count == len(xs)
+    assert s.execution_count < len(xs)  # requests were batched together
+    assert max(b.batch_size for b in s.batch_stats) > 3
+    assert "tensorgate_batch_size_bucket" in batched_server.scrape()
+
+
+def test_request_over_max_batch_size_is_invalid_argument(batched_server: ServerProcess) -> None:
+    with Client(batched_server.address) as client, pytest.raises(InferenceError) as info:
+        client.infer("scorer", {"input": np.zeros((17, 64), np.float32)})
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "exceeds max_batch_size 16" in info.value.message
