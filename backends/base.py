@@ -108,7 +108,8 @@ class Backend(abc.ABC):
 
     #: Name used in config.toml's ``backend = "..."`` and in metrics labels.
     name: ClassVar[str]
-    #: Triton platform name reported by ModelMetadata/ModelConfig.
+    #: Triton platform name reported by ModelMetadata/ModelConfig. A backend that only
+    #: learns it at load (``remote``) may set it on the instance in ``load``.
     platform: ClassVar[str]
 
     @classmethod

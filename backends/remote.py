@@ -156,7 +156,8 @@ class RemoteBackend(Backend):
     """
 
     name: ClassVar[str] = "remote"
-    #: Until loaded; ``remote_platform`` then says what the remote model runs on.
+    #: Until loaded; then the instance's ``platform`` is the remote model's (e.g.
+    #: "onnxruntime_onnx"), so clients see what actually computes.
     platform: ClassVar[str] = "remote"
 
     def __init__(self) -> None:
@@ -219,6 +220,7 @@ class RemoteBackend(Backend):
             )
         self._config, self._channels, self._stubs, self._where = config, channels, stubs, where
         self.remote_platform = meta.platform
+        self.platform = meta.platform or "remote"  # type: ignore[misc]
         return Signature(
             inputs=tuple(_spec(t) for t in meta.inputs),
             outputs=tuple(_spec(t) for t in meta.outputs),

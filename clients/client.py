@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -159,11 +160,47 @@ def _error(e: grpc.RpcError) -> InferenceError:
     return InferenceError(e.code(), e.details() or "")  # type: ignore[attr-defined]
 
 
+PemSource = str | Path | bytes
+
+
+def _pem(value: PemSource | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+def tls_credentials(
+    ca: PemSource | None = None, cert: PemSource | None = None, key: PemSource | None = None
+) -> grpc.ChannelCredentials:
+    """Channel credentials for a TLS server. ``ca``: the CA that signed the server's
+    certificate (default: the system's roots); ``cert`` and ``key``: this client's
+    certificate and key, for a server that requires mutual TLS. Each is PEM bytes or a path."""
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate needs its key, and a key its certificate")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem(ca), private_key=_pem(key), certificate_chain=_pem(cert)
+    )
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata that carries a bearer token (empty without one)."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 class AsyncFace(_Calls):
     """The asyncio face of a Client: the same calls, awaited."""
 
-    def __init__(self, target: str, metadata: tuple[tuple[str, str], ...], options: list) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=options)
+    def __init__(
+        self,
+        target: str,
+        metadata: tuple[tuple[str, str], ...],
+        options: list,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        if credentials is not None:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._metadata = metadata
 
@@ -192,7 +229,10 @@ class AsyncFace(_Calls):
 class Client(_Calls):
     """Synchronous client; ``client.aio`` is the asyncio face over its own aio channel.
 
-    ``metadata`` is sent with every call (e.g. a sticky routing key or an auth token).
+    ``metadata`` is sent with every call (e.g. a sticky routing key). ``token`` is sent as
+    ``authorization: Bearer <token>``. TLS is used when ``tls`` is true or any of
+    ``tls_ca`` (the server's CA; default the system roots), ``tls_cert`` and ``tls_key``
+    (this client's certificate, for mutual TLS) is given - as PEM bytes or file paths.
     """
 
     def __init__(
@@ -201,14 +241,27 @@ class Client(_Calls):
         *,
         metadata: Mapping[str, str] | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
+        tls: bool = False,
+        tls_ca: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
-        self._metadata = tuple((metadata or {}).items())
+        self._metadata = tuple((metadata or {}).items()) + auth_metadata(token)
         self._options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
-        self._channel = grpc.insecure_channel(target, options=self._options)
+        self._credentials = (
+            tls_credentials(tls_ca, tls_cert, tls_key)
+            if tls or any(v is not None for v in (tls_ca, tls_cert, tls_key))
+            else None
+        )
+        if self._credentials is not None:
+            self._channel = grpc.secure_channel(target, self._credentials, options=self._options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=self._options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._aio: AsyncFace | None = None
 
@@ -216,7 +269,7 @@ class Client(_Calls):
     def aio(self) -> AsyncFace:
         """The asyncio face (created on first use, inside the running event loop)."""
         if self._aio is None:
-            self._aio = AsyncFace(self.target, self._metadata, self._options)
+            self._aio = AsyncFace(self.target, self._metadata, self._options, self._credentials)
         return self._aio
 
     def _drive(self, fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -55,6 +55,7 @@ PATHS = [
     ("pinned (`model_version = onnx`)", "routed", "onnx", False),
     ("routed by weight", "routed", "", False),
     ("routed by sticky key (request parameter)", "routed", "", True),
+    ("pinned, with the same key parameter (unused)", "routed", "onnx", True),
     ("no `[routing]` (default variant)", "plain", "", False),
     ("routed by weight + shadow 10 % (extra compute)", "mirrored", "", False),
 ]

@@ -21,10 +21,14 @@ from tensorgate.protos import admin_pb2_grpc
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 
+from . import codec
 from .admin import ADMIN_SERVICE, RoutingAdminServicer
+from .admission import Admission
+from .auth import AuthInterceptor, TokenPolicy
 from .interceptors import ErrorInterceptor
 from .metrics import Metrics, Telemetry
 from .pipeline import Pipeline
+from .polling import RepositoryPoller
 from .repository import Repository
 from .router import Router
 from .servicer import InferenceServicer
@@ -48,7 +52,25 @@ class ServerSettings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     drain_timeout: float = 30.0
     port_file: Path | None = None
+    # Reliability and limits (docs/reliability.md).
+    max_inflight: int | None = None  # inference requests in flight, server-wide
+    max_tensor_elements: int = codec.MAX_ELEMENTS
+    poll_interval: float | None = None  # seconds between repository polls; None: no polling
+    # Security (docs/security.md): TLS (mutual when a client CA is given) and bearer tokens.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_token: str | None = None
+    admin_token: str | None = None
     extra: dict[str, object] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # never print the tokens
+        hidden = {"auth_token", "admin_token"}
+        fields = ", ".join(
+            f"{k}={'<set>' if k in hidden and v is not None else repr(v)}"
+            for k, v in self.__dict__.items()
+        )
+        return f"ServerSettings({fields})"
 
 
 class Gateway:
@@ -65,8 +87,13 @@ class Gateway:
                 model, variant, backend
             ).set(state)
         )
+        self.admission = Admission(settings.max_inflight)
         self.pipeline = Pipeline(
-            self.repository, self.router, Telemetry(self.metrics, self.statistics)
+            self.repository,
+            self.router,
+            Telemetry(self.metrics, self.statistics),
+            admission=self.admission,
+            max_tensor_elements=settings.max_tensor_elements,
         )
         self.health = health.aio.HealthServicer()
         self.ready = False
@@ -75,6 +102,14 @@ class Gateway:
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._metrics_server = None
+        self._poller = (
+            RepositoryPoller(
+                self.repository, settings.poll_interval, self.model_health_changed_async
+            )
+            if settings.poll_interval
+            else None
+        )
+        self._poll_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -83,12 +118,21 @@ class Gateway:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
+        # ErrorInterceptor first (outermost): it turns the auth refusals into statuses too.
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+        tokens = TokenPolicy(s.auth_token, s.admin_token)
+        if tokens.enabled:
+            interceptors.append(AuthInterceptor(tokens))
+        server = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self), server)
         admin_pb2_grpc.add_RoutingAdminServicer_to_server(RoutingAdminServicer(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self._add_reflection(server)
-        self.grpc_port = server.add_insecure_port(f"{s.host}:{s.port}")
+        credentials = self._tls_credentials()
+        if credentials is not None:
+            self.grpc_port = server.add_secure_port(f"{s.host}:{s.port}", credentials)
+        else:
+            self.grpc_port = server.add_insecure_port(f"{s.host}:{s.port}")
         if self.grpc_port == 0:
             raise OSError(f"could not bind gRPC port {s.host}:{s.port}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -100,10 +144,14 @@ class Gateway:
             )
             self.metrics_port = self._metrics_server.server_port
         started = time.perf_counter()
+        if self._poller is not None:
+            self._poller.prime()  # changes made while loading are picked up by the first poll
         await self.repository.load_all()
         self.ready = True
         await self.model_health_changed_async()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self._poller is not None:
+            self._poll_task = asyncio.create_task(self._poller.run(), name="repository-poll")
         log.info(
             "tensorgate serving gRPC on %s:%d, metrics on %s, %d model(s) loaded in %.1f s",
             s.host,
@@ -120,6 +168,23 @@ class Gateway:
                 json.dumps({"grpc_port": self.grpc_port, "metrics_port": self.metrics_port})
             )
             tmp.replace(s.port_file)
+
+    def _tls_credentials(self) -> grpc.ServerCredentials | None:
+        """TLS for the gRPC port when a certificate is configured; with a client CA, clients
+        must present a certificate it signed (mutual TLS)."""
+        s = self.settings
+        if s.tls_cert is None and s.tls_key is None:
+            if s.tls_client_ca is not None:
+                raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+            return None
+        if s.tls_cert is None or s.tls_key is None:
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        client_ca = s.tls_client_ca.read_bytes() if s.tls_client_ca is not None else None
+        return grpc.ssl_server_credentials(
+            [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
 
     def _add_reflection(self, server: grpc.aio.Server) -> None:
         names = (
@@ -166,15 +231,33 @@ class Gateway:
         asyncio.get_running_loop().create_task(self.model_health_changed_async())
 
     def authorize_repository(self, context: grpc.aio.ServicerContext) -> None:
-        """Repository and admin RPCs: open for now (auth arrives with the security issue)."""
+        """Kept for the servicers that call it: the tokens of the repository and admin RPCs
+        are checked before any handler runs, by ``auth.AuthInterceptor``."""
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: health NOT_SERVING, refuse new calls, let accepted calls finish."""
+        """Drain: health NOT_SERVING, new inference calls refused with UNAVAILABLE, accepted
+        ones finish (at most ``grace`` seconds, default ``--drain-timeout``), then the gRPC
+        server stops and the models are unloaded."""
+        grace = self.settings.drain_timeout if grace is None else grace
+        until = time.monotonic() + grace
         self.draining = True
         self.ready = False
+        inflight = self.admission.start_draining()
+        log.info("draining: %d inference request(s) in flight, up to %.1f s", inflight, grace)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.model_health_changed_async()
+        await self.health.enter_graceful_shutdown()  # no later set() turns it back on
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            await asyncio.gather(self._poll_task, return_exceptions=True)
+        if not await self.admission.wait_idle(grace):
+            log.warning(
+                "drain timeout: %d inference request(s) still in flight are cancelled",
+                self.admission.inflight,
+            )
         if self._server is not None:
-            await self._server.stop(self.settings.drain_timeout if grace is None else grace)
+            # Other calls (metadata, repository, streams left open) get what time is left.
+            await self._server.stop(max(0.0, until - time.monotonic()))
         await self.repository.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()

@@ -66,6 +66,54 @@ def main() -> None:
     help="Largest gRPC message accepted or sent.",
 )
 @click.option(
+    "--max-inflight",
+    type=click.IntRange(1),
+    default=None,
+    help="Inference requests in flight at once, server-wide; beyond: RESOURCE_EXHAUSTED "
+    "at once. Default: no limit besides each model's queue.",
+)
+@click.option(
+    "--max-tensor-elements",
+    type=click.IntRange(1),
+    default=1 << 31,
+    show_default=True,
+    help="Largest tensor accepted, in elements; beyond: INVALID_ARGUMENT.",
+)
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Poll the repository every SECONDS: load new model directories, unload removed "
+    "ones, reload changed ones. Default: no polling (repository RPCs only).",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Serve gRPC over TLS with this certificate chain (PEM); needs --tls-key.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="The private key of --tls-cert (PEM).",
+)
+@click.option(
+    "--tls-client-ca",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Mutual TLS: require client certificates signed by this CA (PEM).",
+)
+@click.option(
+    "--auth-token-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Require 'authorization: Bearer <token>' with the token in this file for "
+    "inference RPCs. Default: $TENSORGATE_AUTH_TOKEN when set, else no auth.",
+)
+@click.option(
+    "--admin-token-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="The token the repository RPCs and the admin service need (default: "
+    "$TENSORGATE_ADMIN_TOKEN, else the inference token, else none).",
+)
+@click.option(
     "--port-file",
     type=click.Path(path_type=Path, dir_okay=False),
     help="Write {'grpc_port', 'metrics_port'} as JSON here once serving.",
@@ -84,6 +132,14 @@ def serve(
     metrics_host: str | None,
     drain_timeout: float,
     max_message_bytes: int,
+    max_inflight: int | None,
+    max_tensor_elements: int,
+    poll_interval: float | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_client_ca: Path | None,
+    auth_token_file: Path | None,
+    admin_token_file: Path | None,
     port_file: Path | None,
     log_level: str,
 ) -> None:
@@ -103,6 +159,17 @@ def serve(
         write_demo_repository(repository)
     if not repository.is_dir():
         raise click.BadParameter(f"{repository} is not a directory", param_hint="--repository")
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("TLS needs both --tls-cert and --tls-key")
+    if tls_client_ca is not None and tls_cert is None:
+        raise click.UsageError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    from .auth import ADMIN_TOKEN_ENV, INFERENCE_TOKEN_ENV, read_token
+
+    try:
+        auth_token = read_token(auth_token_file, INFERENCE_TOKEN_ENV, "--auth-token-file")
+        admin_token = read_token(admin_token_file, ADMIN_TOKEN_ENV, "--admin-token-file")
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     settings = ServerSettings(
         repository=repository,
         host=host,
@@ -111,6 +178,14 @@ def serve(
         metrics_host=metrics_host,
         drain_timeout=drain_timeout,
         max_message_bytes=max_message_bytes,
+        max_inflight=max_inflight,
+        max_tensor_elements=max_tensor_elements,
+        poll_interval=poll_interval,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
+        auth_token=auth_token,
+        admin_token=admin_token,
         port_file=port_file,
     )
     asyncio.run(run(settings))
@@ -128,6 +203,19 @@ def demo(directory: Path) -> None:
     for p in sorted(directory.rglob("*")):
         if p.is_file() and "variables" not in p.parts and p.name != ".complete":
             click.echo(p.relative_to(directory))
+
+
+def client_tls_options(fn):
+    """--tls, --tls-ca, --tls-cert, --tls-key: how a command reaches a TLS server."""
+    pem = click.Path(path_type=Path, dir_okay=False, exists=True)
+    fn = click.option("--tls-key", type=pem, help="This client's key (mutual TLS).")(fn)
+    fn = click.option(
+        "--tls-cert", type=pem, help="This client's certificate, for mutual TLS (PEM)."
+    )(fn)
+    fn = click.option(
+        "--tls-ca", type=pem, help="Use TLS; trust the server certificate this CA signed (PEM)."
+    )(fn)
+    return click.option("--tls", is_flag=True, help="Use TLS with the system's CA roots.")(fn)
 
 
 def _parse_input(spec: str, meta: dict[str, dict]) -> tuple[str, np.ndarray]:
@@ -193,6 +281,13 @@ def _random_input(tensor: dict) -> np.ndarray:
 @click.option("--url", default="127.0.0.1:8001", show_default=True, help="Server address.")
 @click.option("--timeout", default=30.0, show_default=True, type=float, help="Deadline, seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outputs as JSON.")
+@client_tls_options
+@click.option(
+    "--token",
+    envvar="TENSORGATE_TOKEN",
+    default=None,
+    help="Bearer token for a server with auth (default: $TENSORGATE_TOKEN).",
+)
 def infer(
     model: str,
     version: str | None,
@@ -202,11 +297,19 @@ def infer(
     url: str,
     timeout: float,
     as_json: bool,
+    tls: bool,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    token: str | None,
 ) -> None:
     """Call MODEL once and print its outputs."""
     from tensorgate.clients import Client, InferenceError
 
-    with Client(url) as client:
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    security = {"tls": tls, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
+    with Client(url, token=token, **security) as client:
         try:
             meta = client.model_metadata(model, version, timeout=timeout)
             by_input = {t["name"]: t for t in meta.get("inputs", [])}
@@ -296,7 +399,16 @@ def top(metrics_url: str, interval: float, once: bool, as_json: bool) -> None:
     help='Health service to ask for: "" is the whole server, a model name that model.',
 )
 @click.option("--timeout", default=3.0, show_default=True, type=float, help="Deadline, seconds.")
-def health(url: str, service: str, timeout: float) -> None:
+@client_tls_options
+def health(
+    url: str,
+    service: str,
+    timeout: float,
+    tls: bool,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+) -> None:
     """Ask a server's grpc.health.v1 service; exit 0 when SERVING, 1 otherwise.
 
     The container HEALTHCHECK runs this; Kubernetes probes ask the same service natively.
@@ -304,8 +416,14 @@ def health(url: str, service: str, timeout: float) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from tensorgate.clients.client import tls_credentials
+
     request = health_pb2.HealthCheckRequest(service=service)
-    with grpc.insecure_channel(url) as channel:
+    if tls or tls_ca or tls_cert or tls_key:
+        channel = grpc.secure_channel(url, tls_credentials(tls_ca, tls_cert, tls_key))
+    else:
+        channel = grpc.insecure_channel(url)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout)
         except grpc.RpcError as e:

@@ -45,21 +45,22 @@ def _datatype(name: str, what: str) -> Datatype:
     return dt
 
 
-def element_count(shape: Sequence[int], what: str) -> int:
-    """Number of elements of ``shape``; negative or absurd dimensions are InvalidInput."""
+def element_count(shape: Sequence[int], what: str, max_elements: int = MAX_ELEMENTS) -> int:
+    """Number of elements of ``shape``; negative dimensions, or more than ``max_elements``
+    elements (the server's ``--max-tensor-elements``), are InvalidInput."""
     for d in shape:
         if d < 0:
             raise InvalidInput(f"{what}: shape {list(shape)} has a negative dimension")
-        if d > MAX_ELEMENTS:
+        if d > max_elements:
             raise InvalidInput(
                 f"{what}: shape {list(shape)} has a dimension larger than the limit of "
-                f"{MAX_ELEMENTS} elements"
+                f"{max_elements} elements"
             )
     count = math.prod(shape)
-    if count > MAX_ELEMENTS:
+    if count > max_elements:
         raise InvalidInput(
             f"{what}: shape {list(shape)} has {count} elements, more than the limit of "
-            f"{MAX_ELEMENTS}"
+            f"{max_elements}"
         )
     return count
 
@@ -111,8 +112,14 @@ def serialize_bytes(arr: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def decode_raw(buf: bytes, dt: Datatype, shape: tuple[int, ...], what: str) -> np.ndarray:
-    count = element_count(shape, what)
+def decode_raw(
+    buf: bytes,
+    dt: Datatype,
+    shape: tuple[int, ...],
+    what: str,
+    max_elements: int = MAX_ELEMENTS,
+) -> np.ndarray:
+    count = element_count(shape, what, max_elements)
     if dt.name == "BYTES":
         return deserialize_bytes(buf, count, what).reshape(shape)
     expected = count * dt.itemsize
@@ -125,9 +132,13 @@ def decode_raw(buf: bytes, dt: Datatype, shape: tuple[int, ...], what: str) -> n
 
 
 def decode_typed(
-    contents: pb.InferTensorContents, dt: Datatype, shape: tuple[int, ...], what: str
+    contents: pb.InferTensorContents,
+    dt: Datatype,
+    shape: tuple[int, ...],
+    what: str,
+    max_elements: int = MAX_ELEMENTS,
 ) -> np.ndarray:
-    count = element_count(shape, what)
+    count = element_count(shape, what, max_elements)
     if dt.contents_field is None:
         raise InvalidInput(
             f"{what}: {dt.name} has no typed contents field in the protocol; send it in "
@@ -161,9 +172,10 @@ def decode_typed(
     return wide.astype(dt.numpy).reshape(shape)
 
 
-def decode_request(msg: pb.ModelInferRequest) -> InferenceRequest:
+def decode_request(msg: pb.ModelInferRequest, max_elements: int = MAX_ELEMENTS) -> InferenceRequest:
     """ModelInferRequest -> InferenceRequest. Raises InvalidInput for anything malformed
-    at the wire level (the model's signature is checked later, by the pipeline)."""
+    at the wire level, including a tensor of more than ``max_elements`` elements (the
+    model's signature is checked later, by the pipeline)."""
     raw = msg.raw_input_contents
     if raw and len(raw) != len(msg.inputs):
         raise InvalidInput(
@@ -184,9 +196,9 @@ def decode_request(msg: pb.ModelInferRequest) -> InferenceRequest:
                 raise InvalidInput(
                     f"{what} has typed contents and raw_input_contents; use one or the other"
                 )
-            data = decode_raw(raw[i], dt, shape, what)
+            data = decode_raw(raw[i], dt, shape, what, max_elements)
         else:
-            data = decode_typed(t.contents, dt, shape, what)
+            data = decode_typed(t.contents, dt, shape, what, max_elements)
         inputs.append(InputTensor(t.name, dt.name, shape, data))
     outputs = [o.name for o in msg.outputs]
     if len(set(outputs)) != len(outputs):

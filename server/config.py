@@ -56,6 +56,10 @@ class TensorConfig(_Strict):
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
+#: Where a variant's backend runs: in the gateway process, or in a worker process.
+Isolation = Literal["none", "process"]
+
+
 def _check_device(v: str | None) -> str | None:
     if v is not None and not _DEVICE.fullmatch(v):
         raise ValueError(f"device '{v}': use 'cpu', 'cuda' or 'cuda:N'")
@@ -78,6 +82,7 @@ class VariantConfig(_Strict):
     intra_op_threads: Annotated[int, Field(ge=0)] | None = None
     inter_op_threads: Annotated[int, Field(ge=0)] | None = None
     signature_name: str | None = None
+    isolation: Isolation | None = None
 
     _device = field_validator("device")(_check_device)
 
@@ -132,6 +137,9 @@ class ModelConfig(_Strict):
     intra_op_threads: Annotated[int, Field(ge=0)] = 1
     inter_op_threads: Annotated[int, Field(ge=0)] = 1
     signature_name: str | None = None
+    # "process": run the backend in a worker process of its own (backends/isolated.py), so
+    # a framework that crashes takes down only that worker, which is restarted.
+    isolation: Isolation = "none"
     input: list[TensorConfig] = Field(default_factory=list)
     output: list[TensorConfig] = Field(default_factory=list)
     variants: dict[str, VariantConfig] = Field(default_factory=dict)

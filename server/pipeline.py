@@ -18,6 +18,7 @@ from tensorgate.backends.datatypes import by_name
 from tensorgate.protos import grpc_service_pb2 as pb
 
 from . import codec
+from .admission import Admission
 from .errors import (
     BackendFailed,
     DeadlineExceeded,
@@ -53,11 +54,21 @@ class Served:
 
 
 class Pipeline:
-    def __init__(self, repository: Repository, router: Router, telemetry: Telemetry) -> None:
+    def __init__(
+        self,
+        repository: Repository,
+        router: Router,
+        telemetry: Telemetry,
+        admission: Admission | None = None,
+        max_tensor_elements: int = codec.MAX_ELEMENTS,
+    ) -> None:
         self.repository = repository
         self.router = router
         self.telemetry = telemetry
         self.metrics = telemetry.metrics
+        # Server-wide in-flight limit and drain (--max-inflight, SIGTERM).
+        self.admission = admission if admission is not None else Admission()
+        self.max_tensor_elements = max_tensor_elements  # --max-tensor-elements
         self._shadow_tasks: set[asyncio.Task[None]] = set()
 
     async def model_infer(
@@ -78,15 +89,16 @@ class Pipeline:
         inflight = self.metrics.inflight.labels(trace.model)
         inflight.inc()
         try:
-            request = codec.decode_request(msg)
-            trace.decode = time.perf_counter() - trace.start
-            if metadata:
-                request.metadata = dict(metadata)
-            response = await self._infer(request, deadline, trace)
-            encode_start = time.perf_counter()
-            reply = codec.encode_response(response)
-            trace.end = time.perf_counter()
-            trace.encode = trace.end - encode_start
+            with self.admission.admit():
+                request = codec.decode_request(msg, self.max_tensor_elements)
+                trace.decode = time.perf_counter() - trace.start
+                if metadata:
+                    request.metadata = dict(metadata)
+                response = await self._infer(request, deadline, trace)
+                encode_start = time.perf_counter()
+                reply = codec.encode_response(response)
+                trace.end = time.perf_counter()
+                trace.encode = trace.end - encode_start
         except TensorgateError as e:
             self.telemetry.failed(trace, e.code.name)
             raise

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+
+import grpc
 
 from tensorgate.backends import (
     Backend,
@@ -24,6 +27,7 @@ from tensorgate.backends import (
     backend_class,
     detect,
 )
+from tensorgate.backends.isolated import IsolatedBackend
 
 from .config import ModelConfig, load_model_config
 from .errors import ConfigError, InvalidInput, ModelNotFound, TensorgateError
@@ -35,6 +39,12 @@ from .signature import ModelSignature, merge_signatures
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class ReloadRefused(ConfigError):
+    """A reload whose new files fail where the loaded version serves: nothing was swapped."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class State(StrEnum):
@@ -169,10 +179,31 @@ class Repository:
             raise InvalidInput(f"model '{name}' resolves outside the model repository")
         return path
 
+    def outside_root(self, directory: Path) -> Path | None:
+        """The first file or directory under ``directory`` that resolves outside the root
+        (a symlink escaping it), or None. Symlinks that stay inside the root are fine."""
+        seen: set[str] = set()
+        for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if not Path(real).is_relative_to(self.root):
+                return Path(dirpath)
+            if real in seen:  # a link cycle, or two links to one directory
+                dirnames[:] = []
+                continue
+            seen.add(real)
+            for f in filenames:
+                if not Path(os.path.realpath(os.path.join(dirpath, f))).is_relative_to(self.root):
+                    return Path(dirpath, f)
+        return None
+
     # -- load / unload ------------------------------------------------------------------
     async def load_all(self) -> None:
         for name in self.scan():
-            await self.load(name)
+            try:
+                await self.load(name)
+            except TensorgateError as e:  # e.g. a directory linked from outside the root
+                log.error("model %s: %s", name, e)
+                self.models[name] = Model(name, self.root / name, reason=str(e))
 
     async def load(self, name: str) -> Model:
         """(Re)load model ``name`` from disk. Failures are recorded on the model (not raised)
@@ -184,16 +215,20 @@ class Repository:
         async with self._locks.setdefault(name, asyncio.Lock()):
             model = await self._build(name, directory)
             old = self.models.get(name)
-            if old is not None and old.ready and not model.ready:
-                log.error(
-                    "reload of %s failed, keeping the loaded version: %s",
-                    name,
-                    model.reason or [v.reason for v in model.variants.values()],
+            # A reload must not lose what serves: if the new files fail as a whole, or fail
+            # for a variant that serves now, the loaded version stays, and says why.
+            serving = {v.name for v in old.ready_variants()} if old is not None else set()
+            lost = [v for v in model.variants.values() if v.name in serving and not v.ready]
+            if old is not None and old.ready and (not model.ready or lost):
+                why = model.reason or "; ".join(
+                    f"variant {v.name}: {v.reason}" for v in (lost or list(model.variants.values()))
                 )
+                log.error("reload of %s failed, keeping the loaded version: %s", name, why)
                 await self._close(model)
-                raise ConfigError(
-                    f"model '{name}' was not reloaded, the loaded version keeps serving: "
-                    f"{model.reason or '; '.join(v.reason for v in model.variants.values())}"
+                for v in old.ready_variants():
+                    v.reason = f"serving the files loaded before; the last reload failed: {why}"
+                raise ReloadRefused(
+                    f"model '{name}' was not reloaded, the loaded version keeps serving: {why}"
                 )
             for v in model.variants.values():
                 if v.scheduler is not None:
@@ -237,6 +272,12 @@ class Repository:
     async def _build(self, name: str, directory: Path) -> Model:
         model = Model(name, directory)
         try:
+            escape = self.outside_root(directory)
+            if escape is not None:
+                raise ConfigError(
+                    f"{escape} resolves outside the model repository {self.root}; models may "
+                    "only use files inside it (symlinks within it are fine)"
+                )
             model.config = load_model_config(directory)
             model.variants = self._discover(model)
         except TensorgateError as e:
@@ -372,7 +413,12 @@ class Repository:
             instances=cfg.instances.count,
             signature_name=pick("signature_name"),
         )
-        backend = backend_class(v.backend_name)()
+        backend: Backend
+        if pick("isolation") == "process":
+            backend = IsolatedBackend(v.backend_name, label=f"{model.name}/{v.name}")
+        else:
+            backend = backend_class(v.backend_name)()
         signature = backend.load(v.path, options)
         v.backend = backend
+        v.platform = backend.platform  # a backend may learn its platform at load (remote)
         return signature

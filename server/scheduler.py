@@ -46,7 +46,7 @@ class BatchPolicy:
     preferred_batch_sizes: tuple[int, ...] = ()
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the queue removes abandoned work
 class _Work:
     inputs: Mapping[str, np.ndarray]
     outputs: Sequence[str] | None
@@ -126,8 +126,21 @@ class Scheduler:
         self._pending.append(work)
         self._arrived.set()
         self._notify()
-        # If the caller is cancelled, the future is cancelled with it and the worker skips it.
-        return await work.future
+        try:
+            return await work.future
+        except asyncio.CancelledError:
+            # The caller went away (cancelled, or its deadline passed and gRPC cancelled the
+            # call): give its queue slot back now, not when a worker would reach it, so that
+            # abandoned requests never make the queue refuse live ones.
+            self._discard(work)
+            raise
+
+    def _discard(self, work: _Work) -> None:
+        try:
+            self._pending.remove(work)
+        except ValueError:
+            return  # already taken by a worker, which skips or finishes it
+        self._notify()
 
     def _notify(self) -> None:
         if self._on_queue_change is not None:

@@ -558,6 +558,8 @@ def test_manifests_agree_with_the_server_and_each_other(
     assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
     (pdb,) = _by_kind(objects, "PodDisruptionBudget")
     assert _selects(pdb["spec"]["selector"]["matchLabels"], labels)
+    # With as few replicas as the budget keeps, no pod could ever be evicted: drains hang.
+    assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]
 
 
 def test_gpu_overlay_asks_for_a_gpu_and_the_cuda_image() -> None:

@@ -232,11 +232,50 @@ def test_unreachable_remote_fails_to_load_then_loads_on_request(
     np.testing.assert_allclose(result["output"], mlp_reference(x, mlp_weights()), atol=1e-5)
 
 
+# A front model with a remote variant backed up by a local copy of the same model.
+HYBRID_CONFIG = """default_variant = "remote"
+
+[instances]
+count = 4
+
+[routing]
+fallback = ["onnx"]
+"""
+
+
+def _fallbacks(front: ServerProcess) -> dict[tuple[str, str, str], float]:
+    return {
+        (s.labels["from"], s.labels["to"], s.labels["reason"]): s.value
+        for f in text_string_to_metric_families(front.scrape())
+        if f.name == "tensorgate_fallbacks"
+        for s in f.samples
+        if s.labels.get("model") == "hybrid" and s.name.endswith("_total")
+    }
+
+
+def _until(call: Callable[[], object], done: Callable[[object], bool], what: str) -> object:
+    """Call until ``done(result)``; UNAVAILABLE is the only error allowed meanwhile."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            result = call()
+            if done(result):
+                return result
+        except InferenceError as e:
+            assert e.code == grpc.StatusCode.UNAVAILABLE, e
+            result = e
+        assert time.monotonic() < deadline, f"{what}: still {result}"
+        time.sleep(0.2)
+
+
 def test_killing_the_back_gives_unavailable_and_the_front_recovers(tmp_path: Path) -> None:
     back_repo = build_back_repo(tmp_path / "back")
     back = ServerProcess(back_repo, tmp_path).start()
     port = back.grpc_port
     front_repo = build_front_repo(tmp_path / "front", port)
+    write_remote_model(front_repo, "hybrid", remote_toml(port, "scorer", "onnx"))
+    (front_repo / "hybrid" / "config.toml").write_text(HYBRID_CONFIG)
+    build_mlp_onnx(front_repo / "hybrid" / "onnx" / "model.onnx", mlp_weights())
     x = x64(3)
     want = mlp_reference(x, mlp_weights())
     try:
@@ -244,6 +283,7 @@ def test_killing_the_back_gives_unavailable_and_the_front_recovers(tmp_path: Pat
             np.testing.assert_allclose(
                 client.infer("scorer", {"input": x})["output"], want, atol=1e-5
             )
+            assert client.infer("hybrid", {"input": x}).variant == "remote"
 
             back.kill()  # SIGKILL: no drain, the connections just die
             back.stop()
@@ -262,20 +302,27 @@ def test_killing_the_back_gives_unavailable_and_the_front_recovers(tmp_path: Pat
             }
             assert codes.get("UNAVAILABLE", 0) >= 1, codes
 
+            # With a fallback configured, the local variant answers instead.
+            rescued = client.infer("hybrid", {"input": x}, timeout=30)
+            assert rescued.variant == "onnx"
+            np.testing.assert_allclose(rescued["output"], want, atol=1e-5)
+            assert _fallbacks(front).get(("remote", "onnx", "unavailable"), 0) >= 1
+
             # The back returns on the same address: the front's channels reconnect by
             # themselves, no reload needed.
             back = start_on_port(back_repo, tmp_path, port)
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    result = client.infer("scorer", {"input": x}, timeout=30)
-                    break
-                except InferenceError as e:
-                    assert e.code == grpc.StatusCode.UNAVAILABLE, e
-                    assert time.monotonic() < deadline, f"front did not recover: {e}"
-                    time.sleep(0.2)
-            np.testing.assert_allclose(result["output"], want, atol=1e-5)
-            assert result.variant == "remote"
+            result = _until(
+                lambda: client.infer("scorer", {"input": x}, timeout=30),
+                lambda r: True,
+                "the front did not recover",
+            )
+            np.testing.assert_allclose(result["output"], want, atol=1e-5)  # type: ignore[index]
+            assert result.variant == "remote"  # type: ignore[attr-defined]
+            _until(
+                lambda: client.infer("hybrid", {"input": x}, timeout=30),
+                lambda r: r.variant == "remote",  # type: ignore[attr-defined]
+                "the remote variant did not take over again from its fallback",
+            )
         assert front.proc is not None and front.proc.returncode == 0, front.log()
     finally:
         back.stop()
@@ -383,7 +430,7 @@ def test_signature_platform_and_bytes_from_a_non_tensorgate_server(
     try:
         assert [(t.name, t.datatype, t.shape) for t in signature.inputs] == [("x", "BYTES", (-1,))]
         assert [(t.name, t.datatype, t.shape) for t in signature.outputs] == [("y", "BYTES", (-1,))]
-        assert backend.remote_platform == "fake_oip"
+        assert backend.remote_platform == backend.platform == "fake_oip"
         x = np.array([b"one", b"", b"\x00\xff"], dtype=object)
         for _ in range(4):  # every channel of the pool in turn
             out = backend.infer({"x": x})

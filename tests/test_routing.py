@@ -10,6 +10,7 @@ and talk to it through gRPC, the project's client, /metrics and the CLI.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import shutil
@@ -370,6 +371,17 @@ weights = { broken = 1 }
 fallback = { broken = ["gone"], gone = ["onnx"] }
 breaker_failures = 1000
 """,
+    # One queue slot per variant: bursts spill over to the fallback. A single counted
+    # failure would open the primary's circuit, so the test can tell that spills do not count.
+    "spill": """
+[instances]
+max_queue_size = 1
+
+[routing]
+weights = { torch = 1 }
+fallback = ["onnx"]
+breaker_failures = 1
+""",
     # A primary that fails on NaN input only; its breaker opens after 3 failures.
     "breaker": """
 [routing]
@@ -467,6 +479,8 @@ def routing_repo(tmp_path_factory: pytest.TempPathFactory, demo_repo: Path) -> P
     build_broken_torchscript(root / "chain" / "broken" / "model.pt")
     mf.write_broken_model(root / "chain" / "gone" / "model.onnx")
     copy(onnx_file, root / "chain" / "onnx" / "model.onnx")
+    copy(torch_file, root / "spill" / "torch" / "model.pt")
+    copy(onnx_file, root / "spill" / "onnx" / "model.onnx")
     build_nan_guarded_torchscript(root / "breaker" / "flaky" / "model.pt", torch_file)
     copy(onnx_file, root / "breaker" / "onnx" / "model.onnx")
     tensors = SCORER_CONFIG.replace('default_variant = "torch"\n', "")
@@ -731,6 +745,42 @@ def test_pinned_and_invalid_requests_are_never_retried(gateway: ServerProcess, c
     assert fallbacks(after, "backup", "broken", "onnx", "error") == fallbacks(
         before, "backup", "broken", "onnx", "error"
     )
+
+
+def test_a_full_queue_spills_over_without_counting_as_a_failure(
+    gateway: ServerProcess, admin
+) -> None:
+    async def burst(n: int) -> list[str]:
+        """n concurrent calls: the variant that served each, or the status it failed with."""
+        client = Client(gateway.address)
+        try:
+            calls = [client.aio.infer("spill", {"input": x64(8)}, timeout=30) for _ in range(n)]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await client.aio.close()
+            client.close()
+        return [r.variant if not isinstance(r, BaseException) else repr(r) for r in results]
+
+    before = samples(gateway.scrape())
+    outcomes: Counter[str] = Counter()
+    for _ in range(20):  # until a burst outruns the one queue slot of torch
+        outcomes.update(asyncio.run(burst(32)))
+        if set(outcomes) - {"torch"}:
+            break
+    assert outcomes["onnx"] > 0, outcomes
+    # The fallback has one slot too, so a call may still be refused - as overloaded, never
+    # as anything else - and every spill is counted.
+    refused = {o for o in outcomes if o not in ("torch", "onnx")}
+    assert all("RESOURCE_EXHAUSTED" in o for o in refused), refused
+    spilled = sum(n for o, n in outcomes.items() if o != "torch")
+    after = samples(gateway.scrape())
+    assert (
+        fallbacks(after, "spill", "torch", "onnx", "overloaded")
+        - fallbacks(before, "spill", "torch", "onnx", "overloaded")
+        == spilled
+    )
+    torch_state = variant_state(admin, "spill", "torch")
+    assert torch_state.circuit == apb.CIRCUIT_STATE_CLOSED and torch_state.failed == 0
 
 
 def test_breaker_opens_and_recovers(gateway: ServerProcess, client: Client, admin) -> None:

@@ -1,0 +1,501 @@
+"""Backend isolation: run a variant's backend in a worker process of its own.
+
+``isolation = "process"`` in a model's config.toml (top level, or per ``[variants.NAME]``)
+wraps the variant's backend in ``IsolatedBackend``. It implements the same contract
+(``load``, ``bind``, ``infer``, ``unload``) by delegating each call to the real backend in a
+child process, so a framework that crashes - a segfault, an abort, the OOM killer, a SIGKILL
+- takes down only that worker:
+
+- calls in flight on the variant, and calls made while the worker is down, raise
+  ``BackendUnreachable`` (UNAVAILABLE to the caller; routing's fallback treats it as
+  retryable), and the gateway keeps serving everything else;
+- the worker is restarted with exponential backoff (0.5 s, 1 s, 2 s ... up to 30 s; back to
+  0.5 s once a worker has lived 30 s), and the model is loaded again in the new worker.
+
+It is crash isolation, not a security boundary: the worker runs with the gateway's user and
+environment, and the two trust each other's messages.
+
+Wire protocol, over two pipes (requests one way, replies the other; the child's stdout and
+stderr stay the server log's): each message is a pickle (protocol 5) whose numpy buffers
+travel out of band, written straight from the arrays' memory and read into fresh numpy
+buffers on the other side, so tensors are copied once through the pipe and never pickled::
+
+    <u32 pickle length> <u32 buffer count> <u64 length of each buffer...> <pickle> <buffers...>
+
+The child is ``python -m tensorgate.backends.isolated`` (``ps`` shows the variant it serves);
+it ignores SIGINT (a Ctrl-C reaches the whole process group, and the gateway must drain
+first) and exits when its request pipe closes, so it never outlives the gateway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any, ClassVar
+
+import numpy as np
+
+from .base import (
+    Backend,
+    BackendError,
+    BackendInputError,
+    BackendOptions,
+    BackendUnavailable,
+    BackendUnreachable,
+    Signature,
+)
+
+log = logging.getLogger(__name__)
+
+_FRAME = struct.Struct("<II")
+_LENGTH = struct.Struct("<Q")
+
+#: Exception classes by the kind a worker reports; anything else is a BackendError.
+_KINDS: dict[str, type[BackendError]] = {
+    "input": BackendInputError,
+    "unavailable": BackendUnavailable,
+    "unreachable": BackendUnreachable,
+    "error": BackendError,
+}
+
+
+# -- the wire protocol --------------------------------------------------------------------
+
+
+def send_message(stream: IO[bytes], obj: object) -> None:
+    """Write one message; numpy buffers go out of band, straight from the arrays."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    raws = [b.raw() for b in buffers]
+    head = _FRAME.pack(len(data), len(raws)) + b"".join(_LENGTH.pack(r.nbytes) for r in raws)
+    stream.write(head + data)
+    for raw in raws:
+        stream.write(raw)
+    stream.flush()
+
+
+def _read_exact(stream: IO[bytes], n: int) -> memoryview:
+    buf = np.empty(n, np.uint8)  # numpy's allocator: aligned for any dtype
+    view = memoryview(buf).cast("B")
+    got = 0
+    while got < n:
+        k = stream.readinto(view[got:])  # type: ignore[attr-defined]
+        if not k:
+            raise EOFError(f"pipe closed after {got} of {n} bytes")
+        got += k
+    return view
+
+
+def recv_message(stream: IO[bytes]) -> Any:
+    """Read one message. Raises EOFError when the other side has gone."""
+    head = bytes(_read_exact(stream, _FRAME.size))
+    size, count = _FRAME.unpack(head)
+    lengths = [_LENGTH.unpack(_read_exact(stream, _LENGTH.size))[0] for _ in range(count)]
+    data = _read_exact(stream, size)
+    buffers = [_read_exact(stream, n) for n in lengths]
+    return pickle.loads(data, buffers=buffers)
+
+
+def _error_reply(rid: int, exc: BaseException) -> tuple:
+    kind = next(
+        (k for k, cls in _KINDS.items() if k != "error" and isinstance(exc, cls)),
+        "error",
+    )
+    message = str(exc) if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
+    return (rid, "error", kind, message)
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "it closed its pipe"
+    if returncode < 0:
+        try:
+            return f"killed by signal {-returncode} ({signal.Signals(-returncode).name})"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+# -- the parent side ----------------------------------------------------------------------
+
+
+class _Worker:
+    """One worker process, the pipes to it, and the calls waiting for its replies."""
+
+    def __init__(self, inner: str, label: str, on_death: Any) -> None:
+        requests_r, requests_w = os.pipe()
+        replies_r, replies_w = os.pipe()
+        cmd = [
+            sys.executable, "-m", "tensorgate.backends.isolated",
+            "--backend", inner, "--label", label,
+            "--requests-fd", str(requests_r), "--replies-fd", str(replies_w),
+        ]  # fmt: skip
+        try:
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, pass_fds=(requests_r, replies_w), close_fds=True
+            )
+        except OSError as e:
+            for fd in (requests_r, requests_w, replies_r, replies_w):
+                os.close(fd)
+            raise BackendUnreachable(f"cannot start a worker process for {label}: {e}") from e
+        # The child holds its own copies now; ours must close, or EOF would never come.
+        os.close(requests_r)
+        os.close(replies_w)
+        self.pid = self.proc.pid
+        self.label = label
+        self.started = time.monotonic()
+        self._writer = os.fdopen(requests_w, "wb", buffering=1 << 16)
+        self._reader = os.fdopen(replies_r, "rb", buffering=1 << 16)
+        self._write_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._pending: dict[int, Future[Any]] = {}
+        self.dead = False
+        self.death = ""
+        self._on_death = on_death
+        self._thread = threading.Thread(
+            target=self._read_replies, name=f"isolated-{label}-{self.pid}", daemon=True
+        )
+        self._thread.start()
+
+    def call(self, op: str, *args: object) -> Future[Any]:
+        """Send one request; the future resolves with its reply, or fails with
+        BackendUnreachable if the worker dies first."""
+        future: Future[Any] = Future()
+        with self._lock:
+            if self.dead:
+                raise BackendUnreachable(self.death)
+            rid = next(self._ids)
+            self._pending[rid] = future
+        try:
+            with self._write_lock:
+                send_message(self._writer, (op, rid, *args))
+        except (OSError, ValueError) as e:  # broken pipe, or closed by _died meanwhile
+            with self._lock:
+                self._pending.pop(rid, None)
+            raise BackendUnreachable(
+                self.death or f"worker process {self.pid} of {self.label} cannot be reached: {e}"
+            ) from None
+        return future
+
+    def _read_replies(self) -> None:
+        try:
+            while True:
+                rid, status, *rest = recv_message(self._reader)
+                with self._lock:
+                    future = self._pending.pop(rid, None)
+                if future is None:
+                    continue
+                if status == "ok":
+                    future.set_result(rest[0])
+                else:
+                    kind, message = rest
+                    future.set_exception(_KINDS.get(kind, BackendError)(message))
+        except EOFError:
+            pass
+        except Exception as e:  # a corrupt stream: this worker cannot be trusted any more
+            log.error("worker %d of %s sent an unreadable reply: %s", self.pid, self.label, e)
+            self.proc.kill()
+        self._died()
+
+    def _died(self) -> None:
+        try:
+            returncode = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # closed its pipe but lingers: finish it
+            self.proc.kill()
+            returncode = self.proc.wait()
+        with self._lock:
+            self.dead = True
+            self.death = f"worker process {self.pid} of {self.label} {describe_exit(returncode)}"
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            future.set_exception(BackendUnreachable(self.death))
+        for stream in (self._writer, self._reader):
+            with contextlib.suppress(OSError):
+                stream.close()
+        self._on_death(self)
+
+    def stop(self, timeout: float) -> None:
+        """Close the request pipe (the worker exits on EOF); kill it if it lingers."""
+        with self._write_lock, contextlib.suppress(OSError):
+            self._writer.close()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("worker %d of %s did not exit; killing it", self.pid, self.label)
+            self.proc.kill()
+            self.proc.wait()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+
+class IsolatedBackend(Backend):
+    """Runs backend ``inner`` (a name from the backend table) in a worker process.
+
+    Called exactly like any backend; see ``base.Backend`` for when each method is called.
+    ``infer`` raises BackendUnreachable while the worker is dead or restarting.
+    """
+
+    name: ClassVar[str] = "isolated"
+    platform: ClassVar[str] = ""
+
+    #: Restart delays: the first, the cap, and how long a worker must live for the delay to
+    #: start again from the first.
+    BACKOFF_INITIAL = 0.5
+    BACKOFF_MAX = 30.0
+    STABLE_AFTER = 30.0
+    #: How long unload waits for the worker to exit before killing it.
+    STOP_TIMEOUT = 10.0
+
+    def __init__(self, inner: str, label: str = "") -> None:
+        self.inner = inner
+        self.label = label or inner
+        self._lock = threading.Lock()
+        self._worker: _Worker | None = None
+        self._path: Path | None = None
+        self._options: BackendOptions | None = None
+        self._signature: Signature | None = None
+        self._serving = False  # load succeeded: a dead worker is to be restarted
+        self._restarting = False  # a restart thread owns bringing a worker back
+        self._closed = threading.Event()
+        self._restarter: threading.Thread | None = None
+        self._backoff = self.BACKOFF_INITIAL
+        self._retry_at = 0.0
+        self._down = ""  # why the worker is down, while it is
+        self.restarts = 0
+
+    @classmethod
+    def find_model_file(cls, variant_dir: Path) -> Path | None:
+        return None  # a wrapper: never detected, chosen by config (isolation = "process")
+
+    @property
+    def pid(self) -> int | None:
+        """The worker's process id while one is serving."""
+        worker = self._worker
+        return worker.pid if worker is not None else None
+
+    # -- the contract -------------------------------------------------------------------
+    def load(self, path: Path, options: BackendOptions) -> Signature:
+        self._path, self._options = path, options
+        worker, signature = self._start()
+        with self._lock:
+            self._worker, self._serving = worker, True
+        if worker.dead:  # died before it was ours: its death was not acted on
+            self._on_death(worker)
+        return signature
+
+    def bind(self, signature: Signature) -> None:
+        self._signature = signature
+        worker = self._require_worker()
+        worker.call("bind", signature).result()
+
+    def infer(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        worker = self._require_worker()
+        wanted = list(outputs) if outputs is not None else None
+        return worker.call("infer", dict(inputs), wanted).result()
+
+    def unload(self) -> None:
+        self._closed.set()
+        with self._lock:
+            worker, self._worker = self._worker, None
+        if worker is not None and not worker.dead:
+            try:
+                worker.call("unload").result(timeout=self.STOP_TIMEOUT)
+            except Exception as e:  # it is going away either way
+                log.debug("unload in worker %d of %s: %s", worker.pid, self.label, e)
+            worker.stop(self.STOP_TIMEOUT)
+        restarter = self._restarter
+        if restarter is not None and restarter is not threading.current_thread():
+            restarter.join(self.STOP_TIMEOUT)
+
+    # -- worker lifecycle ---------------------------------------------------------------
+    def _require_worker(self) -> _Worker:
+        worker = self._worker
+        if worker is None or worker.dead:
+            raise BackendUnreachable(self._down_message())
+        return worker
+
+    def _down_message(self) -> str:
+        if self._closed.is_set():
+            return f"isolated backend of {self.label} is unloaded"
+        wait = self._retry_at - time.monotonic()
+        when = f"next attempt in {wait:.1f} s" if wait > 0 else "restarting now"
+        return f"{self._down or 'worker process is down'}; {when}"
+
+    def _start(self) -> tuple[_Worker, Signature]:
+        """Start a worker and load the model in it (and bind, on a restart)."""
+        assert self._path is not None and self._options is not None
+        worker = _Worker(self.inner, self.label, self._on_death)
+        log.info("isolated worker for %s (%s) started: pid %d", self.label, self.inner, worker.pid)
+        try:
+            signature = worker.call("load", str(self._path), self._options).result()
+            if self._signature is not None:
+                worker.call("bind", self._signature).result()
+        except BaseException:
+            worker.stop(self.STOP_TIMEOUT)
+            raise
+        return worker, signature
+
+    def _on_death(self, worker: _Worker) -> None:
+        """Called from the dead worker's reader thread."""
+        with self._lock:
+            if worker is not self._worker:
+                return  # a worker that never served, or one replaced/unloaded already
+            self._worker = None
+            self._down = worker.death
+            if self._closed.is_set() or not self._serving:
+                return
+            if time.monotonic() - worker.started >= self.STABLE_AFTER:
+                self._backoff = self.BACKOFF_INITIAL
+            if self._restarting:
+                return
+            self._restarting = True
+            self._restarter = threading.Thread(
+                target=self._restart, name=f"isolated-{self.label}-restart", daemon=True
+            )
+        log.error("%s; calls to it answer UNAVAILABLE until it is restarted", worker.death)
+        self._restarter.start()
+
+    def _restart(self) -> None:
+        """The restart thread: start workers, with growing delays, until one loads."""
+        while not self._closed.is_set():
+            delay = self._backoff
+            self._backoff = min(self._backoff * 2, self.BACKOFF_MAX)
+            self._retry_at = time.monotonic() + delay
+            if self._closed.wait(delay):
+                break
+            try:
+                worker, _ = self._start()
+            except BackendError as e:
+                self._down = f"worker for {self.label} could not be restarted: {e}"
+                log.error("%s (retrying)", self._down)
+                continue
+            with self._lock:
+                closed = self._closed.is_set()
+                if not closed:
+                    self._worker, self._down, self._restarting = worker, "", False
+                    self.restarts += 1
+            if closed:  # unloaded while this worker was loading
+                worker.stop(self.STOP_TIMEOUT)
+                break
+            log.info("isolated worker for %s restarted: pid %d", self.label, worker.pid)
+            if worker.dead:
+                self._on_death(worker)
+            return
+        with self._lock:
+            self._restarting = False
+
+
+# -- the child side -----------------------------------------------------------------------
+
+
+class _Serve:
+    """The worker process: reads requests, runs the real backend, writes replies."""
+
+    def __init__(self, inner: str, label: str, requests: IO[bytes], replies: IO[bytes]) -> None:
+        self.inner = inner
+        self.label = label
+        self.requests = requests
+        self.replies = replies
+        self.write_lock = threading.Lock()
+        self.backend: Backend | None = None
+        self.pool: ThreadPoolExecutor | None = None
+
+    def reply(self, message: tuple) -> None:
+        with self.write_lock:
+            send_message(self.replies, message)
+
+    def run(self) -> None:
+        while True:
+            try:
+                op, rid, *args = recv_message(self.requests)
+            except EOFError:
+                return  # the gateway closed the pipe (unload) or is gone
+            if op == "infer" and self.pool is not None:
+                self.pool.submit(self.infer, rid, *args)
+                continue
+            try:
+                result = self.control(op, *args)
+            except BaseException as e:
+                self.reply(_error_reply(rid, e))
+            else:
+                self.reply((rid, "ok", result))
+            if op == "unload":
+                return
+
+    def control(self, op: str, *args: Any) -> Any:
+        from tensorgate.backends import backend_class
+
+        if op == "load":
+            path, options = args
+            self.backend = backend_class(self.inner)()
+            signature = self.backend.load(Path(path), options)
+            self.pool = ThreadPoolExecutor(max(1, options.instances), thread_name_prefix="infer")
+            return signature
+        if self.backend is None:
+            raise BackendError(f"worker for {self.label}: '{op}' before the model was loaded")
+        if op == "bind":
+            self.backend.bind(args[0])
+            return None
+        if op == "unload":
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
+            self.backend.unload()
+            return None
+        raise BackendError(f"worker for {self.label}: unknown request '{op}'")
+
+    def infer(self, rid: int, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> None:
+        assert self.backend is not None
+        try:
+            result = self.backend.infer(inputs, outputs)
+        except BaseException as e:
+            self.reply(_error_reply(rid, e))
+        else:
+            self.reply((rid, "ok", result))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="tensorgate isolated backend worker")
+    parser.add_argument("--backend", required=True)
+    parser.add_argument("--label", required=True)
+    parser.add_argument("--requests-fd", type=int, required=True)
+    parser.add_argument("--replies-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    # Ctrl-C reaches the whole process group: the gateway drains, then unloads this worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s %(levelname)s worker[{args.label} pid {os.getpid()}]: %(message)s",
+    )
+    serve = _Serve(
+        args.backend,
+        args.label,
+        os.fdopen(args.requests_fd, "rb", buffering=1 << 16),
+        os.fdopen(args.replies_fd, "wb", buffering=1 << 16),
+    )
+    try:
+        serve.run()
+    finally:
+        with contextlib.suppress(OSError):
+            serve.replies.flush()
+        # Framework thread pools may hold non-daemon threads: leave without waiting on them.
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

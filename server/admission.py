@@ -1,0 +1,70 @@
+"""Admission control for inference requests: the server-wide in-flight limit and the drain.
+
+Every ModelInfer (and every request of a ModelStreamInfer stream) enters here before it is
+decoded. Beyond ``max_inflight`` requests it is refused at once with RESOURCE_EXHAUSTED, so
+overload costs the caller one round trip instead of a growing queue; while the server drains
+it is refused with UNAVAILABLE, which clients and load balancers retry elsewhere. The
+per-variant queues (``scheduler.py``) bound each model; this bounds the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .errors import Overloaded, Unavailable
+
+DRAINING_MESSAGE = "server is draining (shutting down); retry on another replica"
+
+
+class Admission:
+    """Counts the inference requests being served and decides whether one more may enter."""
+
+    def __init__(self, max_inflight: int | None = None) -> None:
+        if max_inflight is not None and max_inflight < 1:
+            raise ValueError(f"max_inflight must be at least 1, not {max_inflight}")
+        self.max_inflight = max_inflight
+        self.inflight = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        """Hold one in-flight slot for the body. Raises Unavailable while draining and
+        Overloaded when ``max_inflight`` requests are already in flight."""
+        if self.draining:
+            raise Unavailable(DRAINING_MESSAGE)
+        if self.max_inflight is not None and self.inflight >= self.max_inflight:
+            raise Overloaded(
+                f"server has {self.inflight} requests in flight, its limit "
+                f"(--max-inflight {self.max_inflight}); retry later"
+            )
+        self.inflight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self._idle.set()
+
+    def start_draining(self) -> int:
+        """Refuse every request from now on; returns how many are in flight."""
+        self.draining = True
+        return self.inflight
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight, at most ``timeout`` seconds; True if idle."""
+        until = time.monotonic() + timeout
+        while self.inflight:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._idle.wait(), remaining)
+            except TimeoutError:
+                return False
+        return True
