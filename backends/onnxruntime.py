@@ -196,6 +196,10 @@ class OnnxRuntimeBackend(Backend):
         except BackendError:
             raise
         except Exception as exc:
+            # ORT's INVALID_ARGUMENT status: these inputs fit the signature but not what the
+            # graph's operators accept (e.g. an empty string tensor): the caller's to fix.
+            if isinstance(exc, self._ort.capi.onnxruntime_pybind11_state.InvalidArgument):
+                raise BackendInputError(f"ONNX Runtime refused the input: {exc}") from exc
             raise BackendError(f"ONNX Runtime failed: {exc}") from exc
 
     def _feed(self, name: str, array: np.ndarray, bf16_out: bool) -> Any:

@@ -9,9 +9,10 @@ MLP) served as several models:
 - ``plain``: the same file, no ``[routing]`` (unpinned requests go to the default variant);
 - ``mirrored``: like ``routed`` plus ``shadow = { variants = ["spare"], fraction = 0.1 }``.
 
-Each path is driven by a grpc.aio client at a fixed concurrency, in several interleaved
-rounds (so that drift on a shared machine hits every path alike), and the script prints
-requests/s, latency percentiles and the server's CPU time per request as a Markdown table.
+Each path is driven by a grpc.aio client at a fixed concurrency, in several rounds, each
+round running every path once in a shuffled order (so that drift on a shared machine hits
+every path alike), and the script prints requests/s (over all rounds, and the range of the
+rounds), latency percentiles and the server's CPU time per request as a Markdown table.
 
     .venv/bin/python loadtest/bench_routing.py [--seconds 3] [--rounds 3] [--concurrency 8]
 
@@ -26,6 +27,7 @@ import itertools
 import json
 import os
 import platform
+import random
 import sys
 import tempfile
 import time
@@ -68,6 +70,8 @@ class Result:
     errors: int
     seconds: float
     rps: float
+    rps_min: float
+    rps_max: float
     p50_ms: float
     p99_ms: float
     server_cpu_ms_per_request: float
@@ -126,7 +130,7 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per path")
+    parser.add_argument("--rounds", type=int, default=5, help="shuffled rounds per path")
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds per round")
     parser.add_argument("--concurrency", type=int, default=8, help="calls in flight")
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
@@ -135,6 +139,8 @@ def main() -> None:
     x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
     latencies: dict[str, list[float]] = {label: [] for label, *_ in PATHS}
     errors = dict.fromkeys(latencies, 0)
+    round_rps: dict[str, list[float]] = {label: [] for label in latencies}
+    order = random.Random(0)
     cpu = dict.fromkeys(latencies, 0.0)
     with tempfile.TemporaryDirectory(prefix="tensorgate-bench-routing-") as tmp:
         root = Path(tmp) / "models"
@@ -148,7 +154,7 @@ def main() -> None:
             assert server.proc is not None
             pid = server.proc.pid
             for _ in range(args.rounds):
-                for label, model, version, sticky in PATHS:
+                for label, model, version, sticky in order.sample(PATHS, len(PATHS)):
                     users = [{"user": f"u{i}"} for i in range(1000)] if sticky else [None]
                     requests = [  # with a key: 1,000 users, one request each in turn
                         codec.encode_request(model, {"input": x}, version, parameters=user)
@@ -161,6 +167,7 @@ def main() -> None:
                     # The warm-up's CPU is counted too: the same small overestimate for all.
                     cpu[label] += cpu_seconds(pid) - before
                     latencies[label] += lat
+                    round_rps[label].append(len(lat) / args.seconds)
                     errors[label] += err
 
     results = []
@@ -174,6 +181,8 @@ def main() -> None:
                 errors=errors[label],
                 seconds=seconds,
                 rps=len(lat) / seconds,
+                rps_min=min(round_rps[label]),
+                rps_max=max(round_rps[label]),
                 p50_ms=float(np.percentile(ms, 50)),
                 p99_ms=float(np.percentile(ms, 99)),
                 server_cpu_ms_per_request=cpu[label] * 1e3 / max(1, len(lat)),
@@ -185,16 +194,18 @@ def main() -> None:
         return
     print(f"machine: {machine()}")
     print(
-        f"concurrency {args.concurrency}, {args.rounds} interleaved rounds of {args.seconds:g} s "
+        f"concurrency {args.concurrency}, {args.rounds} shuffled rounds of {args.seconds:g} s "
         f"per path (after {args.warmup:g} s warm-up each), [1, 64] FP32 per request, "
         "ONNX Runtime, 1 instance\n"
     )
-    print("| path | requests/s | p50 ms | p99 ms | server CPU ms/request | errors |")
+    print(
+        "| path | requests/s (rounds' range) | p50 ms | p99 ms | server CPU ms/request | errors |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for r in results:
         print(
-            f"| {r.path} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
-            f"{r.server_cpu_ms_per_request:.3f} | {r.errors} |"
+            f"| {r.path} | {r.rps:,.0f} ({r.rps_min:,.0f}-{r.rps_max:,.0f}) | {r.p50_ms:.2f} | "
+            f"{r.p99_ms:.2f} | {r.server_cpu_ms_per_request:.3f} | {r.errors} |"
         )
 
 

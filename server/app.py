@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+#: Seconds the drain keeps refusing new calls with UNAVAILABLE after the last accepted one
+#: finished, before the gRPC server stops.
+DRAIN_LINGER = 0.5
 # Messages large enough for a batch of images; refused with RESOURCE_EXHAUSTED beyond.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -62,6 +65,10 @@ class ServerSettings:
     tls_client_ca: Path | None = None
     auth_token: str | None = None
     admin_token: str | None = None
+    # Set by the --workers supervisor (server/workers.py): share the port with sibling
+    # worker processes (SO_REUSEPORT), and this worker's index, sent as trailing metadata.
+    reuse_port: bool = False
+    worker_index: int | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
     def __repr__(self) -> str:  # never print the tokens
@@ -116,7 +123,7 @@ class Gateway:
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if s.reuse_port else 0),
         ]
         # ErrorInterceptor first (outermost): it turns the auth refusals into statuses too.
         interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
@@ -255,6 +262,11 @@ class Gateway:
                 "drain timeout: %d inference request(s) still in flight are cancelled",
                 self.admission.inflight,
             )
+        else:
+            # A client that just got its reply sends its next call at once. Keep answering
+            # it "draining" (UNAVAILABLE, retry elsewhere) for a moment: a call that reaches
+            # a stopping gRPC server is cut off with CANCELLED, which clients do not retry.
+            await asyncio.sleep(min(DRAIN_LINGER, max(0.0, until - time.monotonic())))
         if self._server is not None:
             # Other calls (metadata, repository, streams left open) get what time is left.
             await self._server.stop(max(0.0, until - time.monotonic()))

@@ -115,7 +115,12 @@ async def run_load(
     progress=None,
 ) -> Result:
     """Closed loop (``concurrency`` callers back to back) or, with ``rps``, open loop."""
-    channels = [grpc.aio.insecure_channel(target) for _ in range(max(1, connections))]
+    # A local subchannel pool per channel: otherwise gRPC shares one TCP connection between
+    # channels to the same target, and --connections would not open several.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [
+        grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, connections))
+    ]
     result = Result()
     sent = 0
     start = time.perf_counter()

@@ -119,6 +119,15 @@ def main() -> None:
     help="Write {'grpc_port', 'metrics_port'} as JSON here once serving.",
 )
 @click.option(
+    "--workers",
+    "-w",
+    default=1,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Server processes sharing the port (SO_REUSEPORT), each with its own models, "
+    "under one supervisor that restarts them and serves /metrics for all; 0: one per core.",
+)
+@click.option(
     "--log-level",
     default="INFO",
     show_default=True,
@@ -141,6 +150,7 @@ def serve(
     auth_token_file: Path | None,
     admin_token_file: Path | None,
     port_file: Path | None,
+    workers: int,
     log_level: str,
 ) -> None:
     """Serve every model in a repository over gRPC."""
@@ -188,6 +198,14 @@ def serve(
         admin_token=admin_token,
         port_file=port_file,
     )
+    if workers == 0:
+        from .workers import available_cores
+
+        workers = available_cores()
+    if workers > 1:
+        from .workers import Supervisor
+
+        sys.exit(Supervisor(settings, workers, log_level).run())
     asyncio.run(run(settings))
 
 

@@ -62,6 +62,13 @@ def element_count(shape: Sequence[int], what: str, max_elements: int = MAX_ELEME
             f"{what}: shape {list(shape)} has {count} elements, more than the limit of "
             f"{max_elements}"
         )
+    # An empty tensor (a 0 dimension) whose other dimensions multiply past the limit cannot
+    # be built by numpy either, and no real tensor looks like that.
+    if count == 0 and math.prod(d for d in shape if d) > max_elements:
+        raise InvalidInput(
+            f"{what}: shape {list(shape)}: its non-zero dimensions multiply to more than the "
+            f"limit of {max_elements} elements"
+        )
     return count
 
 

@@ -206,6 +206,152 @@ def build_detector_onnx(path: Path, weights: dict[str, np.ndarray]) -> Path:
     return save_onnx(graph, path)
 
 
+# --- a compute-bound model for benchmarks (not part of the demo repository) --------------
+
+#: The benchmarks' compute-bound workload: an MLP as wide as the scorer is small. At batch
+#: 1 every call streams its ~68 MB of FP32 weights from memory (~2.5 ms on one core here),
+#: so the framework, not the serving path, sets the pace, and stacking requests into one
+#: call (dynamic batching) reuses each weight for many rows (batch 32: ~8x the rows/s).
+WIDE_MLP_SIZES = (64, 4096, 4096, 10)
+
+WIDE_MLP_CONFIG = """\
+# The compute-bound benchmark model: the same wide MLP in three frameworks.
+default_variant = "onnx"
+
+[[input]]
+name = "input"
+datatype = "FP32"
+shape = [-1, 64]
+
+[[output]]
+name = "output"
+datatype = "FP32"
+shape = [-1, 10]
+"""
+
+
+def dense_weights(sizes: tuple[int, ...], seed: int = 0) -> dict[str, np.ndarray]:
+    """FP32 weights ``w1..wN`` (shape (in, out)) and biases ``b1..bN`` of a ReLU MLP with
+    layer widths ``sizes`` (He initialisation, like ``mlp_weights``)."""
+    rng = np.random.default_rng(seed)
+    weights: dict[str, np.ndarray] = {}
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes), start=1):
+        weights[f"w{i}"] = (rng.standard_normal((n_in, n_out)) * np.sqrt(2.0 / n_in)).astype(
+            np.float32
+        )
+        weights[f"b{i}"] = (rng.standard_normal(n_out) * 0.1).astype(np.float32)
+    return weights
+
+
+def _layers(weights: dict[str, np.ndarray]) -> int:
+    return sum(1 for k in weights if k.startswith("w"))
+
+
+def dense_reference(x: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
+    """Forward pass of a ``dense_weights`` MLP in numpy (FP64, returned as FP32)."""
+    h = np.asarray(x, dtype=np.float64)
+    n = _layers(weights)
+    for i in range(1, n + 1):
+        h = h @ weights[f"w{i}"] + weights[f"b{i}"]
+        if i < n:
+            h = np.maximum(h, 0.0)
+    return h.astype(np.float32)
+
+
+def build_dense_torchscript(path: Path, weights: dict[str, np.ndarray]) -> Path:
+    """Write a ``dense_weights`` MLP as a scripted TorchScript module: forward(input)."""
+    import torch
+
+    layers: list[torch.nn.Module] = []
+    n = _layers(weights)
+    for i in range(1, n + 1):
+        w = weights[f"w{i}"]
+        linear = torch.nn.Linear(w.shape[0], w.shape[1])
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.T)))
+            linear.bias.copy_(torch.from_numpy(weights[f"b{i}"]))
+        layers.append(linear)
+        if i < n:
+            layers.append(torch.nn.ReLU())
+    module = torch.nn.Sequential(*layers).eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(torch.jit.script(module), str(path))
+    return path
+
+
+def build_dense_savedmodel(directory: Path, weights: dict[str, np.ndarray]) -> Path:
+    """Write a ``dense_weights`` MLP as a SavedModel: ``serving_default`` input -> output."""
+    tf = import_tensorflow()
+    n = _layers(weights)
+    width = weights["w1"].shape[0]
+
+    class Dense(tf.Module):
+        def __init__(self) -> None:
+            super().__init__(name="dense")
+            self.params = {k: tf.Variable(v, name=k, trainable=False) for k, v in weights.items()}
+
+        @tf.function(input_signature=[tf.TensorSpec([None, width], tf.float32, name="input")])
+        def serve(self, x: Any) -> dict[str, Any]:
+            h = x
+            for i in range(1, n + 1):
+                h = tf.matmul(h, self.params[f"w{i}"]) + self.params[f"b{i}"]
+                if i < n:
+                    h = tf.nn.relu(h)
+            return {"output": h}
+
+    module = Dense()
+    tf.saved_model.save(module, str(directory), signatures={"serving_default": module.serve})
+    return directory
+
+
+def build_dense_onnx(path: Path, weights: dict[str, np.ndarray], name: str = "dense") -> Path:
+    """Write a ``dense_weights`` MLP as ONNX: input FP32 [batch, in] -> output FP32
+    [batch, out]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    n = _layers(weights)
+    nodes, current = [], "input"
+    for i in range(1, n + 1):
+        gemm = "output" if i == n else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [current, f"w{i}", f"b{i}"], [gemm]))
+        if i < n:
+            nodes.append(helper.make_node("Relu", [gemm], [f"a{i}"]))
+            current = f"a{i}"
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [
+            helper.make_tensor_value_info(
+                "input", TensorProto.FLOAT, ["batch", weights["w1"].shape[0]]
+            )
+        ],
+        [
+            helper.make_tensor_value_info(
+                "output", TensorProto.FLOAT, ["batch", weights[f"w{n}"].shape[1]]
+            )
+        ],
+        initializer=[numpy_helper.from_array(v, name=k) for k, v in weights.items()],
+    )
+    return save_onnx(graph, path)
+
+
+def write_wide_mlp(model_dir: Path, frameworks: tuple[str, ...] = ("torch", "tf", "onnx")) -> Path:
+    """Write the compute-bound benchmark model (``WIDE_MLP_SIZES``) to ``model_dir``: a
+    ``config.toml`` and one variant per framework asked for (``torch``, ``tf``, ``onnx``),
+    all from the same seeded weights."""
+    weights = dense_weights(WIDE_MLP_SIZES)
+    builders: dict[str, Callable[[], Path]] = {
+        "torch": lambda: build_dense_torchscript(model_dir / "torch" / "model.pt", weights),
+        "tf": lambda: build_dense_savedmodel(model_dir / "tf" / "model.savedmodel", weights),
+        "onnx": lambda: build_dense_onnx(model_dir / "onnx" / "model.onnx", weights, "wide"),
+    }
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.toml").write_text(WIDE_MLP_CONFIG)
+    for name in frameworks:
+        builders[name]()
+    return model_dir
+
+
 # --- shared helpers --------------------------------------------------------------------
 
 

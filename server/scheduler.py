@@ -25,6 +25,17 @@ from tensorgate.backends.base import BackendInputError, BackendUnreachable
 
 from .errors import BackendFailed, DeadlineExceeded, InvalidInput, Overloaded, Unavailable
 
+#: A single-instance variant whose executions take less than this runs them on the event
+#: loop thread instead of its pool: handing a call to a thread and back costs more CPU and
+#: GIL hand-overs under load (~100 us per request measured, docs/benchmarks.md) than such a
+#: model computes (the demo MLP in ONNX Runtime: ~20 us).
+INLINE_BELOW_S = 50e-6
+#: Executions per estimate of a variant's compute time: their 25th percentile, which the
+#: GIL waits that lengthen some of the pool's timings under load leave alone.
+INLINE_WINDOW = 32
+#: An inline execution slower than this sends the variant back to its pool at once.
+INLINE_ABORT_S = 1e-3
+
 
 @dataclass
 class Timings:
@@ -90,6 +101,11 @@ class Scheduler:
         self._on_queue_change = on_queue_change
         self._closed = False
         self._active = 0  # requests taken off the queue and not yet answered
+        # Run tiny executions on the loop (see INLINE_BELOW_S); more instances ask for
+        # executions in parallel, which only the pool gives.
+        self._may_inline = instances == 1
+        self._inline = False
+        self._durations: list[float] = []
 
     def start(self) -> None:
         self._workers = [
@@ -118,6 +134,8 @@ class Scheduler:
                 f"variant {self._name}: queue is full ({self._max_queue} requests waiting); "
                 "retry later or raise [instances] max_queue_size"
             )
+        if self._inline and self._batching is None and not self._pending and not self._active:
+            return self._run_now(inputs, outputs, deadline, timings)
         loop = asyncio.get_running_loop()
         work = _Work(inputs, outputs, deadline, loop.create_future(), timings=timings)
         if self._batching is not None:
@@ -220,10 +238,16 @@ class Scheduler:
             inputs = {
                 name: np.concatenate([w.inputs[name] for w in batch]) for name in first.inputs
             }
+        inline = self._inline
         try:
-            result = await loop.run_in_executor(
-                self._executor, self._backend.infer, inputs, first.outputs
-            )
+            if inline:
+                result, took = self._timed_infer(inputs, first.outputs)
+            else:
+                result, took = await loop.run_in_executor(
+                    self._executor, self._timed_infer, inputs, first.outputs
+                )
+            if self._may_inline:
+                self._observe(took, inline)
             if len(batch) > 1:
                 parts = self._split(result, batch)
         except Exception as e:
@@ -238,6 +262,53 @@ class Scheduler:
             w.timings.compute = compute
             if not w.future.done():
                 w.future.set_result(result if len(batch) == 1 else parts[i])
+        if inline:
+            await asyncio.sleep(0)  # let the callers and the network run between executions
+
+    def _run_now(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None,
+        deadline: float | None,
+        timings: Timings,
+    ) -> dict[str, np.ndarray]:
+        """An inline variant with nothing queued or running: compute in the caller's own
+        task, skipping the queue and the worker's wake-up (what ``_run`` does, for one)."""
+        enqueued = time.perf_counter()
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded(f"variant {self._name}: deadline passed before compute")
+        started = time.perf_counter()
+        self._active += 1
+        try:
+            result, took = self._timed_infer(inputs, outputs)
+        except Exception as e:
+            raise self._error(e) from e
+        finally:
+            self._active -= 1
+        self._observe(took, True)
+        timings.queue = started - enqueued  # the deadline check: never queued
+        timings.compute = time.perf_counter() - started
+        timings.execution_rows = 1
+        return result
+
+    def _timed_infer(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None
+    ) -> tuple[dict[str, np.ndarray], float]:
+        started = time.perf_counter()
+        result = self._backend.infer(inputs, outputs)
+        return result, time.perf_counter() - started
+
+    def _observe(self, took: float, inline: bool) -> None:
+        """Decide, once per INLINE_WINDOW executions, whether to run on the loop."""
+        if inline and took > INLINE_ABORT_S:
+            self._inline = False
+            self._durations.clear()
+            return
+        self._durations.append(took)
+        if len(self._durations) >= INLINE_WINDOW:
+            ordered = sorted(self._durations)
+            self._inline = ordered[len(ordered) // 4] < INLINE_BELOW_S
+            self._durations.clear()
 
     def _split(
         self, result: dict[str, np.ndarray], batch: list[_Work]

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from .app import Gateway
 
 VARIANT_METADATA_KEY = "tensorgate-variant"
+#: With ``serve --workers N``: which worker process (0..N-1) answered, for load-spread checks.
+WORKER_METADATA_KEY = "tensorgate-worker"
 EXTENSIONS = ["model_repository", "model_configuration", "statistics"]
 # Requests of one ModelStreamInfer stream being served at once; the reader waits beyond.
 STREAM_WINDOW = 128
@@ -34,6 +36,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.repository = gateway.repository
+        index = gateway.settings.worker_index
+        self._worker_metadata = () if index is None else ((WORKER_METADATA_KEY, str(index)),)
 
     # -- health ---------------------------------------------------------------------------
     async def ServerLive(self, request, context):
@@ -149,7 +153,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         served = await self.gateway.pipeline.model_infer(
             request, context.time_remaining(), metadata
         )
-        context.set_trailing_metadata(((VARIANT_METADATA_KEY, served.variant),))
+        context.set_trailing_metadata(
+            ((VARIANT_METADATA_KEY, served.variant), *self._worker_metadata)
+        )
         return served.message
 
     async def ModelStreamInfer(self, request_iterator, context):

@@ -13,8 +13,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+from prometheus_client.parser import text_string_to_metric_families
+
+T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRITON_PYTHON = Path(
     os.environ.get("TENSORGATE_TRITON_PYTHON", REPO_ROOT / ".venv-triton" / "bin" / "python")
@@ -80,6 +85,35 @@ class ServerProcess:
         with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
             return r.read().decode()
 
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of metric ``name`` whose labels include ``labels``."""
+        total = 0.0
+        for family in text_string_to_metric_families(self.scrape()):
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    total += sample.value
+        return total
+
+    def children(self) -> dict[int, str]:
+        """The server's child processes: {pid: command line}."""
+        assert self.proc is not None
+        found: dict[int, str] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                # The command name in parentheses may contain spaces: split after it.
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                if ppid == self.proc.pid:
+                    cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+                    found[int(entry.name)] = cmdline.decode(errors="replace").strip()
+            except (OSError, IndexError, ValueError):
+                continue  # exited while we looked
+        return found
+
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, wait for the drain, return the exit code."""
         assert self.proc is not None
@@ -102,6 +136,21 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def wait_until(
+    probe: Callable[[], T], timeout: float = 60.0, what: str = "the condition", every: float = 0.05
+) -> T:
+    """Call ``probe`` until it returns something true, and return that; fail after
+    ``timeout`` seconds (a bound for a hung server, not a timing expectation)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout} s")
+        time.sleep(every)
 
 
 def run_triton_script(script: str, *args: str, timeout: float = 120.0) -> dict:

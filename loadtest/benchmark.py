@@ -1,0 +1,754 @@
+"""The comparison in docs/benchmarks.md, regenerated with one command.
+
+    .venv/bin/python loadtest/benchmark.py                  # everything, ~25-30 min
+    C=1,32 D=5 .venv/bin/python loadtest/benchmark.py       # shorter
+    .venv/bin/python loadtest/benchmark.py --only tensorgate,echo --install
+
+Every server runs alone on this machine, one after the other, and is driven by the same
+load generator with the same request: h2load through the peers' ``bench_target.sh`` /
+``bench.py`` (../shared/peers), which also measure each server's CPU per request and mark
+runs that other processes disturbed. Blocks (``--only``):
+
+- ``floor``:      the raw in-process framework call (ONNX Runtime, 1 thread) - the compute floor;
+- ``echo``:       the bare grpc.aio echo server (raw: canned reply; parse: protobuf in and out);
+- ``tensorgate``: the gateway on the peers' MLP (``mlp/onnx`` = ``$PEERS_HOME/models/mlp.onnx``,
+  ``mlp/torch`` = ``mlp.pt``): 1 worker, 2 workers, 1 worker with dynamic batching, and the
+  TorchScript variant;
+- ``stream``:     the gateway's unary vs ModelStreamInfer with ``tensorgate bench`` (h2load cannot
+  drive a bidirectional stream), one worker, the same load generator for both;
+- ``mlserver``:   MLServer 1.7.1 + onnxruntime on the same ONNX file (peers' bench_mlserver.sh);
+- ``torchserve``: TorchServe 0.12 on the same TorchScript file, unbatched and batched;
+- ``wide``:       the compute-bound model (``WIDE_MLP_SIZES``, server/demo.py) at c=32: in-process
+  floor (batch 1 and 32), the gateway without and with dynamic batching, MLServer and TorchServe
+  without and with their batching (through a second PEERS_HOME whose ``mlp`` is the wide model).
+
+Results: one JSON line per run in ``loadtest/results/benchmark-<time>.jsonl`` and the tables
+and target ratios in the ``.md`` beside it (also printed). Env: ``C`` (concurrencies of the
+small-MLP runs, default 1,8,32), ``D`` (seconds per run, default 10), ``PEERS_HOME``
+(default ~/peers), ``PEERS_DIR`` (default ../shared/peers next to the checkout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS_DIR = Path(os.environ.get("PEERS_DIR", ROOT.parent / "shared" / "peers")).resolve()
+PEERS_HOME = Path(os.environ.get("PEERS_HOME", Path.home() / "peers")).resolve()
+WIDE_HOME = PEERS_HOME.parent / f"{PEERS_HOME.name}-wide"
+TOOLS_PY = PEERS_HOME / "venv-tools" / "bin" / "python"
+PYTHON = sys.executable
+BLOCKS = ("floor", "echo", "tensorgate", "stream", "mlserver", "torchserve", "wide")
+IO_CONFIG = """
+[[input]]
+name = "input"
+datatype = "FP32"
+shape = [-1, 64]
+
+[[output]]
+name = "output"
+datatype = "FP32"
+shape = [-1, 10]
+"""
+PLAIN_CONFIG = 'default_variant = "onnx"\n' + IO_CONFIG
+BATCHED_CONFIG = (
+    'default_variant = "onnx"\nmax_batch_size = 32\n'
+    + IO_CONFIG
+    + "\n[batching]\nmax_queue_delay_us = {delay}\n"
+)
+
+
+def log(msg: str) -> None:
+    print(f"\n=== {time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+def sh(cmd: list[str], env: dict[str, str] | None = None, check: bool = False) -> int:
+    print("$", " ".join(cmd), flush=True)
+    rc = subprocess.run(cmd, env={**os.environ, **(env or {})}, check=False).returncode
+    if check and rc != 0:
+        raise SystemExit(f"failed ({rc}): {' '.join(cmd)}")
+    return rc
+
+
+class Run:
+    """Settings of one benchmark pass."""
+
+    def __init__(self, out: Path, c: str, d: int, work: Path) -> None:
+        self.out, self.c, self.d, self.work = out, c, d, work
+        self.env = {"BENCH_OUT": str(out), "C": c, "D": str(d), "PEERS_HOME": str(PEERS_HOME)}
+
+    def record(self, rec: dict) -> None:
+        rec = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **rec}
+        with self.out.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(json.dumps(rec), flush=True)
+
+
+# --- preparation ---------------------------------------------------------------------------
+
+
+def install(blocks: set[str]) -> None:
+    """The peers' installs (each idempotent, minutes from the package registries)."""
+    sh(["bash", str(PEERS_DIR / "install_tools.sh")], check=True)
+    if blocks & {"mlserver", "wide"}:
+        sh(["bash", str(PEERS_DIR / "install_mlserver.sh")], check=True)
+    if blocks & {"torchserve", "wide"}:
+        sh(["bash", str(PEERS_DIR / "install_torchserve.sh")], check=True)
+    sh(["bash", str(PEERS_DIR / "setup_models.sh")], check=True)
+
+
+def check_installed(blocks: set[str]) -> None:
+    missing = []
+    if not TOOLS_PY.exists() or shutil.which("h2load") is None:
+        missing.append("install_tools.sh")
+    if not (PEERS_HOME / "models" / "mlp.onnx").exists():
+        missing.append("setup_models.sh")
+    if blocks & {"mlserver", "wide"} and not (PEERS_HOME / "venv-mlserver/bin/mlserver").exists():
+        missing.append("install_mlserver.sh")
+    if blocks & {"torchserve", "wide"} and not (PEERS_HOME / "models" / "mlp.pt").exists():
+        missing.append("install_torchserve.sh, then setup_models.sh")
+    if missing:
+        raise SystemExit(
+            f"not installed under {PEERS_HOME}: {', '.join(missing)} (in {PEERS_DIR}); "
+            "or run this script with --install"
+        )
+
+
+def small_repository(root: Path, batched: bool) -> Path:
+    """The peers' MLP as model ``mlp``: ``onnx`` (default) and ``torch`` variants."""
+    models = PEERS_HOME / "models"
+    (root / "mlp" / "onnx").mkdir(parents=True)
+    shutil.copy(models / "mlp.onnx", root / "mlp" / "onnx" / "model.onnx")
+    if (models / "mlp.pt").exists():
+        (root / "mlp" / "torch").mkdir()
+        shutil.copy(models / "mlp.pt", root / "mlp" / "torch" / "model.pt")
+    config = BATCHED_CONFIG.format(delay=500) if batched else PLAIN_CONFIG
+    (root / "mlp" / "config.toml").write_text(config)
+    return root
+
+
+def wide_models(work: Path) -> tuple[Path, Path]:
+    """The compute-bound model as ONNX and TorchScript files (built once per pass)."""
+    from tensorgate.server.demo import write_wide_mlp
+
+    directory = write_wide_mlp(work / "wide-build", frameworks=("onnx", "torch"))
+    return directory / "onnx" / "model.onnx", directory / "torch" / "model.pt"
+
+
+def wide_repository(root: Path, onnx: Path, batched: bool) -> Path:
+    (root / "mlp" / "onnx").mkdir(parents=True)
+    shutil.copy(onnx, root / "mlp" / "onnx" / "model.onnx")
+    config = BATCHED_CONFIG.format(delay=2000) if batched else PLAIN_CONFIG
+    (root / "mlp" / "config.toml").write_text(config)
+    return root
+
+
+def wide_peers_home(onnx: Path, torchscript: Path) -> Path:
+    """A second PEERS_HOME whose model ``mlp`` is the wide MLP: the peers' scripts then
+    serve and check it unchanged. Installs are shared through links."""
+    home = WIDE_HOME
+    home.mkdir(exist_ok=True)
+    for name in (
+        "venv-tools",
+        "venv-mlserver",
+        "venv-torchserve",
+        "perf_analyzer",
+        "perf_analyzer-2.60.0",
+        "apt-trixie",
+    ):
+        link, target = home / name, PEERS_HOME / name
+        if target.exists() and not link.exists():
+            link.symlink_to(target)
+    models = home / "models"
+    models.mkdir(exist_ok=True)
+    for name in (
+        "sample_input.npy",
+        "kserve_infer.bin",
+        "kserve_typed_infer.bin",
+        "ts_predictions.bin",
+        "ts_input.json",
+        "pa_torchserve_data.json",
+        "kserve.protoset",
+    ):
+        if (PEERS_HOME / "models" / name).exists():
+            shutil.copy(PEERS_HOME / "models" / name, models / name)
+    ts_proto = models / "ts_proto"
+    if (PEERS_HOME / "models" / "ts_proto").exists() and not ts_proto.exists():
+        ts_proto.symlink_to(PEERS_HOME / "models" / "ts_proto")
+    shutil.copy(onnx, models / "mlp.onnx")
+    shutil.copy(torchscript, models / "mlp.pt")
+    from tensorgate.backends import BackendOptions, backend_class
+
+    backend = backend_class("onnxruntime")()
+    backend.load(models / "mlp.onnx", BackendOptions())
+    x = np.load(models / "sample_input.npy").astype(np.float32)
+    np.save(models / "sample_output.npy", backend.infer({"input": x})["output"])
+    return home
+
+
+# --- servers -------------------------------------------------------------------------------
+
+
+@contextmanager
+def gateway(repo: Path, work: Path, *args: str) -> Iterator[tuple[str, int]]:
+    """``tensorgate serve`` in its own session; yields (address, pid); SIGTERM at the end."""
+    port_file = work / f"ports-{time.monotonic_ns()}.json"
+    log_file = (work / f"{port_file.stem}.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            PYTHON,
+            "-m",
+            "tensorgate.server.cli",
+            "serve",
+            "--repository",
+            str(repo),
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--port-file",
+            str(port_file),
+            "--log-level",
+            "WARNING",
+            *args,
+        ],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not port_file.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"gateway did not start: see {log_file.name}")
+            time.sleep(0.1)
+        port = json.loads(port_file.read_text())["grpc_port"]
+        yield f"127.0.0.1:{port}", proc.pid
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log_file.close()
+
+
+def bench_target(
+    run: Run,
+    address: str,
+    pid: int,
+    label: str,
+    *extra: str,
+    c: str | None = None,
+    home: Path = PEERS_HOME,
+) -> None:
+    sh(
+        [
+            "bash",
+            str(PEERS_DIR / "bench_target.sh"),
+            "--target",
+            address,
+            "--model",
+            "mlp",
+            "--input",
+            "input",
+            "--datatype",
+            "FP32",
+            "--shape",
+            "1,64",
+            "--output",
+            "output",
+            "--data-npy",
+            str(home / "models" / "sample_input.npy"),
+            "-c",
+            c or run.c,
+            "-D",
+            str(run.d),
+            "--pid",
+            str(pid),
+            "--label",
+            label,
+            *extra,
+        ],
+        env={**run.env, "PEERS_HOME": str(home)},
+    )
+
+
+# --- blocks --------------------------------------------------------------------------------
+
+
+def block_floor(run: Run) -> None:
+    log("compute floor: onnxruntime in-process, 1 thread")
+    sh(
+        [
+            str(TOOLS_PY),
+            str(PEERS_DIR / "bench.py"),
+            "ort",
+            "-D",
+            str(run.d),
+            "--threads",
+            "1",
+            "--callers",
+            "1",
+        ],
+        env=run.env,
+    )
+
+
+def block_echo(run: Run) -> None:
+    for mode in ("raw", "parse"):
+        log(f"grpc.aio echo server ({mode})")
+        if sh(["bash", str(PEERS_DIR / "start_echo.sh"), mode, "18091"], env=run.env) != 0:
+            continue
+        try:
+            pid = int((PEERS_HOME / "run" / "echo.pid").read_text())
+            bench_target(run, "127.0.0.1:18091", pid, f"grpc.aio echo ({mode})")
+        finally:
+            sh(["bash", str(PEERS_DIR / "stop_echo.sh")], env=run.env)
+
+
+def block_tensorgate(run: Run) -> None:
+    plain = small_repository(run.work / "small-plain", batched=False)
+    batched = small_repository(run.work / "small-batched", batched=True)
+    configs = [
+        ("tensorgate (1 worker, ONNX Runtime)", plain, ("--workers", "1"), ()),
+        ("tensorgate (2 workers, ONNX Runtime)", plain, ("--workers", "2"), ()),
+        (
+            "tensorgate (1 worker, ONNX Runtime, dynamic batching 32, 500 us)",
+            batched,
+            ("--workers", "1"),
+            (),
+        ),
+        ("tensorgate (1 worker, TorchScript)", plain, ("--workers", "1"), ("--version", "torch")),
+    ]
+    for label, repo, args, extra in configs:
+        log(label)
+        with gateway(repo, run.work, *args) as (address, pid):
+            bench_target(run, address, pid, label, *extra)
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and its children (the gateway's workers)."""
+    total = 0.0
+    tck = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(entry) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tck
+    return total
+
+
+def _busy_cores_seconds() -> float:
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    values = [int(v) for v in fields]
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def block_stream(run: Run) -> None:
+    """Unary vs streaming through the same Python load generator (tensorgate bench)."""
+    plain = run.work / "small-plain"
+    if not plain.exists():
+        small_repository(plain, batched=False)
+    for workers in ("1", "2"):
+        with gateway(plain, run.work, "--workers", workers) as (address, pid):
+            for stream in (False, True):
+                label = (
+                    f"tensorgate ({workers} worker{'s' if workers != '1' else ''}, "
+                    f"ONNX Runtime) via tensorgate bench, "
+                    f"{'ModelStreamInfer' if stream else 'unary ModelInfer'}"
+                )
+                log(label)
+
+                def bench(seconds: int, stream: bool = stream) -> list[str]:
+                    return [
+                        PYTHON,
+                        "-m",
+                        "tensorgate.server.cli",
+                        "bench",
+                        "mlp",
+                        "--url",
+                        address,
+                        "-c",
+                        "32",
+                        "-z",
+                        str(seconds),
+                        "--connections",
+                        "4",
+                        "--format",
+                        "json",
+                        "-i",
+                        f"input={PEERS_HOME / 'models' / 'sample_input.npy'}",
+                        *(["--stream"] if stream else []),
+                    ]
+
+                subprocess.run(bench(2), capture_output=True, check=False)  # warm-up
+                cpu0, busy0, t0 = _tree_cpu(pid), _busy_cores_seconds(), time.perf_counter()
+                proc = subprocess.run(bench(run.d), capture_output=True, text=True, check=False)
+                wall = time.perf_counter() - t0
+                cpu = _tree_cpu(pid) - cpu0
+                busy = _busy_cores_seconds() - busy0
+                if proc.returncode != 0:
+                    run.record(
+                        {
+                            "label": label,
+                            "tool": "tensorgate-bench",
+                            "c": 32,
+                            "error": proc.stderr[-500:],
+                        }
+                    )
+                    continue
+                s = json.loads(proc.stdout)
+                ok = s["codes"].get("OK", 0)
+                run.record(
+                    {
+                        "label": label,
+                        "tool": "tensorgate-bench",
+                        "c": 32,
+                        "duration_s": s["duration_s"],
+                        "rps": round(s["ok_rps"], 1),
+                        "p50_ms": round(s["latency_ms"]["p50"], 3),
+                        "p99_ms": round(s["latency_ms"]["p99"], 3),
+                        "n": ok,
+                        "failures": sum(s["codes"].values()) - ok,
+                        "server_cores": round(cpu / wall, 2),
+                        "server_cpu_ms_per_req": round(cpu / max(ok, 1) * 1e3, 3),
+                        "client_and_other_cores": round((busy - cpu) / wall, 2),
+                    }
+                )
+
+
+def block_mlserver(
+    run: Run,
+    home: Path = PEERS_HOME,
+    c: str | None = None,
+    variants: str = "0:plain 1:plain 0:batched",
+) -> None:
+    log(f"MLServer ({variants})")
+    sh(
+        ["bash", str(PEERS_DIR / "bench_mlserver.sh")],
+        env={**run.env, "PEERS_HOME": str(home), "VARIANTS": variants, "C": c or run.c},
+    )
+
+
+def block_torchserve(
+    run: Run, home: Path = PEERS_HOME, c: str | None = None, configs: str = "1 2 1b8"
+) -> None:
+    log(f"TorchServe ({configs})")
+    sh(
+        ["bash", str(PEERS_DIR / "bench_torchserve.sh")],
+        env={**run.env, "PEERS_HOME": str(home), "CONFIGS": configs, "PA": "0", "C": c or run.c},
+    )
+
+
+def _inproc_rows_per_s(onnx: Path, batch: int, seconds: float) -> dict:
+    from tensorgate.backends import BackendOptions, backend_class
+
+    backend = backend_class("onnxruntime")()
+    backend.load(onnx, BackendOptions())
+    x = np.random.default_rng(0).standard_normal((batch, 64)).astype(np.float32)
+    for _ in range(10):
+        backend.infer({"input": x})
+    samples, until = [], time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        t = time.perf_counter()
+        backend.infer({"input": x})
+        samples.append(time.perf_counter() - t)
+    elapsed = sum(samples)
+    return {
+        "rps": round(len(samples) * batch / elapsed, 1),
+        "p50_ms": round(statistics.median(samples) * 1e3, 3),
+        "p99_ms": round(sorted(samples)[int(0.99 * (len(samples) - 1))] * 1e3, 3),
+    }
+
+
+def block_wide(run: Run) -> None:
+    onnx, torchscript = wide_models(run.work)
+    home = wide_peers_home(onnx, torchscript)
+    for batch in (1, 32):
+        log(f"wide MLP floor: onnxruntime in-process, 1 thread, batch {batch}")
+        run.record(
+            {
+                "label": f"wide: onnxruntime in-process (intra_op=1, batch {batch}), rows/s",
+                "tool": "inproc",
+                "c": 1,
+                **_inproc_rows_per_s(onnx, batch, run.d),
+            }
+        )
+    for batched in (False, True):
+        label = "wide: tensorgate (1 worker, ONNX Runtime, " + (
+            "dynamic batching 32, 2 ms)" if batched else "no batching)"
+        )
+        log(label)
+        repo = wide_repository(run.work / f"wide-{batched}", onnx, batched)
+        with gateway(repo, run.work, "--workers", "1") as (address, pid):
+            bench_target(run, address, pid, label, c="32", home=home)
+    block_mlserver(run, home, c="32", variants="0:plain 0:batched")
+    block_torchserve(run, home, c="32", configs="1 1b32")
+
+
+# --- the report ----------------------------------------------------------------------------
+
+
+def load(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _cell(r: dict) -> str:
+    star = "*" if r.get("contaminated") else ""
+    fail = f" ({r['failures']} failed)" if r.get("failures") else ""
+    p50, p99 = r.get("p50_ms", float("nan")), r.get("p99_ms", float("nan"))
+    return f"{r['rps']:.0f}{star}, {p50:.2f}, {p99:.2f}{fail}"
+
+
+def report(rows: list[dict], machine: str) -> str:
+    rows = [r for r in rows if r.get("rps") is not None]
+    wide = [r for r in rows if r["label"].startswith("wide")]
+    small = [r for r in rows if not r["label"].startswith("wide")]
+    cs = sorted({int(r["c"]) for r in small if r.get("tool") == "h2load"})
+    out = [
+        f"Machine: {machine}",
+        "",
+        "Small MLP (64-256-256-10), batch 1. Cells: requests/s, p50 ms, "
+        "p99 ms (`*`: other processes used > 0.15 core during the run). CPU: server CPU ms per "
+        "request at the highest concurrency.",
+        "",
+        "| server / config | tool | " + " | ".join(f"c={c}" for c in cs) + " | CPU ms/req |",
+        "|---|---|" + "---|" * len(cs) + "---|",
+    ]
+    labels = list(dict.fromkeys(r["label"] for r in small))
+    for label in labels:
+        for tool in ("h2load", "ort", "tensorgate-bench", "inproc"):
+            mine = {int(r["c"]): r for r in small if r["label"] == label and r.get("tool") == tool}
+            if not mine:
+                continue
+            top = mine[max(mine)]
+            cpu = top.get("server_cpu_ms_per_req")
+            cells = [(_cell(mine[c]) if c in mine else "") for c in cs]
+            if not set(mine) & set(cs):  # e.g. the in-process floor (1 caller) with C=32
+                cells = [_cell(top)] + [""] * (len(cs) - 1)
+            out.append(
+                f"| {label} | {tool} | "
+                + " | ".join(cells)
+                + f" | {cpu if cpu is not None else ''} |"
+            )
+    if wide:
+        out += [
+            "",
+            "Compute-bound model (wide MLP 64-4096-4096-10), c=32 (in-process: 1 caller). "
+            "Cells as above; in-process rows are rows/s.",
+            "",
+            "| server / config | tool | c=32 | CPU ms/req |",
+            "|---|---|---|---|",
+        ]
+        for r in wide:
+            cpu = r.get("server_cpu_ms_per_req", "")
+            out.append(f"| {r['label']} | {r['tool']} | {_cell(r)} | {cpu} |")
+    out += ["", "Targets (ratios inside this run):", "", *targets(rows)]
+    return "\n".join(out) + "\n"
+
+
+def _pick(rows: list[dict], prefix: str, c: int, tool: str = "h2load") -> list[dict]:
+    return [
+        r
+        for r in rows
+        if r["label"].startswith(prefix) and int(r["c"]) == c and r.get("tool") == tool
+    ]
+
+
+def _best(rows: list[dict]) -> dict | None:
+    return max(rows, key=lambda r: r["rps"], default=None)
+
+
+def targets(rows: list[dict]) -> list[str]:
+    lines = []
+
+    def ratio(
+        name: str,
+        a: dict | None,
+        b: dict | None,
+        goal: float,
+        lower_is_better: bool = False,
+        key: str = "rps",
+    ) -> None:
+        if a is None or b is None or not a.get(key) or not b.get(key):
+            lines.append(f"- {name}: not measured")
+            return
+        value = a[key] / b[key]
+        ok = value <= goal if lower_is_better else value >= goal
+        lines.append(
+            f"- {name}: {value:.2f}x (goal {'<=' if lower_is_better else '>='} {goal}x) "
+            f"{'REACHED' if ok else 'missed'} [{a['label']} {a[key]} vs {b['label']} {b[key]}]"
+        )
+
+    tg1 = _best(_pick(rows, "tensorgate (1 worker, ONNX Runtime)", 32))
+    echo = _best(_pick(rows, "grpc.aio echo (raw)", 32))
+    ratio("1 worker vs bare grpc.aio echo (raw), c=32", tg1, echo, 0.85)
+    ratio(
+        "1 worker vs grpc.aio echo (parse), c=32 (context)",
+        tg1,
+        _best(_pick(rows, "grpc.aio echo (parse)", 32)),
+        0.85,
+    )
+    mls = _best(_pick(rows, "MLServer", 32))
+    ratio("1 worker vs MLServer's best, c=32", tg1, mls, 2.0)
+    tg_best = _best(_pick(rows, "tensorgate", 32))  # h2load runs only: the peers' load generator
+    peers = _best(_pick(rows, "MLServer", 32) + _pick(rows, "TorchServe", 32))
+    ratio("tensorgate's best vs the best of MLServer and TorchServe, c=32", tg_best, peers, 1.25)
+    if tg_best and peers:
+        lines.append(
+            f"  p99 {tg_best['p99_ms']} ms vs {peers['p99_ms']} ms: "
+            f"{'no worse' if tg_best['p99_ms'] <= peers['p99_ms'] else 'worse'}"
+        )
+    ratio(
+        "server CPU per request, 1 worker vs echo (raw), c=32",
+        tg1,
+        echo,
+        1.3,
+        lower_is_better=True,
+        key="server_cpu_ms_per_req",
+    )
+    ratio(
+        "--workers 2 vs --workers 1, c=32 (2 cores shared with h2load: not free)",
+        _best(_pick(rows, "tensorgate (2 workers", 32)),
+        tg1,
+        1.6,
+    )
+    ratio(
+        "ModelStreamInfer vs unary, 1 worker, tensorgate bench (context)",
+        _best(
+            _pick(
+                rows,
+                "tensorgate (1 worker, ONNX Runtime) via tensorgate bench, ModelStream",
+                32,
+                "tensorgate-bench",
+            )
+        ),
+        _best(
+            _pick(
+                rows,
+                "tensorgate (1 worker, ONNX Runtime) via tensorgate bench, unary",
+                32,
+                "tensorgate-bench",
+            )
+        ),
+        1.0,
+    )
+    wb = _best(_pick(rows, "wide: tensorgate (1 worker, ONNX Runtime, dynamic", 32))
+    wn = _best(_pick(rows, "wide: tensorgate (1 worker, ONNX Runtime, no batching", 32))
+    ratio("wide model: dynamic batching vs none, c=32", wb, wn, 3.0)
+    ratio(
+        "wide model: batching vs MLServer's batching",
+        wb,
+        _best([r for r in _pick(rows, "wide: MLServer", 32) if "batching max" in r["label"]]),
+        1.0,
+    )
+    ratio(
+        "wide model: batching vs TorchServe's batching",
+        wb,
+        _best([r for r in _pick(rows, "wide: TorchServe", 32) if "batchSize" in r["label"]]),
+        1.0,
+    )
+    return lines
+
+
+def machine() -> str:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    load = os.getloadavg()
+    return (
+        f"{os.cpu_count()} vCPU {cpu}, Python {sys.version.split()[0]}, "
+        f"load average at the start {load[0]:.2f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=",".join(BLOCKS), help=f"blocks: {','.join(BLOCKS)}")
+    parser.add_argument("--install", action="store_true", help="run the peers' installs first")
+    parser.add_argument("--out", type=Path, default=None, help="results file (.jsonl)")
+    parser.add_argument(
+        "--report", type=Path, default=None, help="only print the tables of an earlier results file"
+    )
+    args = parser.parse_args()
+    if args.report:
+        print(report(_mark_wide(load(args.report)), "(see the run)"))
+        return
+    blocks = {b.strip() for b in args.only.split(",") if b.strip()}
+    unknown = blocks - set(BLOCKS)
+    if unknown:
+        parser.error(f"unknown block(s) {sorted(unknown)}; choose from {','.join(BLOCKS)}")
+    if args.install:
+        install(blocks)
+    check_installed(blocks)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = args.out or ROOT / "loadtest" / "results" / f"benchmark-{stamp}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    where = machine()
+    with tempfile.TemporaryDirectory(prefix="tensorgate-bench-") as work:
+        run = Run(out, os.environ.get("C", "1,8,32"), int(os.environ.get("D", "10")), Path(work))
+        log(f"results -> {out} (C={run.c}, D={run.d} s); {where}")
+        steps = {
+            "floor": block_floor,
+            "echo": block_echo,
+            "tensorgate": block_tensorgate,
+            "stream": block_stream,
+            "mlserver": block_mlserver,
+            "torchserve": block_torchserve,
+            "wide": block_wide,
+        }
+        for name in BLOCKS:
+            if name in blocks:
+                started = len(load(out)) if out.exists() else 0
+                steps[name](run)
+                if name == "wide":
+                    _tag_wide(out, started)
+    text = report(_mark_wide(load(out)), where)
+    out.with_suffix(".md").write_text(text)
+    print("\n" + text)
+
+
+def _tag_wide(out: Path, start: int) -> None:
+    """Peers' scripts label their runs without the model: tag the wide block's lines."""
+    rows = load(out)
+    for r in rows[start:]:
+        r["_wide"] = True
+        if not r["label"].startswith("wide"):
+            r["label"] = f"wide: {r['label']}"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _mark_wide(rows: list[dict]) -> list[dict]:
+    for r in rows:
+        if r["label"].startswith("wide"):
+            r["_wide"] = True
+    return rows
+
+
+if __name__ == "__main__":
+    main()

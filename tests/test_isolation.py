@@ -1,0 +1,188 @@
+"""Backend isolation (``isolation = "process"``): a variant's backend in a worker process.
+
+Killing the worker - SIGKILL, or SIGSEGV as a crashing framework would - must leave the
+gateway serving its other models, answer the killed variant's calls with UNAVAILABLE, and
+bring the variant back by restarting the worker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from tensorgate.backends import BackendOptions
+from tensorgate.backends.base import BackendInputError, BackendUnreachable
+from tensorgate.backends.isolated import IsolatedBackend
+from tensorgate.clients import Client
+from tensorgate.server.demo import build_mlp_onnx, mlp_reference, mlp_weights
+
+from .modelfactory import build_string_onnx
+from .serverproc import ServerProcess, wait_until
+from .test_reliability import LoadThreads, x64
+
+WORKER_MODULE = "tensorgate.backends.isolated"
+BACKED_CONFIG = """default_variant = "main"
+
+[variants.main]
+isolation = "process"
+
+[routing]
+fallback = ["main", "backup"]
+"""
+
+
+@pytest.fixture(scope="module")
+def isolated_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("isolation") / "models"
+    build_mlp_onnx(root / "iso" / "1" / "model.onnx", mlp_weights())
+    (root / "iso" / "config.toml").write_text('isolation = "process"\n')
+    build_mlp_onnx(root / "plain" / "1" / "model.onnx", mlp_weights())
+    # Isolation per variant: only "a" runs in a worker.
+    build_mlp_onnx(root / "mixed" / "a" / "model.onnx", mlp_weights())
+    build_mlp_onnx(root / "mixed" / "b" / "model.onnx", mlp_weights())
+    (root / "mixed" / "config.toml").write_text('[variants.a]\nisolation = "process"\n')
+    # An isolated primary with an in-process backup: a dead worker is routed around.
+    build_mlp_onnx(root / "backed" / "main" / "model.onnx", mlp_weights())
+    build_mlp_onnx(root / "backed" / "backup" / "model.onnx", mlp_weights())
+    (root / "backed" / "config.toml").write_text(BACKED_CONFIG)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(
+    isolated_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    proc = ServerProcess(isolated_repo, tmp_path_factory.mktemp("isolation-server"))
+    with proc:
+        yield proc
+    assert proc.proc is not None and proc.proc.returncode == 0, proc.log()
+
+
+def workers(server: ServerProcess) -> dict[str, int]:
+    """{model/variant: pid} of the server's isolated workers."""
+    found: dict[str, int] = {}
+    for pid, cmdline in server.children().items():
+        if WORKER_MODULE in cmdline:
+            label = cmdline.split("--label", 1)[1].split()[0]
+            found[label] = pid
+    return found
+
+
+def test_only_isolated_variants_get_a_worker(server: ServerProcess) -> None:
+    assert sorted(workers(server)) == ["backed/main", "iso/1", "mixed/a"]
+    with Client(server.address) as client:
+        x = x64(3)
+        expected = mlp_reference(x, mlp_weights())
+        for model, version in (("iso", None), ("mixed", "a"), ("mixed", "b"), ("plain", None)):
+            result = client.infer(model, {"input": x}, version=version, timeout=30)
+            np.testing.assert_allclose(result["output"], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV], ids=["SIGKILL", "SIGSEGV"])
+def test_killed_worker_under_load(server: ServerProcess, sig: signal.Signals) -> None:
+    x = x64(2, 5)
+    expected = mlp_reference(x, mlp_weights())
+
+    def right(result) -> bool:
+        return np.allclose(result["output"], expected, atol=1e-5)
+
+    calls = [("iso", {"input": x}, right), ("plain", {"input": x}, right)]
+    old = workers(server)["iso/1"]
+    with LoadThreads(server.address, calls, threads=4) as load:
+        wait_until(lambda: load.served("iso") >= 20, 60, "calls to iso before the kill")
+        served_before = load.served("iso")
+        server_pid = server.proc.pid  # type: ignore[union-attr]
+        os.kill(old, sig)
+
+        def refused() -> bool:
+            return any(e[1] == "iso" for e in load.errors)
+
+        wait_until(refused, 60, "a call to the killed worker to be refused")
+        wait_until(lambda: workers(server).get("iso/1") not in (None, old), 60, "a new worker")
+        recovered = load.served("iso")
+        wait_until(lambda: load.served("iso") > recovered + 20, 60, "iso to serve again")
+    assert server.proc is not None and server.proc.poll() is None and server_pid == server.proc.pid
+    assert not load.wrong, load.wrong
+    # The other model never noticed; the killed one answered UNAVAILABLE, saying why.
+    assert [e for e in load.errors if e[1] != "iso"] == []
+    codes = {e[2] for e in load.errors}
+    assert codes == {grpc.StatusCode.UNAVAILABLE}, load.errors[:5]
+    messages = " ".join(e[3] for e in load.errors)
+    assert f"killed by signal {int(sig)} ({sig.name})" in messages, messages
+    assert load.served("iso") > served_before
+    assert f"isolated worker for iso/1 restarted: pid {workers(server)['iso/1']}" in server.log()
+
+
+def test_fallback_routes_around_a_killed_worker(server: ServerProcess) -> None:
+    x = x64(2, 9)
+    expected = mlp_reference(x, mlp_weights())
+
+    def right(result) -> bool:
+        return np.allclose(result["output"], expected, atol=1e-5)
+
+    old = workers(server)["backed/main"]
+    with LoadThreads(server.address, [("backed", {"input": x}, right)], threads=3) as load:
+        wait_until(lambda: load.served() >= 20, 60, "calls before the kill")
+        os.kill(old, signal.SIGKILL)
+        wait_until(lambda: workers(server).get("backed/main") not in (None, old), 60, "restart")
+        served = load.served()
+        wait_until(lambda: load.served() > served + 20, 60, "calls after the restart")
+    # Unpinned calls never failed: while main was down, backup answered them.
+    assert load.errors == [] and not load.wrong, load.errors[:5]
+    assert server.metric("tensorgate_fallbacks_total", model="backed", to="backup") >= 1
+
+
+def test_unload_stops_the_worker(server: ServerProcess) -> None:
+    with Client(server.address) as client:
+        pid = workers(server)["mixed/a"]
+        client.unload_model("mixed", timeout=60)
+        wait_until(lambda: "mixed/a" not in workers(server), 60, "the worker to exit")
+        with pytest.raises(OSError):
+            Path(f"/proc/{pid}/stat").read_text()
+        client.load_model("mixed", timeout=60)
+        assert "mixed/a" in workers(server)
+        assert client.infer("mixed", {"input": x64(1)}, version="a").variant == "a"
+
+
+def test_server_exit_leaves_no_worker(isolated_repo: Path, tmp_path: Path) -> None:
+    server = ServerProcess(isolated_repo, tmp_path).start()
+    pids = list(workers(server).values())
+    assert len(pids) == 3
+    assert server.stop() == 0, server.log()
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+
+
+# -- the wrapper on its own, without a server ------------------------------------------------
+
+
+def test_isolated_backend_carries_bytes_and_errors(tmp_path: Path) -> None:
+    path = build_string_onnx(tmp_path / "strings" / "model.onnx")
+    backend = IsolatedBackend("onnxruntime", label="strings/1")
+    signature = backend.load(path, BackendOptions())
+    assert [s.name for s in signature.inputs] == ["text"]
+    backend.bind(signature)
+    try:
+        texts = np.array([b"abc", b"", "\u00e9".encode()], dtype=object)
+        out = backend.infer({"text": texts})
+        assert out["upper"].dtype == object and out["upper"][0] == b"ABC"
+        # The worker's BackendInputError comes back as one (INVALID_ARGUMENT, not retried).
+        with pytest.raises(BackendInputError, match="UTF-8"):
+            backend.infer({"text": np.array([b"\xff"], dtype=object)})
+    finally:
+        backend.unload()
+    with pytest.raises(BackendUnreachable, match="unloaded"):
+        backend.infer({"text": texts})
+
+
+def test_isolated_backend_reports_a_load_failure(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="cannot load ONNX model"):
+        IsolatedBackend("onnxruntime", label="missing/1").load(
+            tmp_path / "missing.onnx", BackendOptions()
+        )

@@ -1,0 +1,100 @@
+"""Tiny executions run on the event loop thread (the hand-off to a pool thread costs more
+than they compute); slow ones, and variants with several instances, stay in the pool."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tensorgate.backends import Backend, BackendOptions, Signature
+from tensorgate.server.errors import DeadlineExceeded
+from tensorgate.server.scheduler import INLINE_ABORT_S, INLINE_WINDOW, Scheduler, Timings
+
+
+class Doubler(Backend):
+    """Doubles ``x``; records which thread ran each call; can be made slow."""
+
+    name = "doubler"
+    platform = "numpy"
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+        self.delay = 0.0
+
+    @classmethod
+    def find_model_file(cls, variant_dir: Path) -> Path | None:
+        return None
+
+    def load(self, path: Path, options: BackendOptions) -> Signature:
+        return Signature((), ())
+
+    def infer(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        self.threads.append(threading.get_ident())
+        if self.delay:
+            time.sleep(self.delay)
+        return {"y": inputs["x"] * 2}
+
+
+async def _call(s: Scheduler, value: float, deadline: float | None = None) -> Timings:
+    timings = Timings()
+    out = await s.submit({"x": np.array([value])}, None, deadline, timings)
+    assert out["y"][0] == value * 2
+    return timings
+
+
+def test_fast_variant_moves_to_the_loop_and_back_when_it_slows() -> None:
+    async def main() -> None:
+        backend = Doubler()
+        s = Scheduler(backend, name="m/v")
+        s.start()
+        loop_thread = threading.get_ident()
+        for i in range(INLINE_WINDOW):
+            await _call(s, i)
+        assert loop_thread not in backend.threads  # measured in the pool first
+        t = await _call(s, 1.0)
+        assert backend.threads[-1] == loop_thread  # now inline
+        assert t.execution_rows == 1 and t.compute > 0 and t.queue > 0
+        backend.delay = INLINE_ABORT_S * 2
+        await _call(s, 2.0)  # too slow for the loop: this one ran inline, the next not
+        backend.delay = 0.0
+        await _call(s, 3.0)
+        assert backend.threads[-1] != loop_thread
+        with pytest.raises(DeadlineExceeded):
+            await _call(s, 4.0, deadline=time.monotonic() - 1)
+        await s.close()
+
+    asyncio.run(main())
+
+
+def test_concurrent_callers_of_an_inline_variant_all_get_their_rows() -> None:
+    async def main() -> None:
+        backend = Doubler()
+        s = Scheduler(backend, name="m/v")
+        s.start()
+        for i in range(INLINE_WINDOW):
+            await _call(s, i)
+        await asyncio.gather(*(_call(s, float(i)) for i in range(100)))
+        await s.close()
+
+    asyncio.run(main())
+
+
+def test_several_instances_never_run_on_the_loop() -> None:
+    async def main() -> None:
+        backend = Doubler()
+        s = Scheduler(backend, name="m/v", instances=2)
+        s.start()
+        for i in range(INLINE_WINDOW * 2):
+            await _call(s, i)
+        assert threading.get_ident() not in backend.threads
+        await s.close()
+
+    asyncio.run(main())
