@@ -108,6 +108,10 @@ class Backend(abc.ABC):
 
     #: Name used in config.toml's ``backend = "..."`` and in metrics labels.
     name: ClassVar[str]
+    #: May the gateway run ``infer`` on its event loop thread when it is fast enough? Only
+    #: for backends whose calls cannot block on anything outside the process: an isolated
+    #: worker or a remote server can hang, and a hang there must never freeze the gateway.
+    may_run_inline: ClassVar[bool] = True
     #: Triton platform name reported by ModelMetadata/ModelConfig. A backend that only
     #: learns it at load (``remote``) may set it on the instance in ``load``.
     platform: ClassVar[str]

@@ -250,6 +250,7 @@ class IsolatedBackend(Backend):
     """
 
     name: ClassVar[str] = "isolated"
+    may_run_inline: ClassVar[bool] = False  # its calls wait on another process
     platform: ClassVar[str] = ""
 
     #: Restart delays: the first, the cap, and how long a worker must live for the delay to

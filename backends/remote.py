@@ -156,6 +156,7 @@ class RemoteBackend(Backend):
     """
 
     name: ClassVar[str] = "remote"
+    may_run_inline: ClassVar[bool] = False  # its calls wait on another process
     #: Until loaded; then the instance's ``platform`` is the remote model's (e.g.
     #: "onnxruntime_onnx"), so clients see what actually computes.
     platform: ClassVar[str] = "remote"

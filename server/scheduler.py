@@ -12,6 +12,7 @@ Each caller gets exactly its own rows of the batch back.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -25,11 +26,15 @@ from tensorgate.backends.base import BackendInputError, BackendUnreachable
 
 from .errors import BackendFailed, DeadlineExceeded, InvalidInput, Overloaded, Unavailable
 
+log = logging.getLogger(__name__)
+
 #: A single-instance variant whose executions take less than this runs them on the event
 #: loop thread instead of its pool: handing a call to a thread and back costs more CPU and
-#: GIL hand-overs under load (~100 us per request measured, docs/benchmarks.md) than such a
-#: model computes (the demo MLP in ONNX Runtime: ~20 us).
-INLINE_BELOW_S = 50e-6
+#: GIL hand-overs under load (~130 us per request measured, docs/benchmarks.md) than such a
+#: model computes (the demo MLP in ONNX Runtime: ~20 us alone, ~50 us inside the server).
+INLINE_BELOW_S = 100e-6
+#: ... and goes back to its pool when they take more than this (hysteresis: no flapping).
+INLINE_ABOVE_S = 200e-6
 #: Executions per estimate of a variant's compute time: their 25th percentile, which the
 #: GIL waits that lengthen some of the pool's timings under load leave alone.
 INLINE_WINDOW = 32
@@ -103,7 +108,7 @@ class Scheduler:
         self._active = 0  # requests taken off the queue and not yet answered
         # Run tiny executions on the loop (see INLINE_BELOW_S); more instances ask for
         # executions in parallel, which only the pool gives.
-        self._may_inline = instances == 1
+        self._may_inline = instances == 1 and backend.may_run_inline
         self._inline = False
         self._durations: list[float] = []
 
@@ -306,9 +311,17 @@ class Scheduler:
             return
         self._durations.append(took)
         if len(self._durations) >= INLINE_WINDOW:
-            ordered = sorted(self._durations)
-            self._inline = ordered[len(ordered) // 4] < INLINE_BELOW_S
+            typical = sorted(self._durations)[len(self._durations) // 4]
             self._durations.clear()
+            inline = typical < (INLINE_ABOVE_S if self._inline else INLINE_BELOW_S)
+            if inline != self._inline:
+                log.debug(
+                    "variant %s: executions take ~%.0f us: %s",
+                    self._name,
+                    typical * 1e6,
+                    "running them on the event loop" if inline else "back to its pool",
+                )
+            self._inline = inline
 
     def _split(
         self, result: dict[str, np.ndarray], batch: list[_Work]

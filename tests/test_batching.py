@@ -214,3 +214,11 @@ def test_request_over_max_batch_size_is_invalid_argument(batched_server: ServerP
         client.infer("scorer", {"input": np.zeros((17, 64), np.float32)})
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "exceeds max_batch_size 16" in info.value.message
+
+
+def test_backends_that_wait_on_other_processes_never_run_on_the_event_loop() -> None:
+    from tensorgate.backends.isolated import IsolatedBackend
+    from tensorgate.backends.remote import RemoteBackend
+
+    assert RowSums.may_run_inline
+    assert not IsolatedBackend.may_run_inline and not RemoteBackend.may_run_inline

@@ -186,3 +186,40 @@ def test_isolated_backend_reports_a_load_failure(tmp_path: Path) -> None:
         IsolatedBackend("onnxruntime", label="missing/1").load(
             tmp_path / "missing.onnx", BackendOptions()
         )
+
+
+def test_restart_delay_grows_while_the_worker_keeps_dying(tmp_path: Path) -> None:
+    path = build_mlp_onnx(tmp_path / "mlp" / "model.onnx", mlp_weights())
+    backend = IsolatedBackend("onnxruntime", label="mlp/1")
+    backend.BACKOFF_INITIAL = 0.2  # type: ignore[misc]  # instance override, to keep it short
+    signature = backend.load(path, BackendOptions())
+    backend.bind(signature)
+    x = x64(1)
+    delays: list[float] = []
+    try:
+        for _ in range(2):
+            os.kill(backend.pid, signal.SIGKILL)  # type: ignore[arg-type]
+
+            def announced() -> str:
+                try:
+                    backend.infer({"input": x})
+                except BackendUnreachable as e:
+                    return str(e) if "next attempt in" in str(e) else ""
+                return ""
+
+            message = wait_until(announced, 30, "the restart to be announced", every=0.005)
+            assert "killed by signal 9 (SIGKILL)" in message, message
+            delays.append(float(message.split("next attempt in ")[1].split()[0]))
+
+            def serving() -> bool:
+                try:
+                    backend.infer({"input": x})
+                except BackendUnreachable:
+                    return False
+                return True
+
+            wait_until(serving, 30, "the restarted worker to serve")
+        assert backend.restarts == 2
+        assert delays[1] > delays[0], delays  # 0.2 s, then 0.4 s: it died young again
+    finally:
+        backend.unload()

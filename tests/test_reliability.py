@@ -251,7 +251,10 @@ def slow_call(seed: int, rows: int = 4, steps: int = 1500):
     return ("slow", feeds, lambda r: np.allclose(r["y"], expected, atol=1e-4))
 
 
-def test_sigterm_under_load_finishes_every_accepted_call(slow_repo: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_under_load_finishes_every_accepted_call(
+    slow_repo: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
     server = ServerProcess(slow_repo, tmp_path, "--drain-timeout", "60").start()
     calls = [slow_call(0), slow_call(1), mlp_call(0), slow_call(2)]
     with LoadThreads(server.address, calls, threads=5) as load:
@@ -259,7 +262,7 @@ def test_sigterm_under_load_finishes_every_accepted_call(slow_repo: Path, tmp_pa
         load.stop_on_error.set()
         signalled = time.monotonic()
         assert server.proc is not None
-        server.proc.send_signal(signal.SIGTERM)
+        server.proc.send_signal(sig)
         returncode = server.proc.wait(120)
         load.stop.set()
     server.stop()
