@@ -25,7 +25,10 @@ runs that other processes disturbed. Blocks (``--only``):
 Results: one JSON line per run in ``loadtest/results/benchmark-<time>.jsonl`` and the tables
 and target ratios in the ``.md`` beside it (also printed). Env: ``C`` (concurrencies of the
 small-MLP runs, default 1,8,32), ``D`` (seconds per run, default 10), ``PEERS_HOME``
-(default ~/peers), ``PEERS_DIR`` (default ../shared/peers next to the checkout).
+(default ~/peers), ``PEERS_DIR`` (default ../shared/peers next to the checkout); to run
+fewer configurations: ``TG_CONFIGS`` (1w,2w,1wb,2wb,torch), ``MLS_VARIANTS`` ("0:plain
+1:plain 0:batched"), ``TS_CONFIGS`` ("1 2 1b8"), ``WIDE_TG_CONFIGS`` (1w,1wb,2wb),
+``WIDE_MLS`` ("0:plain 0:batched"), ``WIDE_TS`` ("1 1b32").
 """
 
 from __future__ import annotations
@@ -327,18 +330,29 @@ def block_echo(run: Run) -> None:
 def block_tensorgate(run: Run) -> None:
     plain = small_repository(run.work / "small-plain", batched=False)
     batched = small_repository(run.work / "small-batched", batched=True)
-    configs = [
-        ("tensorgate (1 worker, ONNX Runtime)", plain, ("--workers", "1"), ()),
-        ("tensorgate (2 workers, ONNX Runtime)", plain, ("--workers", "2"), ()),
-        (
+    configs = {
+        "1w": ("tensorgate (1 worker, ONNX Runtime)", plain, ("--workers", "1"), ()),
+        "2w": ("tensorgate (2 workers, ONNX Runtime)", plain, ("--workers", "2"), ()),
+        "1wb": (
             "tensorgate (1 worker, ONNX Runtime, dynamic batching 32, 500 us)",
             batched,
             ("--workers", "1"),
             (),
         ),
-        ("tensorgate (1 worker, TorchScript)", plain, ("--workers", "1"), ("--version", "torch")),
-    ]
-    for label, repo, args, extra in configs:
+        "2wb": (
+            "tensorgate (2 workers, ONNX Runtime, dynamic batching 32, 500 us)",
+            batched,
+            ("--workers", "2"),
+            (),
+        ),
+        "torch": (
+            "tensorgate (1 worker, TorchScript)",
+            plain,
+            ("--workers", "1"),
+            ("--version", "torch"),
+        ),
+    }
+    for label, repo, args, extra in _chosen(configs, "TG_CONFIGS"):
         log(label)
         with gateway(repo, run.work, *args) as (address, pid):
             bench_target(run, address, pid, label, *extra)
@@ -440,11 +454,20 @@ def block_stream(run: Run) -> None:
                 )
 
 
+def _chosen(configs: dict, env: str) -> list:
+    """The configurations named in $env (comma-separated keys), default all."""
+    keys = os.environ.get(env, ",".join(configs)).split(",")
+    unknown = [k for k in keys if k not in configs]
+    if unknown:
+        raise SystemExit(f"{env}: unknown {unknown}; choose from {','.join(configs)}")
+    return [configs[k] for k in keys]
+
+
 def block_mlserver(
     run: Run,
     home: Path = PEERS_HOME,
     c: str | None = None,
-    variants: str = "0:plain 1:plain 0:batched",
+    variants: str = os.environ.get("MLS_VARIANTS", "0:plain 1:plain 0:batched"),
 ) -> None:
     log(f"MLServer ({variants})")
     sh(
@@ -454,7 +477,10 @@ def block_mlserver(
 
 
 def block_torchserve(
-    run: Run, home: Path = PEERS_HOME, c: str | None = None, configs: str = "1 2 1b8"
+    run: Run,
+    home: Path = PEERS_HOME,
+    c: str | None = None,
+    configs: str = os.environ.get("TS_CONFIGS", "1 2 1b8"),
 ) -> None:
     log(f"TorchServe ({configs})")
     sh(
@@ -497,16 +523,23 @@ def block_wide(run: Run) -> None:
                 **_inproc_rows_per_s(onnx, batch, run.d),
             }
         )
-    for batched in (False, True):
-        label = "wide: tensorgate (1 worker, ONNX Runtime, " + (
-            "dynamic batching 32, 2 ms)" if batched else "no batching)"
+    configs = {
+        "1w": ("1", False),
+        "1wb": ("1", True),
+        "2wb": ("2", True),
+    }
+    for workers, batched in _chosen(configs, "WIDE_TG_CONFIGS"):
+        label = f"wide: tensorgate ({workers} worker{'s' if workers != '1' else ''}, " + (
+            "ONNX Runtime, dynamic batching 32, 2 ms)" if batched else "ONNX Runtime, no batching)"
         )
         log(label)
-        repo = wide_repository(run.work / f"wide-{batched}", onnx, batched)
-        with gateway(repo, run.work, "--workers", "1") as (address, pid):
+        repo = run.work / f"wide-{batched}"
+        if not repo.exists():
+            wide_repository(repo, onnx, batched)
+        with gateway(repo, run.work, "--workers", workers) as (address, pid):
             bench_target(run, address, pid, label, c="32", home=home)
-    block_mlserver(run, home, c="32", variants="0:plain 0:batched")
-    block_torchserve(run, home, c="32", configs="1 1b32")
+    block_mlserver(run, home, c="32", variants=os.environ.get("WIDE_MLS", "0:plain 0:batched"))
+    block_torchserve(run, home, c="32", configs=os.environ.get("WIDE_TS", "1 1b32"))
 
 
 # --- the report ----------------------------------------------------------------------------
@@ -527,17 +560,18 @@ def report(rows: list[dict], machine: str) -> str:
     rows = [r for r in rows if r.get("rps") is not None]
     wide = [r for r in rows if r["label"].startswith("wide")]
     small = [r for r in rows if not r["label"].startswith("wide")]
-    cs = sorted({int(r["c"]) for r in small if r.get("tool") == "h2load"})
-    out = [
-        f"Machine: {machine}",
-        "",
-        "Small MLP (64-256-256-10), batch 1. Cells: requests/s, p50 ms, "
-        "p99 ms (`*`: other processes used > 0.15 core during the run). CPU: server CPU ms per "
-        "request at the highest concurrency.",
-        "",
-        "| server / config | tool | " + " | ".join(f"c={c}" for c in cs) + " | CPU ms/req |",
-        "|---|---|" + "---|" * len(cs) + "---|",
-    ]
+    cs = sorted({int(r["c"]) for r in small if r.get("tool") == "h2load"}) or [32]
+    out = [f"Machine: {machine}"]
+    if small:
+        out += [
+            "",
+            "Small MLP (64-256-256-10), batch 1. Cells: requests/s, p50 ms, "
+            "p99 ms (`*`: other processes used > 0.15 core during the run). CPU: server CPU ms per "
+            "request at the highest concurrency.",
+            "",
+            "| server / config | tool | " + " | ".join(f"c={c}" for c in cs) + " | CPU ms/req |",
+            "|---|---|" + "---|" * len(cs) + "---|",
+        ]
     labels = list(dict.fromkeys(r["label"] for r in small))
     for label in labels:
         for tool in ("h2load", "ort", "tensorgate-bench", "inproc"):
@@ -570,11 +604,15 @@ def report(rows: list[dict], machine: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def _pick(rows: list[dict], prefix: str, c: int, tool: str = "h2load") -> list[dict]:
+def _pick(
+    rows: list[dict], prefix: str, c: int, tool: str = "h2load", exact: bool = False
+) -> list[dict]:
     return [
         r
         for r in rows
-        if r["label"].startswith(prefix) and int(r["c"]) == c and r.get("tool") == tool
+        if (r["label"] == prefix if exact else r["label"].startswith(prefix))
+        and int(r["c"]) == c
+        and r.get("tool") == tool
     ]
 
 
@@ -603,7 +641,7 @@ def targets(rows: list[dict]) -> list[str]:
             f"{'REACHED' if ok else 'missed'} [{a['label']} {a[key]} vs {b['label']} {b[key]}]"
         )
 
-    tg1 = _best(_pick(rows, "tensorgate (1 worker, ONNX Runtime)", 32))
+    tg1 = _best(_pick(rows, "tensorgate (1 worker, ONNX Runtime)", 32, exact=True))
     echo = _best(_pick(rows, "grpc.aio echo (raw)", 32))
     ratio("1 worker vs bare grpc.aio echo (raw), c=32", tg1, echo, 0.85)
     ratio(
@@ -632,7 +670,7 @@ def targets(rows: list[dict]) -> list[str]:
     )
     ratio(
         "--workers 2 vs --workers 1, c=32 (2 cores shared with h2load: not free)",
-        _best(_pick(rows, "tensorgate (2 workers", 32)),
+        _best(_pick(rows, "tensorgate (2 workers, ONNX Runtime)", 32, exact=True)),
         tg1,
         1.6,
     )
@@ -656,9 +694,13 @@ def targets(rows: list[dict]) -> list[str]:
         ),
         1.0,
     )
-    wb = _best(_pick(rows, "wide: tensorgate (1 worker, ONNX Runtime, dynamic", 32))
+    wb = _best(
+        _pick(rows, "wide: tensorgate (1 worker, ONNX Runtime, dynamic", 32)
+        + _pick(rows, "wide: tensorgate (2 workers, ONNX Runtime, dynamic", 32)
+    )
     wn = _best(_pick(rows, "wide: tensorgate (1 worker, ONNX Runtime, no batching", 32))
-    ratio("wide model: dynamic batching vs none, c=32", wb, wn, 3.0)
+    wb1 = _best(_pick(rows, "wide: tensorgate (1 worker, ONNX Runtime, dynamic", 32))
+    ratio("wide model: dynamic batching vs none (1 worker each), c=32", wb1, wn, 3.0)
     ratio(
         "wide model: batching vs MLServer's batching",
         wb,
@@ -696,8 +738,13 @@ def main() -> None:
         "--report", type=Path, default=None, help="only print the tables of an earlier results file"
     )
     args = parser.parse_args()
-    if args.report:
-        print(report(_mark_wide(load(args.report)), "(see the run)"))
+    if args.report:  # the tables again (after a change to this script), into the .md too
+        md = args.report.with_suffix(".md")
+        first = md.read_text().splitlines()[0] if md.exists() else ""
+        where = first.removeprefix("Machine: ") if first.startswith("Machine: ") else "?"
+        text = report(_mark_wide(load(args.report)), where)
+        md.write_text(text)
+        print(text)
         return
     blocks = {b.strip() for b in args.only.split(",") if b.strip()}
     unknown = blocks - set(BLOCKS)

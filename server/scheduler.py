@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 #: A single-instance variant whose executions take less than this runs them on the event
 #: loop thread instead of its pool: handing a call to a thread and back costs more CPU and
-#: GIL hand-overs under load (~130 us per request measured, docs/benchmarks.md) than such a
+#: GIL hand-overs under load (~0.3 ms per request at c=32, docs/benchmarks.md) than such a
 #: model computes (the demo MLP in ONNX Runtime: ~20 us alone, ~50 us inside the server).
 INLINE_BELOW_S = 100e-6
 #: ... and goes back to its pool when they take more than this (hysteresis: no flapping).
