@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,6 +30,8 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from common import machine  # noqa: E402 - loadtest/common.py, beside this script
 
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 from tensorgate.server import codec  # noqa: E402
@@ -126,19 +127,6 @@ def measure(
         p99_ms=float(np.percentile(ms, 99)),
         back_cpu_ms_per_request=cpu["back"] * 1e3 / max(1, n),
         front_cpu_ms_per_request=cpu["front"] * 1e3 / max(1, n),
-    )
-
-
-def machine() -> str:
-    cpu = ""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return (
-        f"{os.cpu_count()} CPUs ({cpu or platform.machine()}), Python {platform.python_version()}"
     )
 
 

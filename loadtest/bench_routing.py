@@ -26,7 +26,6 @@ import asyncio
 import itertools
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -39,6 +38,8 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from common import machine  # noqa: E402 - loadtest/common.py, beside this script
 
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 from tensorgate.server import codec  # noqa: E402
@@ -112,19 +113,6 @@ async def drive(
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return latencies, errors
-
-
-def machine() -> str:
-    cpu = ""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return (
-        f"{os.cpu_count()} CPUs ({cpu or platform.machine()}), Python {platform.python_version()}"
-    )
 
 
 def main() -> None:
