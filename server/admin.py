@@ -164,7 +164,6 @@ class RoutingAdminServicer(apb_grpc.RoutingAdminServicer):
         return apb.GetRoutesResponse(models=[model_route(m, self.router.state(m)) for m in models])
 
     async def SetRoute(self, request, context):
-        self.gateway.authorize_repository(context)
         model = self.repository.get(request.model)
         state = self.router.state(model)
         try:

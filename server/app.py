@@ -237,10 +237,6 @@ class Gateway:
     def model_health_changed(self) -> None:
         asyncio.get_running_loop().create_task(self.model_health_changed_async())
 
-    def authorize_repository(self, context: grpc.aio.ServicerContext) -> None:
-        """Kept for the servicers that call it: the tokens of the repository and admin RPCs
-        are checked before any handler runs, by ``auth.AuthInterceptor``."""
-
     async def stop(self, grace: float | None = None) -> None:
         """Drain: health NOT_SERVING, new inference calls refused with UNAVAILABLE, accepted
         ones finish (at most ``grace`` seconds, default ``--drain-timeout``), then the gRPC

