@@ -18,12 +18,15 @@ import math
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import click
 import grpc
 import numpy as np
 
 from tensorgate.protos import grpc_service_pb2 as pb
+
+from .cli_options import client_security, client_security_options
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -113,13 +116,18 @@ async def run_load(
     connections: int,
     stream: bool,
     progress=None,
+    credentials: grpc.ChannelCredentials | None = None,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> Result:
     """Closed loop (``concurrency`` callers back to back) or, with ``rps``, open loop."""
     # A local subchannel pool per channel: otherwise gRPC shares one TCP connection between
     # channels to the same target, and --connections would not open several.
     options = [("grpc.use_local_subchannel_pool", 1)]
     channels = [
-        grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, connections))
+        grpc.aio.secure_channel(target, credentials, options=options)
+        if credentials is not None
+        else grpc.aio.insecure_channel(target, options=options)
+        for _ in range(max(1, connections))
     ]
     result = Result()
     sent = 0
@@ -145,7 +153,7 @@ async def run_load(
                     await asyncio.sleep(delay)
             t0 = time.perf_counter()
             try:
-                reply = await call(payloads[i % len(payloads)], timeout=timeout)
+                reply = await call(payloads[i % len(payloads)], timeout=timeout, metadata=metadata)
                 result.record(time.perf_counter() - t0, "OK", reply.model_version)
             except grpc.aio.AioRpcError as e:
                 result.record(time.perf_counter() - t0, e.code().name, detail=e.details() or "")
@@ -159,7 +167,7 @@ async def run_load(
             STREAM,
             request_serializer=None,
             response_deserializer=pb.ModelStreamInferResponse.FromString,
-        )(timeout=None)
+        )(timeout=None, metadata=metadata)
         try:
             while (i := take()) is not None:
                 t0 = time.perf_counter()
@@ -256,21 +264,27 @@ def render_csv(s: dict) -> str:
 @click.option("--stream", is_flag=True, help="Send over ModelStreamInfer streams.")
 @click.option("--timeout", default=30.0, show_default=True, help="Per-call deadline, seconds.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "csv"]), default="text")
+@client_security_options
 def bench(model: str, url: str, concurrency: int, total: int | None, duration: float | None,
           rps: float | None, version: str | None, sticky_key: str | None, sticky_keys: int,
           batch: int, inputs: tuple[str, ...], connections: int, stream: bool, timeout: float,
-          fmt: str) -> None:
+          fmt: str, tls: bool, tls_ca: Path | None, tls_cert: Path | None,
+          tls_key: Path | None, token: str | None) -> None:
     """Load-test MODEL and print throughput, latency percentiles and a per-variant split."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tensorgate.clients import Client, InferenceError
+    from tensorgate.clients.client import auth_metadata, tls_credentials
     from tensorgate.server import codec
 
     from .cli import _parse_input, _random_input
 
     if total is None and duration is None:
         duration = 10.0
-    with Client(url) as client:
+    security = client_security(tls, tls_ca, tls_cert, tls_key)
+    use_tls = tls or any(v is not None for v in (tls_ca, tls_cert, tls_key))
+    credentials = tls_credentials(tls_ca, tls_cert, tls_key) if use_tls else None
+    with Client(url, token=token, **security) as client:
         try:
             meta = client.model_metadata(model, version)
         except InferenceError as e:
@@ -294,7 +308,8 @@ def bench(model: str, url: str, concurrency: int, total: int | None, duration: f
             run_load(
                 url, request, concurrency=concurrency, total=total, duration=duration, rps=rps,
                 timeout=timeout, sticky_keys=sticky_keys, sticky_name=sticky_key,
-                connections=connections, stream=stream,
+                connections=connections, stream=stream, credentials=credentials,
+                metadata=auth_metadata(token),
                 progress=lambda n: bar.advance(task, n),
             )
         )  # fmt: skip

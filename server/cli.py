@@ -15,6 +15,8 @@ import numpy as np
 
 from tensorgate.backends.datatypes import by_name
 
+from .cli_options import client_security, client_security_options, client_tls_options
+
 
 def default_demo_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -223,19 +225,6 @@ def demo(directory: Path) -> None:
             click.echo(p.relative_to(directory))
 
 
-def client_tls_options(fn):
-    """--tls, --tls-ca, --tls-cert, --tls-key: how a command reaches a TLS server."""
-    pem = click.Path(path_type=Path, dir_okay=False, exists=True)
-    fn = click.option("--tls-key", type=pem, help="This client's key (mutual TLS).")(fn)
-    fn = click.option(
-        "--tls-cert", type=pem, help="This client's certificate, for mutual TLS (PEM)."
-    )(fn)
-    fn = click.option(
-        "--tls-ca", type=pem, help="Use TLS; trust the server certificate this CA signed (PEM)."
-    )(fn)
-    return click.option("--tls", is_flag=True, help="Use TLS with the system's CA roots.")(fn)
-
-
 def _parse_input(spec: str, meta: dict[str, dict]) -> tuple[str, np.ndarray]:
     name, sep, value = spec.partition("=")
     if not sep:
@@ -299,13 +288,7 @@ def _random_input(tensor: dict) -> np.ndarray:
 @click.option("--url", default="127.0.0.1:8001", show_default=True, help="Server address.")
 @click.option("--timeout", default=30.0, show_default=True, type=float, help="Deadline, seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outputs as JSON.")
-@client_tls_options
-@click.option(
-    "--token",
-    envvar="TENSORGATE_TOKEN",
-    default=None,
-    help="Bearer token for a server with auth (default: $TENSORGATE_TOKEN).",
-)
+@client_security_options
 def infer(
     model: str,
     version: str | None,
@@ -324,9 +307,7 @@ def infer(
     """Call MODEL once and print its outputs."""
     from tensorgate.clients import Client, InferenceError
 
-    if (tls_cert is None) != (tls_key is None):
-        raise click.UsageError("--tls-cert and --tls-key go together")
-    security = {"tls": tls, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
+    security = client_security(tls, tls_ca, tls_cert, tls_key)
     with Client(url, token=token, **security) as client:
         try:
             meta = client.model_metadata(model, version, timeout=timeout)

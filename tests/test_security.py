@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -327,6 +328,22 @@ def test_cli_infer_with_tls_and_token(tls_server: ServerProcess, certs: Certific
     assert '"variant": "1"' in ok.stdout
     refused = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr, refused.stderr
+
+
+def test_cli_bench_with_tls_and_token(tls_server: ServerProcess, certs: Certificates) -> None:
+    cmd = [
+        sys.executable, "-m", "tensorgate.server.cli", "bench", "mlp", "-n", "20", "-c", "2",
+        "--format", "json", "--url", tls_server.address, "--tls-ca", str(certs.ca),
+    ]  # fmt: skip
+    for stream in ([], ["--stream"]):
+        ok = subprocess.run(
+            [*cmd, *stream, "--token", INFERENCE_TOKEN], capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)["codes"] == {"OK": 20}
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr, refused.stderr
 
 
 # -- the repository root ---------------------------------------------------------------------
