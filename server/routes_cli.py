@@ -6,25 +6,46 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import click
 import grpc
+
+from .cli_options import client_security, client_security_options
 
 DEFAULT_URL = "127.0.0.1:8001"
 CIRCUIT = {0: "closed", 1: "OPEN", 2: "half-open"}
 
 
+@dataclass(frozen=True)
+class _Target:
+    """Where the admin calls go and how: address, TLS credentials, auth metadata."""
+
+    url: str
+    credentials: grpc.ChannelCredentials | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    def at(self, url: str | None) -> _Target:
+        return replace(self, url=url) if url else self
+
+
 @contextmanager
-def _stub(url: str) -> Iterator[object]:
+def _stub(target: _Target) -> Iterator[object]:
     from tensorgate.protos import admin_pb2_grpc
 
-    with grpc.insecure_channel(url) as channel:
+    channel = (
+        grpc.secure_channel(target.url, target.credentials)
+        if target.credentials is not None
+        else grpc.insecure_channel(target.url)
+    )
+    with channel:
         yield admin_pb2_grpc.RoutingAdminStub(channel)
 
 
-def _call(fn, request, timeout: float):
+def _call(fn, request, timeout: float, target: _Target):
     try:
-        return fn(request, timeout=timeout)
+        return fn(request, timeout=timeout, metadata=target.metadata)
     except grpc.RpcError as e:
         click.echo(f"error: {e.code().name}: {e.details()}", err=True)  # type: ignore[attr-defined]
         sys.exit(1)
@@ -105,14 +126,15 @@ def render(routes) -> list[object]:
     return tables
 
 
-def _show(url: str, model: str, as_json: bool, timeout: float) -> None:
+def _show(target: _Target, model: str, as_json: bool, timeout: float) -> None:
     from google.protobuf import json_format
     from rich.console import Console
 
     from tensorgate.protos import admin_pb2 as apb
 
-    with _stub(url) as stub:
-        routes = _call(stub.GetRoutes, apb.GetRoutesRequest(model=model), timeout)  # type: ignore[attr-defined]
+    with _stub(target) as stub:
+        request = apb.GetRoutesRequest(model=model)
+        routes = _call(stub.GetRoutes, request, timeout, target)  # type: ignore[attr-defined]
     if as_json:
         click.echo(
             json.dumps(
@@ -139,17 +161,35 @@ _json = click.option("--json", "as_json", is_flag=True, help="Print JSON instead
 @click.group(invoke_without_command=True)
 @click.option("--url", default=DEFAULT_URL, show_default=True, help="Server address.")
 @_json
+@client_security_options
 @click.pass_context
-def routes(ctx: click.Context, url: str, as_json: bool) -> None:
+def routes(
+    ctx: click.Context,
+    url: str,
+    as_json: bool,
+    tls: bool,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    token: str | None,
+) -> None:
     """Show every model's routing on a running server: weights, sticky key, shadow,
     fallback, and per variant its circuit and how many requests it served.
 
     Changes made with `routes set` last until the model is reloaded or the server
     restarts: the model's config.toml stays the source of truth.
     """
-    ctx.obj = url
+    from tensorgate.clients.client import auth_metadata, tls_credentials
+
+    client_security(tls, tls_ca, tls_cert, tls_key)  # checks the pairs
+    use_tls = tls or any(v is not None for v in (tls_ca, tls_cert, tls_key))
+    ctx.obj = _Target(
+        url,
+        tls_credentials(tls_ca, tls_cert, tls_key) if use_tls else None,
+        auth_metadata(token),
+    )
     if ctx.invoked_subcommand is None:
-        _show(url, "", as_json, 10.0)
+        _show(ctx.obj, "", as_json, 10.0)
 
 
 @routes.command()
@@ -158,9 +198,9 @@ def routes(ctx: click.Context, url: str, as_json: bool) -> None:
 @_json
 @_timeout
 @click.pass_obj
-def show(group_url: str, model: str, url: str | None, as_json: bool, timeout: float) -> None:
+def show(target: _Target, model: str, url: str | None, as_json: bool, timeout: float) -> None:
     """Show the routing of MODEL (default: every model)."""
-    _show(url or group_url, model, as_json, timeout)
+    _show(target.at(url), model, as_json, timeout)
 
 
 def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
@@ -209,7 +249,7 @@ def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
 @_timeout
 @click.pass_obj
 def set_route(
-    group_url: str,
+    target: _Target,
     model: str,
     weights: tuple[str, ...],
     no_weights: bool,
@@ -290,8 +330,8 @@ def set_route(
     if not mask:
         raise click.UsageError("nothing to change: give --weight, --shadow, --fallback, ...")
     request.update_mask.paths.extend(mask)
-    with _stub(url or group_url) as stub:
-        reply = _call(stub.SetRoute, request, timeout)  # type: ignore[attr-defined]
+    with _stub(target.at(url)) as stub:
+        reply = _call(stub.SetRoute, request, timeout, target)  # type: ignore[attr-defined]
     if as_json:
         from google.protobuf import json_format
 

@@ -346,6 +346,25 @@ def test_cli_bench_with_tls_and_token(tls_server: ServerProcess, certs: Certific
     assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr, refused.stderr
 
 
+def test_cli_routes_with_tls_and_admin_token(
+    tls_server: ServerProcess, certs: Certificates
+) -> None:
+    cmd = [
+        sys.executable, "-m", "tensorgate.server.cli", "routes", "--url", tls_server.address,
+        "--tls-ca", str(certs.ca),
+    ]  # fmt: skip
+    ok = subprocess.run(
+        [*cmd, "--token", ADMIN_TOKEN, "show", "--json"], capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert [m["model"] for m in json.loads(ok.stdout)["models"]] == ["mlp"]
+    refused = subprocess.run(
+        [*cmd, "--token", INFERENCE_TOKEN, "show"], capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr, refused.stderr
+
+
 # -- the repository root ---------------------------------------------------------------------
 
 
