@@ -107,6 +107,7 @@ def updated_policy(current: RoutePolicy, mask: list[str], spec: apb.RouteSpec) -
         breaker_cooldown_s=spec.breaker_cooldown_s
         if "breaker_cooldown_s" in fields
         else current.breaker_cooldown_s,
+        attempt_timeout_s=current.attempt_timeout_s,  # config.toml only, kept as it is
     )
 
 

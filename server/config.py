@@ -123,6 +123,9 @@ class RoutingConfig(_Strict):
     fallback: list[str] | dict[str, list[str]] = Field(default_factory=list)
     breaker_failures: int = 5
     breaker_cooldown_s: float = 10.0
+    # Give up on a variant that has not answered after this long and try the next fallback
+    # (the caller's own deadline still bounds the whole request). None: wait for it.
+    attempt_timeout_ms: Annotated[float, Field(gt=0)] | None = None
 
 
 class ModelConfig(_Strict):

@@ -117,7 +117,7 @@ class Metrics:
             multiprocess_mode="livemin",  # with --workers: 1 only when every worker serves it
         )
         # Routing (server/router.py). Labels are variant names of a loaded model; reason is
-        # one of error, unavailable, not_ready, overloaded, circuit_open.
+        # one of error, unavailable, not_ready, overloaded, circuit_open, timeout.
         self.fallbacks = Counter(
             "tensorgate_fallbacks",
             "Requests passed from one variant to the next: the first failed or was skipped.",

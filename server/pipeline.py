@@ -197,9 +197,22 @@ class Pipeline:
                         f"model '{model.name}': the deadline passed before fallback variant "
                         f"'{name}' could be tried; {'; '.join(earlier)}"
                     )
+                attempt = variant.scheduler.submit(inputs, wanted, deadline, trace.timings)
+                limit = None if last else state.policy.attempt_timeout_s
                 try:
-                    outputs = await variant.scheduler.submit(
-                        inputs, wanted, deadline, trace.timings
+                    outputs = await (
+                        asyncio.wait_for(attempt, limit) if limit is not None else attempt
+                    )
+                except TimeoutError:
+                    # Only our own attempt limit raises this: the caller's deadline is the
+                    # scheduler's (DeadlineExceeded). Cancelling the attempt frees its queue
+                    # slot, or lets its result be dropped if it is computing.
+                    breaker.failure()
+                    state.counts[name].failed += 1
+                    reason = "timeout"
+                    error = Unavailable(
+                        f"variant {model.name}/{name} did not answer within the "
+                        f"{limit * 1e3:g} ms attempt timeout"
                     )
                 except BackendFailed as e:
                     breaker.failure()

@@ -86,6 +86,8 @@ class RoutePolicy:
     )
     breaker_failures: int = DEFAULT_BREAKER_FAILURES
     breaker_cooldown_s: float = DEFAULT_BREAKER_COOLDOWN_S
+    # Seconds a variant may take before the request moves on to its next fallback.
+    attempt_timeout_s: float | None = None
 
     @property
     def weighted(self) -> bool:
@@ -122,6 +124,7 @@ def make_policy(
     fallback: Iterable[str] | Mapping[str, Iterable[str]] = (),
     breaker_failures: int = DEFAULT_BREAKER_FAILURES,
     breaker_cooldown_s: float = DEFAULT_BREAKER_COOLDOWN_S,
+    attempt_timeout_s: float | None = None,
 ) -> RoutePolicy:
     """A RoutePolicy from plain values (not yet validated: see ``validate_policy``)."""
     by_variant: dict[str, tuple[str, ...]] = {}
@@ -138,6 +141,7 @@ def make_policy(
         fallback_by_variant=MappingProxyType(by_variant),
         breaker_failures=breaker_failures,
         breaker_cooldown_s=breaker_cooldown_s,
+        attempt_timeout_s=attempt_timeout_s,
     )
 
 
@@ -162,6 +166,7 @@ def policy_from_config(cfg: RoutingConfig | None) -> RoutePolicy:
         fallback=cfg.fallback,
         breaker_failures=cfg.breaker_failures,
         breaker_cooldown_s=cfg.breaker_cooldown_s,
+        attempt_timeout_s=cfg.attempt_timeout_ms / 1e3 if cfg.attempt_timeout_ms else None,
     )
 
 

@@ -50,6 +50,14 @@ def slow_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_slow_onnx(root / "slow1" / "1" / "model.onnx")
     (root / "slow1" / "config.toml").write_text("[instances]\ncount = 1\nmax_queue_size = 1\n")
     build_mlp_onnx(root / "mlp" / "1" / "model.onnx", mlp_weights())
+    # Two copies of the slow model: a request that waits on a busy "a" longer than the
+    # attempt timeout moves on to "b".
+    build_slow_onnx(root / "slowpair" / "a" / "model.onnx")
+    build_slow_onnx(root / "slowpair" / "b" / "model.onnx")
+    (root / "slowpair" / "config.toml").write_text(
+        '[instances]\ncount = 1\n\n[routing]\nweights = { a = 1 }\nfallback = ["b"]\n'
+        "attempt_timeout_ms = 300\n"
+    )
     return root
 
 
@@ -93,6 +101,25 @@ def wait_busy(server: ServerProcess, model: str, inflight: int, queued: int) -> 
         )
 
     wait_until(state, 60, f"{model}: {inflight} in flight, {queued} queued")
+
+
+def test_attempt_timeout_moves_a_waiting_request_to_the_fallback(
+    limited: ServerProcess, stub
+) -> None:
+    # "a" computes a long pinned request; an unpinned one routed to "a" waits behind it,
+    # gives up after the 300 ms attempt timeout, and "b" answers it.
+    pinned = encode_request("slowpair", slow_inputs(64, LONG), "a")  # no fallback: pinned
+    busy = stub.ModelInfer.future(pinned, timeout=120)
+    wait_busy(limited, "slowpair", inflight=1, queued=0)
+    before = limited.metric("tensorgate_fallbacks_total", model="slowpair", reason="timeout")
+    feeds = slow_inputs(2, 3)
+    reply = stub.ModelInfer(encode_request("slowpair", feeds), timeout=60)
+    assert reply.model_version == "b"
+    out = np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(2, -1)
+    np.testing.assert_allclose(out, slow_reference(feeds["x"], 3), atol=1e-5)
+    after = limited.metric("tensorgate_fallbacks_total", model="slowpair", reason="timeout")
+    assert after - before == 1
+    assert busy.result().model_version == "a"  # the long request itself was not disturbed
 
 
 # -- deadlines and cancellation ------------------------------------------------------------
