@@ -112,6 +112,10 @@ class Backend(abc.ABC):
     #: for backends whose calls cannot block on anything outside the process: an isolated
     #: worker or a remote server can hang, and a hang there must never freeze the gateway.
     may_run_inline: ClassVar[bool] = True
+    #: Does ``infer`` take ``deadline=`` (a ``time.monotonic()`` value, or None)? A backend
+    #: that waits on something else (a remote server) uses it to stop waiting when the
+    #: caller has given up. Backends that say False are called without it.
+    accepts_deadline: ClassVar[bool] = False
     #: Triton platform name reported by ModelMetadata/ModelConfig. A backend that only
     #: learns it at load (``remote``) may set it on the instance in ``load``.
     platform: ClassVar[str]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -157,6 +158,7 @@ class RemoteBackend(Backend):
 
     name: ClassVar[str] = "remote"
     may_run_inline: ClassVar[bool] = False  # its calls wait on another process
+    accepts_deadline: ClassVar[bool] = True
     #: Until loaded; then the instance's ``platform`` is the remote model's (e.g.
     #: "onnxruntime_onnx"), so clients see what actually computes.
     platform: ClassVar[str] = "remote"
@@ -253,18 +255,23 @@ class RemoteBackend(Backend):
         ]
 
     def infer(
-        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        deadline: float | None = None,
     ) -> dict[str, np.ndarray]:
+        """Forward to the remote server; the call ends at ``timeout_s`` or the caller's
+        ``deadline`` (a ``time.monotonic()`` value), whichever comes first."""
         config = self._config
         if config is None:
             raise BackendError("remote variant is not loaded")
         request = codec.encode_request(config.model, inputs, config.version, outputs or ())
         stub = self._stubs[next(self._turn) % len(self._stubs)]
         try:
-            # The variant's own deadline. The caller's remaining time does not reach backends
-            # (the contract passes tensors only); when it is shorter, the gateway answers the
-            # caller at its deadline and this call ends at timeout_s.
-            reply = stub.ModelInfer(request, timeout=config.timeout_s)
+            timeout = config.timeout_s
+            if deadline is not None:
+                timeout = min(timeout, max(deadline - time.monotonic(), 0.001))
+            reply = stub.ModelInfer(request, timeout=timeout)
         except grpc.RpcError as e:
             code = e.code()  # type: ignore[attr-defined]
             if code in _TRANSIENT:

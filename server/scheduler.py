@@ -244,12 +244,15 @@ class Scheduler:
                 name: np.concatenate([w.inputs[name] for w in batch]) for name in first.inputs
             }
         inline = self._inline
+        # The batch is worth computing until its most patient caller's deadline.
+        deadlines = [w.deadline for w in batch]
+        deadline = None if None in deadlines else max(deadlines)  # type: ignore[type-var]
         try:
             if inline:
-                result, took = self._timed_infer(inputs, first.outputs)
+                result, took = self._timed_infer(inputs, first.outputs, deadline)
             else:
                 result, took = await loop.run_in_executor(
-                    self._executor, self._timed_infer, inputs, first.outputs
+                    self._executor, self._timed_infer, inputs, first.outputs, deadline
                 )
             if self._may_inline:
                 self._observe(took, inline)
@@ -285,7 +288,7 @@ class Scheduler:
         started = time.perf_counter()
         self._active += 1
         try:
-            result, took = self._timed_infer(inputs, outputs)
+            result, took = self._timed_infer(inputs, outputs, deadline)
         except Exception as e:
             raise self._error(e) from e
         finally:
@@ -297,10 +300,16 @@ class Scheduler:
         return result
 
     def _timed_infer(
-        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None,
+        deadline: float | None = None,
     ) -> tuple[dict[str, np.ndarray], float]:
         started = time.perf_counter()
-        result = self._backend.infer(inputs, outputs)
+        if self._backend.accepts_deadline:
+            result = self._backend.infer(inputs, outputs, deadline=deadline)  # type: ignore[call-arg]
+        else:
+            result = self._backend.infer(inputs, outputs)
         return result, time.perf_counter() - started
 
     def _observe(self, took: float, inline: bool) -> None:

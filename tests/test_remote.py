@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
+from typing import ClassVar
 
 import grpc
 import numpy as np
@@ -350,7 +351,11 @@ class EchoServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ModelReady(self, request, context):
         return pb.ModelReadyResponse(ready=request.name == "echo")
 
+    #: time_remaining() of each ModelInfer call as the server saw it: the deadline sent.
+    remaining: ClassVar[list[float | None]] = []
+
     def ModelInfer(self, request, context):
+        EchoServicer.remaining.append(context.time_remaining())
         raw = request.raw_input_contents[0]
         first = raw[4 : 4 + int.from_bytes(raw[:4], "little")].decode()
         if first in grpc.StatusCode.__members__:
@@ -420,6 +425,23 @@ def test_remote_is_a_registered_backend_detected_by_its_file(tmp_path: Path) -> 
     from tensorgate.backends import detect
 
     assert detect(tmp_path) == (RemoteBackend, tmp_path / "remote.toml")
+
+
+def test_the_callers_deadline_bounds_the_remote_call(
+    echo_server: Callable[..., int], tmp_path: Path
+) -> None:
+    port = echo_server()
+    backend, _ = load_remote(tmp_path / "v", remote_toml(port, "echo", "7"))
+    try:
+        x = np.array([b"a"], dtype=object)
+        EchoServicer.remaining.clear()
+        backend.infer({"x": x})  # no caller deadline: the variant's timeout_s
+        backend.infer({"x": x}, deadline=time.monotonic() + 0.5)  # a caller with 0.5 s left
+        own, callers = EchoServicer.remaining
+        assert own is not None and own > 1.0
+        assert callers is not None and callers <= 0.6  # (gRPC rounds deadlines up a little)
+    finally:
+        backend.unload()
 
 
 def test_signature_platform_and_bytes_from_a_non_tensorgate_server(
