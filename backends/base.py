@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -97,10 +97,6 @@ class BackendOptions:
     inter_op_threads: int = 1
     instances: int = 1
     signature_name: str | None = None  # TF SavedModel signature; default "serving_default"
-    # The completed signature, known after all variants of a model have been read. A
-    # positional backend (TorchScript) uses it to bind tensor names to positions.
-    signature: Signature | None = None
-    extra: Mapping[str, object] = field(default_factory=dict)
 
 
 class Backend(abc.ABC):

@@ -9,7 +9,7 @@ import json
 import logging
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -69,7 +69,6 @@ class ServerSettings:
     # worker processes (SO_REUSEPORT), and this worker's index, sent as trailing metadata.
     reuse_port: bool = False
     worker_index: int | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
     def __repr__(self) -> str:  # never print the tokens
         hidden = {"auth_token", "admin_token"}

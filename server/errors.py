@@ -68,7 +68,3 @@ class ConfigError(TensorgateError):
     """A model's config.toml or the repository layout is invalid."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class PermissionDenied(TensorgateError):
-    code = grpc.StatusCode.PERMISSION_DENIED
