@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from common import machine  # noqa: E402 - loadtest/common.py, beside this script
+from common import cpu_seconds, machine  # noqa: E402 - loadtest/common.py, beside this script
 
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 from tensorgate.server import codec  # noqa: E402
@@ -51,12 +50,6 @@ class Result:
     p99_ms: float
     back_cpu_ms_per_request: float
     front_cpu_ms_per_request: float
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def drive(

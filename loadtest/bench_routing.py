@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
 import random
 import sys
 import tempfile
@@ -39,14 +38,14 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from common import machine  # noqa: E402 - loadtest/common.py, beside this script
+from common import cpu_seconds, machine  # noqa: E402 - loadtest/common.py, beside this script
 
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 from tensorgate.server import codec  # noqa: E402
-from tensorgate.server.demo import SCORER_CONFIG, build_mlp_onnx, mlp_weights  # noqa: E402
+from tensorgate.server.demo import MLP_TENSORS, build_mlp_onnx, mlp_weights  # noqa: E402
 from tests.serverproc import ServerProcess  # noqa: E402
 
-TENSORS = SCORER_CONFIG.replace('default_variant = "torch"\n', "")
+TENSORS = MLP_TENSORS
 MODELS = {
     "routed": '[routing]\nweights = { onnx = 1 }\nsticky_key = "user"\nfallback = ["spare"]\n',
     "plain": "",  # the default variant: the first in order, "onnx"
@@ -76,12 +75,6 @@ class Result:
     p50_ms: float
     p99_ms: float
     server_cpu_ms_per_request: float
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def drive(

@@ -49,6 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tensorgate.server.demo import MLP_TENSORS
+
 ROOT = Path(__file__).resolve().parents[1]
 PEERS_DIR = Path(os.environ.get("PEERS_DIR", ROOT.parent / "shared" / "peers")).resolve()
 PEERS_HOME = Path(os.environ.get("PEERS_HOME", Path.home() / "peers")).resolve()
@@ -56,17 +58,7 @@ WIDE_HOME = PEERS_HOME.parent / f"{PEERS_HOME.name}-wide"
 TOOLS_PY = PEERS_HOME / "venv-tools" / "bin" / "python"
 PYTHON = sys.executable
 BLOCKS = ("floor", "echo", "tensorgate", "stream", "mlserver", "torchserve", "wide")
-IO_CONFIG = """
-[[input]]
-name = "input"
-datatype = "FP32"
-shape = [-1, 64]
-
-[[output]]
-name = "output"
-datatype = "FP32"
-shape = [-1, 10]
-"""
+IO_CONFIG = "\n" + MLP_TENSORS
 PLAIN_CONFIG = 'default_variant = "onnx"\n' + IO_CONFIG
 BATCHED_CONFIG = (
     'default_variant = "onnx"\nmax_batch_size = 32\n'

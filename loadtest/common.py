@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts in loadtest/: describing the machine a result came from."""
+"""Shared by the benchmark scripts in loadtest/: the machine a result came from, and the
+CPU time a server process spent."""
 
 from __future__ import annotations
 
@@ -19,3 +20,9 @@ def machine() -> str:
     return (
         f"{os.cpu_count()} CPUs ({cpu or platform.machine()}), Python {platform.python_version()}"
     )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

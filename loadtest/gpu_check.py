@@ -222,23 +222,14 @@ class Server:
         }
 
 
-GPU_CONFIG = """\
-max_batch_size = 64
-device = "{device}"
+def gpu_config(device: str) -> str:
+    """config.toml of the wide MLP on ``device``, batched (tensorgate is importable by now)."""
+    from tensorgate.server.demo import MLP_TENSORS
 
-[[input]]
-name = "input"
-datatype = "FP32"
-shape = [-1, 64]
-
-[[output]]
-name = "output"
-datatype = "FP32"
-shape = [-1, 10]
-
-[batching]
-max_queue_delay_us = 2000
-"""
+    return (
+        f'max_batch_size = 64\ndevice = "{device}"\n\n{MLP_TENSORS}'
+        "\n[batching]\nmax_queue_delay_us = 2000\n"
+    )
 
 
 def check_gateway(tmp: Path, pythonpath: str) -> dict[str, object]:
@@ -252,7 +243,7 @@ def check_gateway(tmp: Path, pythonpath: str) -> dict[str, object]:
     for name, device in (("wide_gpu", "cuda:0"), ("wide_cpu", "cpu")):
         (repo / name / "torch").mkdir(parents=True)
         shutil.copy(model_file, repo / name / "torch" / "model.pt")
-        (repo / name / "config.toml").write_text(GPU_CONFIG.format(device=device))
+        (repo / name / "config.toml").write_text(gpu_config(device))
     out: dict[str, object] = {}
     server = Server(repo, tmp, pythonpath, "--workers", "2")
     try:

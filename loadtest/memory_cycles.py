@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from tensorgate.clients import Client  # noqa: E402
 from tensorgate.server.demo import (  # noqa: E402
-    SCORER_CONFIG,
+    MLP_TENSORS,
     build_mlp_onnx,
     build_mlp_savedmodel,
     build_mlp_torchscript,
@@ -40,7 +40,7 @@ from tensorgate.server.demo import (  # noqa: E402
 )
 from tests.serverproc import ServerProcess  # noqa: E402
 
-NAMED = SCORER_CONFIG.replace('default_variant = "torch"\n', "")
+NAMED = MLP_TENSORS
 
 
 def build(framework: str, root: Path) -> None:

@@ -49,7 +49,7 @@ from tensorgate.clients import Client, InferenceError  # noqa: E402
 from tensorgate.protos import grpc_service_pb2 as pb  # noqa: E402
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 from tensorgate.server.demo import (  # noqa: E402
-    SCORER_CONFIG,
+    MLP_TENSORS,
     build_mlp_onnx,
     build_mlp_torchscript,
     mlp_reference,
@@ -74,9 +74,7 @@ def build_repository(root: Path) -> None:
     build_mlp_onnx(root / "iso" / "1" / "model.onnx", weights)
     (root / "iso" / "config.toml").write_text('isolation = "process"\n')
     build_mlp_torchscript(root / "torch" / "1" / "model.pt", weights)
-    (root / "torch" / "config.toml").write_text(
-        SCORER_CONFIG.replace('default_variant = "torch"', "")
-    )
+    (root / "torch" / "config.toml").write_text(MLP_TENSORS)
 
 
 @dataclass

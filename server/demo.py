@@ -33,12 +33,9 @@ MLP_SIZES = (64, 256, 256, 10)
 DETECTOR_CLASSES = 4
 DETECTOR_FILTERS = 8
 
-SCORER_CONFIG = """\
-# Core model: the same MLP in three frameworks. TorchScript carries no tensor names,
-# so they are given here; the other variants read theirs from the model files.
-max_batch_size = 0
-default_variant = "torch"
-
+#: The ``[[input]]``/``[[output]]`` tables of the demo's MLPs (scorer and the wide one):
+#: TorchScript carries no tensor names, so config.toml gives them.
+MLP_TENSORS = """\
 [[input]]
 name = "input"
 datatype = "FP32"
@@ -49,6 +46,14 @@ name = "output"
 datatype = "FP32"
 shape = [-1, 10]
 """
+
+SCORER_CONFIG = (
+    "# Core model: the same MLP in three frameworks. TorchScript carries no tensor names,\n"
+    "# so they are given here; the other variants read theirs from the model files.\n"
+    "max_batch_size = 0\n"
+    'default_variant = "torch"\n'
+    "\n" + MLP_TENSORS
+)
 
 _COMPLETE = ".complete"
 
@@ -214,20 +219,11 @@ def build_detector_onnx(path: Path, weights: dict[str, np.ndarray]) -> Path:
 #: call (dynamic batching) reuses each weight for many rows (batch 32: ~9x the rows/s).
 WIDE_MLP_SIZES = (64, 4096, 4096, 10)
 
-WIDE_MLP_CONFIG = """\
-# The compute-bound benchmark model: the same wide MLP in three frameworks.
-default_variant = "onnx"
-
-[[input]]
-name = "input"
-datatype = "FP32"
-shape = [-1, 64]
-
-[[output]]
-name = "output"
-datatype = "FP32"
-shape = [-1, 10]
-"""
+WIDE_MLP_CONFIG = (
+    "# The compute-bound benchmark model: the same wide MLP in three frameworks.\n"
+    'default_variant = "onnx"\n'
+    "\n" + MLP_TENSORS
+)
 
 
 def dense_weights(sizes: tuple[int, ...], seed: int = 0) -> dict[str, np.ndarray]:
