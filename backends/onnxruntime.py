@@ -24,7 +24,7 @@ from .base import (
     Signature,
     TensorSpec,
 )
-from .datatypes import by_name
+from .datatypes import by_name, utf8_strings
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +61,7 @@ def _cuda_device_id(device: str) -> int:
 
 def _strings_in(name: str, array: np.ndarray) -> np.ndarray:
     """A BYTES tensor (object array of bytes) as ORT wants it: object array of str."""
-    try:
-        decoded = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in array.flat]
-    except UnicodeDecodeError as exc:
-        raise BackendInputError(
-            f"input {name!r}: ONNX Runtime strings must be valid UTF-8 ({exc})"
-        ) from None
+    decoded = utf8_strings(name, array, "ONNX Runtime")
     return np.array(decoded, dtype=object).reshape(array.shape)
 
 

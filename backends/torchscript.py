@@ -27,7 +27,7 @@ from .base import (
     Signature,
     TensorSpec,
 )
-from .datatypes import by_name
+from .datatypes import by_name, utf8_strings
 
 logger = logging.getLogger(__name__)
 
@@ -248,12 +248,7 @@ class TorchScriptBackend(Backend):
 
     @staticmethod
     def _to_list(name: str, array: np.ndarray) -> list[str]:
-        try:
-            return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in array.flat]
-        except UnicodeDecodeError as exc:
-            raise BackendInputError(
-                f"input {name!r}: TorchScript strings must be valid UTF-8 ({exc})"
-            ) from None
+        return utf8_strings(name, array, "TorchScript")
 
     def _to_numpy(self, value: Any) -> np.ndarray:
         torch = self._torch
