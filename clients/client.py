@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -27,6 +26,8 @@ from google.protobuf.message import Message
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 from tensorgate.server import codec
+
+from .channel import PemSource, auth_metadata, client_credentials, open_channel
 
 VARIANT_METADATA_KEY = "tensorgate-variant"
 T = TypeVar("T")
@@ -160,33 +161,6 @@ def _error(e: grpc.RpcError) -> InferenceError:
     return InferenceError(e.code(), e.details() or "")  # type: ignore[attr-defined]
 
 
-PemSource = str | Path | bytes
-
-
-def _pem(value: PemSource | None) -> bytes | None:
-    if value is None or isinstance(value, bytes):
-        return value
-    return Path(value).read_bytes()
-
-
-def tls_credentials(
-    ca: PemSource | None = None, cert: PemSource | None = None, key: PemSource | None = None
-) -> grpc.ChannelCredentials:
-    """Channel credentials for a TLS server. ``ca``: the CA that signed the server's
-    certificate (default: the system's roots); ``cert`` and ``key``: this client's
-    certificate and key, for a server that requires mutual TLS. Each is PEM bytes or a path."""
-    if (cert is None) != (key is None):
-        raise ValueError("a client certificate needs its key, and a key its certificate")
-    return grpc.ssl_channel_credentials(
-        root_certificates=_pem(ca), private_key=_pem(key), certificate_chain=_pem(cert)
-    )
-
-
-def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    """The metadata that carries a bearer token (empty without one)."""
-    return (("authorization", f"Bearer {token}"),) if token else ()
-
-
 class AsyncFace(_Calls):
     """The asyncio face of a Client: the same calls, awaited."""
 
@@ -197,10 +171,7 @@ class AsyncFace(_Calls):
         options: list,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        if credentials is not None:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
-        else:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
+        self._channel = open_channel(target, credentials, options, aio=True)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._metadata = metadata
 
@@ -253,15 +224,8 @@ class Client(_Calls):
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
-        self._credentials = (
-            tls_credentials(tls_ca, tls_cert, tls_key)
-            if tls or any(v is not None for v in (tls_ca, tls_cert, tls_key))
-            else None
-        )
-        if self._credentials is not None:
-            self._channel = grpc.secure_channel(target, self._credentials, options=self._options)
-        else:
-            self._channel = grpc.insecure_channel(target, options=self._options)
+        self._credentials = client_credentials(tls, tls_ca, tls_cert, tls_key)
+        self._channel = open_channel(target, self._credentials, self._options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._aio: AsyncFace | None = None
 

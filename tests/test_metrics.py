@@ -17,8 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tensorgate.clients import Client, InferenceError
+from tensorgate.server.cli.top import histogram_quantile
 from tensorgate.server.metrics import LATENCY_BUCKETS
-from tensorgate.server.top import histogram_quantile
 
 from .serverproc import REPO_ROOT, ServerProcess
 

@@ -18,15 +18,16 @@ import math
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import click
 import grpc
 import numpy as np
 
+from tensorgate.clients.channel import open_channel
 from tensorgate.protos import grpc_service_pb2 as pb
 
-from .cli_options import client_security, client_security_options
+from .options import ClientSecurity, client_security_options
+from .tensors import parse_input, random_input
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -124,10 +125,7 @@ async def run_load(
     # channels to the same target, and --connections would not open several.
     options = [("grpc.use_local_subchannel_pool", 1)]
     channels = [
-        grpc.aio.secure_channel(target, credentials, options=options)
-        if credentials is not None
-        else grpc.aio.insecure_channel(target, options=options)
-        for _ in range(max(1, connections))
+        open_channel(target, credentials, options, aio=True) for _ in range(max(1, connections))
     ]
     result = Result()
     sent = 0
@@ -268,35 +266,28 @@ def render_csv(s: dict) -> str:
 def bench(model: str, url: str, concurrency: int, total: int | None, duration: float | None,
           rps: float | None, version: str | None, sticky_key: str | None, sticky_keys: int,
           batch: int, inputs: tuple[str, ...], connections: int, stream: bool, timeout: float,
-          fmt: str, tls: bool, tls_ca: Path | None, tls_cert: Path | None,
-          tls_key: Path | None, token: str | None) -> None:
+          fmt: str, security: ClientSecurity) -> None:
     """Load-test MODEL and print throughput, latency percentiles and a per-variant split."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tensorgate.clients import Client, InferenceError
-    from tensorgate.clients.client import auth_metadata, tls_credentials
     from tensorgate.server import codec
-
-    from .cli import _parse_input, _random_input
 
     if total is None and duration is None:
         duration = 10.0
-    security = client_security(tls, tls_ca, tls_cert, tls_key)
-    use_tls = tls or any(v is not None for v in (tls_ca, tls_cert, tls_key))
-    credentials = tls_credentials(tls_ca, tls_cert, tls_key) if use_tls else None
-    with Client(url, token=token, **security) as client:
+    with Client(url, **security.client_kwargs()) as client:
         try:
             meta = client.model_metadata(model, version)
         except InferenceError as e:
             raise click.ClickException(str(e)) from None
     by_input = {t["name"]: t for t in meta.get("inputs", [])}
-    tensors = dict(_parse_input(s, by_input) for s in inputs)
+    tensors = dict(parse_input(s, by_input) for s in inputs)
     for name, t in by_input.items():
         if name not in tensors:
             shape = [int(d) for d in t.get("shape", [])]
             if shape and shape[0] < 0:
                 shape[0] = batch
-            tensors[name] = _random_input({**t, "shape": shape})
+            tensors[name] = random_input({**t, "shape": shape})
     request = codec.encode_request(model, tensors, version or "")
 
     with Progress(
@@ -308,8 +299,8 @@ def bench(model: str, url: str, concurrency: int, total: int | None, duration: f
             run_load(
                 url, request, concurrency=concurrency, total=total, duration=duration, rps=rps,
                 timeout=timeout, sticky_keys=sticky_keys, sticky_name=sticky_key,
-                connections=connections, stream=stream, credentials=credentials,
-                metadata=auth_metadata(token),
+                connections=connections, stream=stream, credentials=security.credentials(),
+                metadata=security.metadata(),
                 progress=lambda n: bar.advance(task, n),
             )
         )  # fmt: skip

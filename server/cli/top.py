@@ -8,13 +8,16 @@ and mean queue vs compute time over the interval.
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 import time
 import urllib.request
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
+import click
 from prometheus_client.parser import text_string_to_metric_families
 
 Key = tuple[str, str, str]  # model, variant, backend
@@ -148,3 +151,40 @@ def table(data: Iterable[Row], title: str):
             _ms(r.p50), _ms(r.p95), _ms(r.p99), _ms(r.queue), _ms(r.compute),
         )  # fmt: skip
     return t
+
+
+@click.command()
+@click.option("--metrics-url", default="http://127.0.0.1:8002/metrics", show_default=True,
+              help="The gateway's Prometheus endpoint.")
+@click.option("--interval", default=2.0, show_default=True, type=float,
+              help="Seconds between the two scrapes each figure is computed over.")
+@click.option("--once", is_flag=True, help="Print one table and exit (no live view).")
+@click.option("--json", "as_json", is_flag=True, help="With --once: print JSON rows.")
+def top(metrics_url: str, interval: float, once: bool, as_json: bool) -> None:
+    """Live per-model, per-backend requests/s, errors, latency percentiles, queue vs compute."""
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    try:
+        before = scrape(metrics_url)
+        if once:
+            time.sleep(interval)
+            data = rows(before, scrape(metrics_url))
+            if as_json:
+                click.echo(json.dumps([asdict(r) for r in data]))
+            else:
+                console.print(table(data, f"tensorgate {metrics_url} ({interval:g} s)"))
+            return
+        with Live(console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                after = scrape(metrics_url)
+                title = f"tensorgate {metrics_url} (every {interval:g} s, Ctrl-C to quit)"
+                live.update(table(rows(before, after), title), refresh=True)
+                before = after
+    except KeyboardInterrupt:
+        pass
+    except OSError as e:
+        click.echo(f"error: cannot read {metrics_url}: {e}", err=True)
+        sys.exit(1)

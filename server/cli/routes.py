@@ -7,12 +7,13 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import click
 import grpc
 
-from .cli_options import client_security, client_security_options
+from tensorgate.clients.channel import open_channel
+
+from .options import ClientSecurity, client_security_options
 
 DEFAULT_URL = "127.0.0.1:8001"
 CIRCUIT = {0: "closed", 1: "OPEN", 2: "half-open"}
@@ -34,12 +35,7 @@ class _Target:
 def _stub(target: _Target) -> Iterator[object]:
     from tensorgate.protos import admin_pb2_grpc
 
-    channel = (
-        grpc.secure_channel(target.url, target.credentials)
-        if target.credentials is not None
-        else grpc.insecure_channel(target.url)
-    )
-    with channel:
+    with open_channel(target.url, target.credentials) as channel:
         yield admin_pb2_grpc.RoutingAdminStub(channel)
 
 
@@ -167,11 +163,7 @@ def routes(
     ctx: click.Context,
     url: str,
     as_json: bool,
-    tls: bool,
-    tls_ca: Path | None,
-    tls_cert: Path | None,
-    tls_key: Path | None,
-    token: str | None,
+    security: ClientSecurity,
 ) -> None:
     """Show every model's routing on a running server: weights, sticky key, shadow,
     fallback, and per variant its circuit and how many requests it served.
@@ -179,15 +171,7 @@ def routes(
     Changes made with `routes set` last until the model is reloaded or the server
     restarts: the model's config.toml stays the source of truth.
     """
-    from tensorgate.clients.client import auth_metadata, tls_credentials
-
-    client_security(tls, tls_ca, tls_cert, tls_key)  # checks the pairs
-    use_tls = tls or any(v is not None for v in (tls_ca, tls_cert, tls_key))
-    ctx.obj = _Target(
-        url,
-        tls_credentials(tls_ca, tls_cert, tls_key) if use_tls else None,
-        auth_metadata(token),
-    )
+    ctx.obj = _Target(url, security.credentials(), security.metadata())
     if ctx.invoked_subcommand is None:
         _show(ctx.obj, "", as_json, 10.0)
 

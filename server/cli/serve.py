@@ -1,0 +1,200 @@
+"""``tensorgate serve``: serve every model in a repository over gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .options import EXISTING_FILE
+
+
+def default_demo_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tensorgate" / "demo"
+
+
+@click.command()
+@click.option(
+    "--repository",
+    "-r",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Model repository (MODEL/VARIANT/<file>). Default: the built-in demo, "
+    "generated on first use.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address for gRPC.")
+@click.option(
+    "--port",
+    default=8001,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="gRPC port (0: any free port).",
+)
+@click.option(
+    "--metrics-port",
+    default=8002,
+    show_default=True,
+    type=click.IntRange(-1, 65535),
+    help="Prometheus /metrics port (0: any free port, -1: off).",
+)
+@click.option("--metrics-host", default=None, help="Address for /metrics (default: --host).")
+@click.option(
+    "--drain-timeout",
+    default=30.0,
+    show_default=True,
+    type=float,
+    help="Seconds accepted calls may take to finish after SIGTERM.",
+)
+@click.option(
+    "--max-message-bytes",
+    default=64 * 1024 * 1024,
+    show_default=True,
+    type=int,
+    help="Largest gRPC message accepted or sent.",
+)
+@click.option(
+    "--max-inflight",
+    type=click.IntRange(1),
+    default=None,
+    help="Inference requests in flight at once, server-wide; beyond: RESOURCE_EXHAUSTED "
+    "at once. Default: no limit besides each model's queue.",
+)
+@click.option(
+    "--max-tensor-elements",
+    type=click.IntRange(1),
+    default=1 << 31,
+    show_default=True,
+    help="Largest tensor accepted, in elements; beyond: INVALID_ARGUMENT.",
+)
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Poll the repository every SECONDS: load new model directories, unload removed "
+    "ones, reload changed ones. Default: no polling (repository RPCs only).",
+)
+@click.option(
+    "--tls-cert",
+    type=EXISTING_FILE,
+    help="Serve gRPC over TLS with this certificate chain (PEM); needs --tls-key.",
+)
+@click.option(
+    "--tls-key",
+    type=EXISTING_FILE,
+    help="The private key of --tls-cert (PEM).",
+)
+@click.option(
+    "--tls-client-ca",
+    type=EXISTING_FILE,
+    help="Mutual TLS: require client certificates signed by this CA (PEM).",
+)
+@click.option(
+    "--auth-token-file",
+    type=EXISTING_FILE,
+    help="Require 'authorization: Bearer <token>' with the token in this file for "
+    "inference RPCs. Default: $TENSORGATE_AUTH_TOKEN when set, else no auth.",
+)
+@click.option(
+    "--admin-token-file",
+    type=EXISTING_FILE,
+    help="The token the repository RPCs and the admin service need (default: "
+    "$TENSORGATE_ADMIN_TOKEN, else the inference token, else none).",
+)
+@click.option(
+    "--port-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write {'grpc_port', 'metrics_port'} as JSON here once serving.",
+)
+@click.option(
+    "--workers",
+    "-w",
+    default=1,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Server processes sharing the port (SO_REUSEPORT), each with its own models, "
+    "under one supervisor that restarts them and serves /metrics for all; 0: one per core.",
+)
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+def serve(
+    repository: Path | None,
+    host: str,
+    port: int,
+    metrics_port: int,
+    metrics_host: str | None,
+    drain_timeout: float,
+    max_message_bytes: int,
+    max_inflight: int | None,
+    max_tensor_elements: int,
+    poll_interval: float | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_client_ca: Path | None,
+    auth_token_file: Path | None,
+    admin_token_file: Path | None,
+    port_file: Path | None,
+    workers: int,
+    log_level: str,
+) -> None:
+    """Serve every model in a repository over gRPC."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from ..app import ServerSettings
+    from ..app import serve as run
+
+    if repository is None:
+        from ..demo import write_demo_repository
+
+        repository = default_demo_dir()
+        click.echo(f"no --repository given: serving the demo repository in {repository}", err=True)
+        write_demo_repository(repository)
+    if not repository.is_dir():
+        raise click.BadParameter(f"{repository} is not a directory", param_hint="--repository")
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("TLS needs both --tls-cert and --tls-key")
+    if tls_client_ca is not None and tls_cert is None:
+        raise click.UsageError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    from ..auth import ADMIN_TOKEN_ENV, INFERENCE_TOKEN_ENV, read_token
+
+    try:
+        auth_token = read_token(auth_token_file, INFERENCE_TOKEN_ENV, "--auth-token-file")
+        admin_token = read_token(admin_token_file, ADMIN_TOKEN_ENV, "--admin-token-file")
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    settings = ServerSettings(
+        repository=repository,
+        host=host,
+        port=port,
+        metrics_port=None if metrics_port < 0 else metrics_port,
+        metrics_host=metrics_host,
+        drain_timeout=drain_timeout,
+        max_message_bytes=max_message_bytes,
+        max_inflight=max_inflight,
+        max_tensor_elements=max_tensor_elements,
+        poll_interval=poll_interval,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
+        auth_token=auth_token,
+        admin_token=admin_token,
+        port_file=port_file,
+    )
+    if workers == 0:
+        from ..workers import available_cores
+
+        workers = available_cores()
+    if workers > 1:
+        from ..workers import Supervisor
+
+        sys.exit(Supervisor(settings, workers, log_level).run())
+    asyncio.run(run(settings))
