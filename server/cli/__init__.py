@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from .bench import bench
+from .convert import convert
 from .demo import demo
 from .health import health
 from .infer import infer
@@ -23,5 +24,5 @@ def main() -> None:
     """tensorgate: one Open Inference Protocol gRPC gateway for TorchScript, SavedModel and ONNX."""
 
 
-for command in (serve, demo, infer, top, health, routes, bench):
+for command in (serve, demo, infer, top, health, routes, bench, convert):
     main.add_command(command)
