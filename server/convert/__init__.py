@@ -137,7 +137,7 @@ def convert(
         for outcome in produced:
             got = served[outcome.target.variant]
             if isinstance(got, str):
-                outcome.error = got
+                outcome.error = got.replace(str(model_dir), str(out))  # where it will be
                 continue
             try:
                 outcome.comparison = compare(references, got, names, atol, rtol)
