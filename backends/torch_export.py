@@ -117,6 +117,7 @@ class TorchExportBackend(Backend):
         return candidates[0] if candidates else None
 
     def load(self, path: Path, options: BackendOptions) -> Signature:
+        torch = import_torch(path, "PyTorch 2 model")
         compiled, program = archive_kind(path)
         if not (compiled or program):
             raise BackendError(
@@ -124,7 +125,6 @@ class TorchExportBackend(Backend):
                 "ExportedProgram (torch.export.save) nor an AOTInductor package "
                 "(aoti_compile_and_package)"
             )
-        torch = import_torch(path, "PyTorch 2 model")
         set_process_threads(torch, options)
         device = torch_device(torch, options.device)
         from torch.utils import _pytree as pytree
