@@ -40,6 +40,8 @@ BUILTIN: dict[str, str] = {
     "torchscript": "tensorgate.backends.torchscript:TorchScriptBackend",
     "tf_savedmodel": "tensorgate.backends.tf_savedmodel:TFSavedModelBackend",
     "onnxruntime": "tensorgate.backends.onnxruntime:OnnxRuntimeBackend",
+    "torch_export": "tensorgate.backends.torch_export:TorchExportBackend",
+    "litert": "tensorgate.backends.litert:LiteRTBackend",
     "remote": "tensorgate.backends.remote:RemoteBackend",
 }
 

@@ -395,7 +395,8 @@ class Repository:
                         "",
                         vdir,
                         State.UNAVAILABLE,
-                        f"no model file found in {vdir} (expected *.pt, *.onnx or a SavedModel)",
+                        f"no model file found in {vdir} (expected *.pt, *.pt2, *.onnx, "
+                        "*.tflite or a SavedModel)",
                     )
                     continue
                 cls, path = found
