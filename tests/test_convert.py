@@ -423,6 +423,13 @@ def test_bad_sources_are_refused(torch_file: Path, tmp_path: Path) -> None:
     for source, message in cases.items():
         run = tensorgate("convert", "pytorch", source, "--input", TORCH_INPUT, "--out", str(out))
         assert run.returncode == 2 and message in run.stderr, run.stderr
+    narrow = "features:FP32:-1,15"  # the model takes 16 features
+    run = tensorgate(
+        "convert", "pytorch", f"{torch_file}:build", "--input", narrow, "--out", str(out)
+    )
+    assert run.returncode == 2, run.stderr
+    assert "fails on the declared inputs (--input features:FP32:-1,15" in run.stderr
+    assert not out.exists()
     occupied = tmp_path / "models" / "occupied"
     occupied.mkdir(parents=True)
     (occupied / "notes.txt").write_text("mine")

@@ -128,10 +128,18 @@ class PyTorchSource:
         self._torch = _import_torch()
         self.module = load_module(spec)
         self._example = self._tensors(self.example(_EXAMPLE_SIZE))
-        result = self._forward(self._example)
+        try:
+            result = self._forward(self._example)
+            larger = self._forward(self._tensors(self.example(_EXAMPLE_SIZE + 1)))
+        except Exception as exc:
+            declared = " ".join(f"--input {d}" for d in self.inputs)
+            raise ValueError(
+                f"'{spec}' fails on the declared inputs ({declared}; dynamic dimensions "
+                f"{_EXAMPLE_SIZE} and {_EXAMPLE_SIZE + 1} long): {type(exc).__name__}: {exc}"
+            ) from exc
         self._result_type = type(result)
         names, first = self._arrays(result)
-        _, second = self._arrays(self._forward(self._tensors(self.example(_EXAMPLE_SIZE + 1))))
+        _, second = self._arrays(larger)
         self.outputs = tuple(
             TensorDecl(
                 name,
