@@ -290,6 +290,10 @@ class IsolatedBackend(Backend):
 
     # -- the contract -------------------------------------------------------------------
     def load(self, path: Path, options: BackendOptions) -> Signature:
+        from tensorgate.backends import backend_class
+
+        # ModelMetadata reports the platform of the backend the worker runs, not "".
+        self.platform = backend_class(self.inner).platform  # type: ignore[misc]
         self._path, self._options = path, options
         worker, signature = self._start()
         with self._lock:

@@ -20,7 +20,7 @@ from tensorgate.server.demo import mlp_reference, mlp_weights
 
 from .modelfactory import IDENTITY_DATATYPES
 
-SCORER_VARIANTS = ("torch", "tf", "onnx")
+SCORER_VARIANTS = ("torch", "tf", "onnx", "pt2")
 RNG = np.random.default_rng(42)
 
 
@@ -351,8 +351,10 @@ def test_model_metadata(client: Client) -> None:
         "torch": "pytorch_libtorch",
         "tf": "tensorflow_savedmodel",
         "onnx": "onnxruntime_onnx",
+        "pt2": "pytorch_export",
     }
     assert client.model_metadata("detector")["platform"] == "onnxruntime_onnx"
+    assert client.model_metadata("detector_lite")["platform"] == "tensorflow_lite"
 
 
 def test_model_config_is_triton_shaped(client: Client) -> None:
@@ -495,7 +497,9 @@ def test_metrics_count_requests_per_backend(server, client: Client) -> None:
             client.infer("scorer", {"input": x64(1)}, version=v)
     after = _samples(server.scrape())
     for v, backend in zip(
-        SCORER_VARIANTS, ("torchscript", "tf_savedmodel", "onnxruntime"), strict=True
+        SCORER_VARIANTS,
+        ("torchscript", "tf_savedmodel", "onnxruntime", "torch_export"),
+        strict=True,
     ):
         labels = (("backend", backend), ("model", "scorer"), ("variant", v))
         key = ("tensorgate_request_duration_seconds_count", labels)
