@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from tensorgate.errors import ConfigError
 from tensorgate.protos import admin_pb2 as apb
 from tensorgate.protos import admin_pb2_grpc as apb_grpc
 
-from .errors import ConfigError
 from .repository import Model
 from .router import (
     RouteError,

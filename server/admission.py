@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .errors import Overloaded, Unavailable
+from tensorgate.errors import Overloaded, Unavailable
 
 DRAINING_MESSAGE = "server is draining (shutting down); retry on another replica"
 

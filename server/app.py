@@ -9,8 +9,6 @@ import json
 import logging
 import signal
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,7 +19,6 @@ from tensorgate.protos import admin_pb2_grpc
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 
-from . import codec
 from .admin import ADMIN_SERVICE, RoutingAdminServicer
 from .admission import Admission
 from .auth import AuthInterceptor, TokenPolicy
@@ -32,6 +29,7 @@ from .polling import RepositoryPoller
 from .repository import Repository
 from .router import Router
 from .servicer import InferenceServicer
+from .settings import ServerSettings
 from .statistics import Statistics
 
 log = logging.getLogger(__name__)
@@ -41,42 +39,6 @@ REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 #: Seconds the drain keeps refusing new calls with UNAVAILABLE after the last accepted one
 #: finished, before the gRPC server stops.
 DRAIN_LINGER = 0.5
-# Messages large enough for a batch of images; refused with RESOURCE_EXHAUSTED beyond.
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-@dataclass
-class ServerSettings:
-    repository: Path
-    host: str = "127.0.0.1"
-    port: int = 8001
-    metrics_port: int | None = 8002  # None: no metrics endpoint
-    metrics_host: str | None = None  # default: same as host
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    drain_timeout: float = 30.0
-    port_file: Path | None = None
-    # Reliability and limits (docs/reliability.md).
-    max_inflight: int | None = None  # inference requests in flight, server-wide
-    max_tensor_elements: int = codec.MAX_ELEMENTS
-    poll_interval: float | None = None  # seconds between repository polls; None: no polling
-    # Security (docs/security.md): TLS (mutual when a client CA is given) and bearer tokens.
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    auth_token: str | None = None
-    admin_token: str | None = None
-    # Set by the --workers supervisor (server/workers.py): share the port with sibling
-    # worker processes (SO_REUSEPORT), and this worker's index, sent as trailing metadata.
-    reuse_port: bool = False
-    worker_index: int | None = None
-
-    def __repr__(self) -> str:  # never print the tokens
-        hidden = {"auth_token", "admin_token"}
-        fields = ", ".join(
-            f"{k}={'<set>' if k in hidden and v is not None else repr(v)}"
-            for k, v in self.__dict__.items()
-        )
-        return f"ServerSettings({fields})"
 
 
 class Gateway:

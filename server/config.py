@@ -20,9 +20,8 @@ from pydantic import (
     model_validator,
 )
 
-from tensorgate.backends.datatypes import DATATYPES
-
-from .errors import ConfigError
+from tensorgate.datatypes import DATATYPES
+from tensorgate.errors import ConfigError
 
 CONFIG_FILE = "config.toml"
 

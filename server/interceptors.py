@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from .errors import TensorgateError
+from tensorgate.errors import TensorgateError
 
 log = logging.getLogger(__name__)
 

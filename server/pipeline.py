@@ -14,12 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tensorgate.backends.datatypes import by_name
-from tensorgate.protos import grpc_service_pb2 as pb
-
-from . import codec
-from .admission import Admission
-from .errors import (
+from tensorgate import codec
+from tensorgate.datatypes import by_name
+from tensorgate.errors import (
     BackendFailed,
     DeadlineExceeded,
     InvalidInput,
@@ -28,12 +25,15 @@ from .errors import (
     TensorgateError,
     Unavailable,
 )
+from tensorgate.inference import InferenceRequest, InferenceResponse, OutputTensor
+from tensorgate.protos import grpc_service_pb2 as pb
+
+from .admission import Admission
 from .metrics import UNKNOWN_MODEL, Telemetry, Trace
 from .repository import Model, Repository, Variant
 from .router import Plan, Router, compare_outputs
 from .scheduler import Timings
 from .signature import validate_inputs
-from .types import InferenceRequest, InferenceResponse, OutputTensor
 
 log = logging.getLogger(__name__)
 

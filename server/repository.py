@@ -29,9 +29,9 @@ from tensorgate.backends import (
     detect,
 )
 from tensorgate.backends.isolated import IsolatedBackend
+from tensorgate.errors import ConfigError, InvalidInput, ModelNotFound, TensorgateError
 
 from .config import ModelConfig, load_model_config
-from .errors import ConfigError, InvalidInput, ModelNotFound, TensorgateError
 from .metrics import Metrics
 from .router import RouteError, RoutePolicy, RouteState, policy_from_config, validate_policy
 from .scheduler import BatchPolicy, Scheduler

@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import ModelNotFound, ModelNotReady
-from .types import InferenceRequest
+from tensorgate.errors import ModelNotFound, ModelNotReady
+from tensorgate.inference import InferenceRequest
 
 if TYPE_CHECKING:
     from .config import RoutingConfig

@@ -23,8 +23,7 @@ import numpy as np
 
 from tensorgate.backends import Backend, BackendError
 from tensorgate.backends.base import BackendInputError, BackendUnreachable
-
-from .errors import BackendFailed, DeadlineExceeded, InvalidInput, Overloaded, Unavailable
+from tensorgate.errors import BackendFailed, DeadlineExceeded, InvalidInput, Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
 

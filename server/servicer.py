@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 import grpc
 
 import tensorgate
-from tensorgate.backends.datatypes import by_name
+from tensorgate.datatypes import by_name
+from tensorgate.errors import ModelNotFound, ModelNotReady, TensorgateError
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 from tensorgate.protos import model_config_pb2 as mc
 
-from .errors import ModelNotFound, ModelNotReady, TensorgateError
 from .repository import Model, State, check_model_name
 from .statistics import NAMED_VARIANTS_VERSION
 

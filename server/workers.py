@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .app import ServerSettings
+from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from tensorgate.clients import Client, InferenceError
+from tensorgate.codec import encode_request
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
-from tensorgate.server.codec import encode_request
 from tensorgate.server.demo import build_mlp_onnx, mlp_reference, mlp_weights
 
 from .modelfactory import write_broken_model

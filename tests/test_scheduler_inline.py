@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tensorgate.backends import Backend, BackendOptions, Signature
-from tensorgate.server.errors import DeadlineExceeded
+from tensorgate.errors import DeadlineExceeded
 from tensorgate.server.scheduler import INLINE_ABORT_S, INLINE_WINDOW, Scheduler, Timings
 
 

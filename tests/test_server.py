@@ -13,9 +13,9 @@ from grpc_reflection.v1alpha import reflection_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from tensorgate.clients import Client, InferenceError
+from tensorgate.codec import serialize_bytes
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
-from tensorgate.server.codec import serialize_bytes
 from tensorgate.server.demo import mlp_reference, mlp_weights
 
 from .modelfactory import IDENTITY_DATATYPES
@@ -108,7 +108,7 @@ def test_bytes_tensors_reach_each_framework_as_strings(client: Client, variant: 
 
 
 def _identity_value(dt: str, n: int = 4) -> np.ndarray:
-    from tensorgate.backends.datatypes import by_name
+    from tensorgate.datatypes import by_name
 
     np_dtype = by_name(dt).numpy
     if dt == "BYTES":
