@@ -53,7 +53,8 @@ class Gateway:
         self.router = Router(
             on_circuit_change=lambda model, variant, backend, state: circuit.labels(
                 model, variant, backend
-            ).set(state)
+            ).set(state),
+            metrics=self.metrics,
         )
         self.admission = Admission(settings.max_inflight)
         self.pipeline = Pipeline(
@@ -61,7 +62,6 @@ class Gateway:
             self.router,
             Telemetry(self.metrics, self.statistics),
             admission=self.admission,
-            max_tensor_elements=settings.max_tensor_elements,
         )
         self.health = health.aio.HealthServicer()
         self.ready = False
@@ -92,8 +92,19 @@ class Gateway:
         if tokens.enabled:
             interceptors.append(AuthInterceptor(tokens))
         server = grpc.aio.server(interceptors=interceptors, options=options)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self), server)
-        admin_pb2_grpc.add_RoutingAdminServicer_to_server(RoutingAdminServicer(self), server)
+        inference = InferenceServicer(
+            self.repository,
+            self.pipeline,
+            self.statistics,
+            is_ready=lambda: self.ready,
+            models_changed=self.model_health_changed,
+            max_tensor_elements=s.max_tensor_elements,
+            worker_index=s.worker_index,
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
+        admin_pb2_grpc.add_RoutingAdminServicer_to_server(
+            RoutingAdminServicer(self.repository, self.router), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self._add_reflection(server)
         credentials = self._tls_credentials()

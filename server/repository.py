@@ -33,7 +33,7 @@ from tensorgate.errors import ConfigError, InvalidInput, ModelNotFound, Tensorga
 
 from .config import ModelConfig, load_model_config
 from .metrics import Metrics
-from .router import RouteError, RoutePolicy, RouteState, policy_from_config, validate_policy
+from .router import RouteError, RoutePolicy, policy_from_config, validate_policy
 from .scheduler import BatchPolicy, Scheduler
 from .signature import ModelSignature, merge_signatures
 
@@ -88,7 +88,6 @@ class Model:
     signature: ModelSignature | None = None
     reason: str = ""  # why the model as a whole failed
     policy: RoutePolicy = field(default_factory=RoutePolicy)  # [routing], validated
-    routing: RouteState | None = None  # live routing state (router.Router.state)
 
     @property
     def ready(self) -> bool:
@@ -106,6 +105,19 @@ class Model:
             if v is not None and v.ready:
                 return v
         return next(self.ready_variants(), None)
+
+    @property
+    def shadow_limit(self) -> int:
+        """Mirrored requests a shadow variant may hold at once: half its queue, so that
+        mirrors can never crowd out the requests it serves itself."""
+        return self.config.instances.max_queue_size // 2
+
+    def variant(self, version: str) -> Variant:
+        """The variant a request's ``model_version`` pins. Raises ModelNotFound."""
+        v = self.variants.get(version)
+        if v is None:
+            raise ModelNotFound(self.name, version)
+        return v
 
     @property
     def platform(self) -> str:
@@ -157,6 +169,7 @@ class Repository:
 
     # -- lookup -------------------------------------------------------------------------
     def get(self, name: str) -> Model:
+        """The loaded model ``name``. Raises ModelNotFound."""
         model = self.models.get(name)
         if model is None:
             raise ModelNotFound(name)

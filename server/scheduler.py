@@ -27,6 +27,11 @@ from tensorgate.errors import BackendFailed, DeadlineExceeded, InvalidInput, Ove
 
 log = logging.getLogger(__name__)
 
+
+class Retired(Unavailable):
+    """The variant was unloaded (or replaced by a reload) before the request reached it:
+    no verdict on its health. The pipeline retries once on the model now loaded."""
+
 #: A single-instance variant whose executions take less than this runs them on the event
 #: loop thread instead of its pool: handing a call to a thread and back costs more CPU and
 #: GIL hand-overs under load (~0.3 ms per request at c=32, docs/benchmarks.md) than such a
@@ -132,7 +137,7 @@ class Scheduler:
         Unavailable (variant shutting down or unreachable), InvalidInput (the framework
         refused the input) or BackendFailed."""
         if self._closed:
-            raise Unavailable(f"variant {self._name} is unloading")
+            raise Retired(f"variant {self._name} is unloading")
         if len(self._pending) >= self._max_queue:
             raise Overloaded(
                 f"variant {self._name}: queue is full ({self._max_queue} requests waiting); "
