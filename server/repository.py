@@ -131,6 +131,13 @@ class Model:
         return v.backend_name if v is not None else ""
 
 
+def _setting(config: ModelConfig, variant: str, attr: str):
+    """A variant's setting: its ``[variants.NAME]`` value over the model-wide one."""
+    vcfg = config.variants.get(variant)
+    value = getattr(vcfg, attr) if vcfg is not None else None
+    return value if value is not None else getattr(config, attr)
+
+
 def _batch_policy(config: ModelConfig) -> BatchPolicy | None:
     b = config.batching
     if b is None:
@@ -340,6 +347,8 @@ class Repository:
                 max_queue_size=model.config.instances.max_queue_size,
                 batching=_batch_policy(model.config),
                 on_queue_change=self.metrics.queued.labels(name, vname, v.backend_name).set,
+                # A GPU execution waits on its device: never on the event loop.
+                may_inline=_setting(model.config, vname, "device") == "cpu",
             )
             v.state = State.READY
         log.info(
@@ -423,11 +432,9 @@ class Repository:
     def _load_variant(self, model: Model, v: Variant) -> Signature:
         """Runs in a worker thread."""
         cfg = model.config
-        vcfg = cfg.variants.get(v.name)
 
-        def pick(attr: str):  # variant setting over model-wide setting
-            value = getattr(vcfg, attr) if vcfg is not None else None
-            return value if value is not None else getattr(cfg, attr)
+        def pick(attr: str):
+            return _setting(cfg, v.name, attr)
 
         if v.state is State.UNAVAILABLE:  # nothing to load (reason already recorded)
             raise BackendError(v.reason)
