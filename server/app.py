@@ -36,9 +36,12 @@ log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
-#: Seconds the drain keeps refusing new calls with UNAVAILABLE after the last accepted one
-#: finished, before the gRPC server stops.
+#: Seconds the drain holds new calls after the last accepted one finished, before the gRPC
+#: server stops (then they are refused with UNAVAILABLE).
 DRAIN_LINGER = 0.5
+#: Seconds between the start of the gRPC server's stop (GOAWAY sent, port closed) and the
+#: refusal of the calls held meanwhile.
+STOP_SETTLE = 0.05
 
 
 class Gateway:
@@ -231,13 +234,23 @@ class Gateway:
                 self.admission.inflight,
             )
         else:
-            # A client that just got its reply sends its next call at once. Keep answering
-            # it "draining" (UNAVAILABLE, retry elsewhere) for a moment: a call that reaches
-            # a stopping gRPC server is cut off with CANCELLED, which clients do not retry.
+            # Callers that get "draining" retry at once, so gRPC's core always holds a few
+            # calls it has not handed to us yet, and stopping the server cancels those
+            # (CANCELLED, which clients do not retry). So for a moment new calls are held
+            # instead: each caller's latest call then waits in a handler, none in the core.
+            self.admission.hold_arrivals()
             await asyncio.sleep(min(DRAIN_LINGER, max(0.0, until - time.monotonic())))
         if self._server is not None:
-            # Other calls (metadata, repository, streams left open) get what time is left.
-            await self._server.stop(max(0.0, until - time.monotonic()))
+            # Stopping sends GOAWAY and closes the port: callers' next calls are refused
+            # with UNAVAILABLE by their own channel. Then the held calls are answered
+            # "draining", and other calls (metadata, repository, open streams) get what
+            # time is left.
+            stopping = asyncio.create_task(self._server.stop(max(0.0, until - time.monotonic())))
+            await asyncio.sleep(STOP_SETTLE)
+            self.admission.release_held()
+            await stopping
+        else:
+            self.admission.release_held()
         await self.repository.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()

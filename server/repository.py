@@ -29,7 +29,13 @@ from tensorgate.backends import (
     detect,
 )
 from tensorgate.backends.isolated import IsolatedBackend
-from tensorgate.errors import ConfigError, InvalidInput, ModelNotFound, TensorgateError
+from tensorgate.errors import (
+    ConfigError,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    TensorgateError,
+)
 
 from .config import ModelConfig, load_model_config
 from .metrics import Metrics
@@ -172,13 +178,19 @@ class Repository:
         self.root = root.resolve()
         self.metrics = metrics
         self.models: dict[str, Model] = {}
+        # Models on disk being loaded for the first time: asked for, they answer
+        # UNAVAILABLE "loading" (retry), not NOT_FOUND (a model that does not exist).
+        self.loading: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
 
     # -- lookup -------------------------------------------------------------------------
     def get(self, name: str) -> Model:
-        """The loaded model ``name``. Raises ModelNotFound."""
+        """The loaded model ``name``. Raises ModelNotFound, or ModelNotReady while a model
+        of that name is being loaded for the first time."""
         model = self.models.get(name)
         if model is None:
+            if name in self.loading:
+                raise ModelNotReady(f"model '{name}' is loading; retry shortly")
             raise ModelNotFound(name)
         return model
 
@@ -219,12 +231,16 @@ class Repository:
 
     # -- load / unload ------------------------------------------------------------------
     async def load_all(self) -> None:
-        for name in self.scan():
+        names = self.scan()
+        self.loading.update(names)
+        for name in names:
             try:
                 await self.load(name)
             except TensorgateError as e:  # e.g. a directory linked from outside the root
                 log.error("model %s: %s", name, e)
                 self.models[name] = Model(name, self.root / name, reason=str(e))
+            finally:
+                self.loading.discard(name)
 
     async def load(self, name: str) -> Model:
         """(Re)load model ``name`` from disk. Failures are recorded on the model (not raised)
@@ -234,7 +250,12 @@ class Repository:
         if not directory.is_dir():
             raise ModelNotFound(name)
         async with self._locks.setdefault(name, asyncio.Lock()):
-            model = await self._build(name, directory)
+            if name not in self.models:
+                self.loading.add(name)
+            try:
+                model = await self._build(name, directory)
+            finally:
+                self.loading.discard(name)
             old = self.models.get(name)
             # A reload must not lose what serves: if the new files fail as a whole, or fail
             # for a variant that serves now, the loaded version stays, and says why.

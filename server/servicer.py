@@ -178,6 +178,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         pipeline = self.pipeline
+        if pipeline.admission.holding:  # the drain's last moment: see Gateway.stop
+            await pipeline.admission.held()
         with pipeline.call(msg.model_name) as trace:
             request = codec.decode_request(msg, self._max_elements)
             request.metadata = _routing_metadata(context)
