@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from tensorgate.errors import Overloaded, Unavailable
 
@@ -35,10 +33,9 @@ class Admission:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    @contextmanager
-    def admit(self) -> Iterator[None]:
-        """Hold one in-flight slot for the body. Raises Unavailable while draining and
-        Overloaded when ``max_inflight`` requests are already in flight."""
+    def enter(self) -> None:
+        """Take one in-flight slot (give it back with ``leave``). Raises Unavailable while
+        draining and Overloaded when ``max_inflight`` requests are already in flight."""
         if self.draining:
             raise Unavailable(DRAINING_MESSAGE)
         if self.max_inflight is not None and self.inflight >= self.max_inflight:
@@ -48,12 +45,11 @@ class Admission:
             )
         self.inflight += 1
         self._idle.clear()
-        try:
-            yield
-        finally:
-            self.inflight -= 1
-            if self.inflight == 0:
-                self._idle.set()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
 
     def start_draining(self) -> int:
         """Refuse every request from now on; returns how many are in flight."""

@@ -15,14 +15,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import start_http_server
 
-from tensorgate.protos import admin_pb2_grpc
+from tensorgate.protos import admin_pb2, admin_pb2_grpc
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 
 from .admin import ADMIN_SERVICE, RoutingAdminServicer
 from .admission import Admission
 from .auth import AuthInterceptor, TokenPolicy
-from .interceptors import ErrorInterceptor
+from .interceptors import map_errors
 from .metrics import Metrics, Telemetry
 from .pipeline import Pipeline
 from .polling import RepositoryPoller
@@ -89,8 +89,9 @@ class Gateway:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 1 if s.reuse_port else 0),
         ]
-        # ErrorInterceptor first (outermost): it turns the auth refusals into statuses too.
-        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+        # Errors become statuses inside each servicer method (map_errors); the token check
+        # is the only interceptor, and only when a token is set.
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         tokens = TokenPolicy(s.auth_token, s.admin_token)
         if tokens.enabled:
             interceptors.append(AuthInterceptor(tokens))
@@ -104,9 +105,15 @@ class Gateway:
             max_tensor_elements=s.max_tensor_elements,
             worker_index=s.worker_index,
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            map_errors(inference, pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]), server
+        )
         admin_pb2_grpc.add_RoutingAdminServicer_to_server(
-            RoutingAdminServicer(self.repository, self.router), server
+            map_errors(
+                RoutingAdminServicer(self.repository, self.router),
+                admin_pb2.DESCRIPTOR.services_by_name["RoutingAdmin"],
+            ),
+            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self._add_reflection(server)

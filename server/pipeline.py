@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 
@@ -24,6 +22,45 @@ from .repository import Model, Repository
 from .router import Router
 from .scheduler import Retired
 from .signature import validate_inputs
+
+
+class Call:
+    """One inference call's admission and measurement (``Pipeline.call``). A class, not a
+    generator context manager: this runs twice per request, where each microsecond shows."""
+
+    __slots__ = ("_inflight", "_pipeline", "trace")
+
+    def __init__(self, pipeline: Pipeline, model: str) -> None:
+        self._pipeline = pipeline
+        self.trace = Trace(
+            start=time.perf_counter(),
+            model=model if model in pipeline.repository.models else UNKNOWN_MODEL,
+        )
+        self._inflight = pipeline.metrics.inflight.labels(self.trace.model)
+
+    def __enter__(self) -> Trace:
+        self._inflight.inc()
+        try:
+            self._pipeline.admission.enter()
+        except TensorgateError as e:
+            self._inflight.dec()
+            self._pipeline.telemetry.failed(self.trace, e.code.name)
+            raise
+        return self.trace
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb) -> None:
+        pipeline = self._pipeline
+        pipeline.admission.leave()
+        self._inflight.dec()
+        if error is None:
+            self.trace.finished()
+            pipeline.telemetry.succeeded(self.trace)
+        elif isinstance(error, TensorgateError):
+            pipeline.telemetry.failed(self.trace, error.code.name)
+        elif isinstance(error, asyncio.CancelledError):
+            pipeline.telemetry.failed(self.trace, "CANCELLED")
+        else:
+            pipeline.telemetry.failed(self.trace, "INTERNAL")
 
 
 class Pipeline:
@@ -41,34 +78,13 @@ class Pipeline:
         # Server-wide in-flight limit and drain (--max-inflight, SIGTERM).
         self.admission = admission if admission is not None else Admission()
 
-    @contextmanager
-    def call(self, model: str) -> Iterator[Trace]:
+    def call(self, model: str) -> Call:
         """Admit one inference call for ``model`` and measure it, decode and encode
-        included: the servicer runs its whole call inside. Raises Overloaded (in-flight
-        limit) or Unavailable (draining) on entry; the call's outcome, success or the code
-        of the error that leaves the block, goes to the metrics and statistics."""
-        trace = Trace(
-            start=time.perf_counter(),
-            model=model if model in self.repository.models else UNKNOWN_MODEL,
-        )
-        inflight = self.metrics.inflight.labels(trace.model)
-        inflight.inc()
-        try:
-            with self.admission.admit():
-                yield trace
-        except TensorgateError as e:
-            self.telemetry.failed(trace, e.code.name)
-            raise
-        except asyncio.CancelledError:
-            self.telemetry.failed(trace, "CANCELLED")
-            raise
-        except Exception:
-            self.telemetry.failed(trace, "INTERNAL")
-            raise
-        finally:
-            inflight.dec()
-        trace.finished()
-        self.telemetry.succeeded(trace)
+        included: the servicer runs its whole call inside ``with pipeline.call(name) as
+        trace``. Raises Overloaded (in-flight limit) or Unavailable (draining) on entry;
+        the call's outcome, success or the code of the error that leaves the block, goes
+        to the metrics and statistics."""
+        return Call(self, model)
 
     async def infer(
         self, request: InferenceRequest, deadline: float | None, trace: Trace

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 import grpc
 
@@ -182,7 +182,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await pipeline.admission.held()
         with pipeline.call(msg.model_name) as trace:
             request = codec.decode_request(msg, self._max_elements)
-            request.metadata = _routing_metadata(context)
+            request.metadata = _CallMetadata(context)
             trace.decoded()
             response = await pipeline.infer(request, deadline, trace)
             trace.encoding()
@@ -281,9 +281,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
 
-def _routing_metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    """The call's text metadata (sticky routing keys may travel there)."""
-    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+class _CallMetadata(Mapping[str, str]):
+    """The call's text metadata (sticky routing keys may travel there), read from gRPC only
+    when routing asks for it: most requests never do."""
+
+    __slots__ = ("_context", "_items")
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+        self._items: dict[str, str] | None = None
+
+    def _load(self) -> dict[str, str]:
+        if self._items is None:
+            pairs = self._context.invocation_metadata() or ()
+            self._items = {k: v for k, v in pairs if isinstance(v, str)}
+        return self._items
+
+    def __getitem__(self, key: str) -> str:
+        return self._load()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
 
 
 def _named(variants) -> list[str]:
