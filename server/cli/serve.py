@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from tensorgate.limits import MAX_MESSAGE_BYTES
+
 from .options import EXISTING_FILE
 
 
@@ -51,7 +53,7 @@ def default_demo_dir() -> Path:
 )
 @click.option(
     "--max-message-bytes",
-    default=64 * 1024 * 1024,
+    default=MAX_MESSAGE_BYTES,
     show_default=True,
     type=int,
     help="Largest gRPC message accepted or sent.",
@@ -149,8 +151,8 @@ def serve(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from ..app import ServerSettings
     from ..app import serve as run
+    from ..settings import ServerSettings
 
     if repository is None:
         from ..demo import write_demo_repository

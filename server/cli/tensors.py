@@ -8,7 +8,7 @@ import json
 import click
 import numpy as np
 
-from tensorgate.backends.datatypes import by_name
+from tensorgate.datatypes import by_name
 
 
 def parse_input(spec: str, meta: dict[str, dict]) -> tuple[str, np.ndarray]:

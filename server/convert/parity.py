@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tensorgate.backends.datatypes import by_name
+from tensorgate.datatypes import by_name
 
 from .tensors import TensorDecl
 

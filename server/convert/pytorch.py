@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from tensorgate.backends.datatypes import by_name, from_numpy
+from tensorgate.datatypes import by_name, from_numpy
 
 from .exporting import ExportFailed, exporter_reason
 from .layout import Target
