@@ -25,6 +25,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from tensorgate.datatypes import from_numpy
+
 from .base import (
     Backend,
     BackendError,
@@ -34,7 +36,6 @@ from .base import (
     Signature,
     TensorSpec,
 )
-from .datatypes import from_numpy
 
 #: The signature a SavedModel's converter writes, served when config.toml names none.
 DEFAULT_SIGNATURE = "serving_default"

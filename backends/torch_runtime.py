@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from tensorgate.datatypes import by_name, from_numpy
+
 from .base import BackendError, BackendOptions, BackendUnavailable, Signature
-from .datatypes import by_name, from_numpy
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from .base import (
     BackendOptions,
     Signature,
     TensorSpec,
+    utf8_strings,
 )
-from .datatypes import utf8_strings
 from .torch_runtime import (
     InferThreads,
     import_torch,
