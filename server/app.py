@@ -305,7 +305,11 @@ async def serve(settings: ServerSettings) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await gateway.start()
+    try:
+        await gateway.start()
+    except BaseException:  # e.g. an interrupted repository write: close what did start
+        await gateway.stop(grace=0)
+        raise
     await stop.wait()
     log.info("signal received: draining (up to %.0f s)", settings.drain_timeout)
     await gateway.stop()

@@ -221,7 +221,12 @@ def serve(
         from .workers import Supervisor
 
         sys.exit(Supervisor(settings, workers, log_level).run())
-    asyncio.run(run(settings))
+    from .errors import TensorgateError
+
+    try:
+        asyncio.run(run(settings))
+    except TensorgateError as e:  # the repository cannot be served as it is (e.g. half-written)
+        raise click.ClickException(str(e)) from None
 
 
 @main.command()
