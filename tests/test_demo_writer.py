@@ -26,14 +26,16 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import yaml
 
 from tensorgate.clients import Client, InferenceError
 from tensorgate.server import writelock
 from tensorgate.server.demo import build_mlp_onnx, mlp_reference, mlp_weights
 
-from .serverproc import ServerProcess, wait_until
+from .serverproc import REPO_ROOT, ServerProcess, wait_until
 
 IMAGE_UID = 10001  # the Dockerfile's USER
+K8S = REPO_ROOT / "deploy" / "k8s"
 ROOT = os.geteuid() == 0
 CLI = ("-m", "tensorgate.server.cli")
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -66,14 +68,14 @@ def work() -> Iterator[Path]:
 
 
 @pytest.fixture
-def mount_point(work: Path) -> Iterator[Callable[[int], Path]]:
-    """``make(owner_uid)``: an empty directory that a container would give ``demo``: a
-    tmpfs owned by ``owner_uid`` (mode 0755) mounted under a read-only parent, or, where
+def mount_point(work: Path) -> Iterator[Callable[..., Path]]:
+    """``make(uid, gid=uid, mode=0o755)``: an empty directory that a container would give
+    ``demo``: a tmpfs of that owner and mode mounted under a read-only parent, or, where
     this process may not mount, a directory under a parent made read-only by its mode."""
     mounted: list[Path] = []
     can_mount = _can_mount(work)
 
-    def make(owner_uid: int) -> Path:
+    def make(owner_uid: int, gid: int | None = None, mode: int = 0o755) -> Path:
         parent = work / f"root-{len(mounted)}"
         parent.mkdir()
         models = parent / "models"
@@ -85,7 +87,8 @@ def mount_point(work: Path) -> Iterator[Callable[[int], Path]]:
         mounted.append(parent)
         models.mkdir()
         _mount("-o", "remount,ro", str(parent))  # like readOnlyRootFilesystem
-        options = f"size=64m,mode=0755,uid={owner_uid},gid={owner_uid}"
+        gid = owner_uid if gid is None else gid
+        options = f"size=64m,mode={mode:o},uid={owner_uid},gid={gid}"
         _mount("-t", "tmpfs", "-o", options, "tmpfs", str(models))
         mounted.append(models)
         assert os.path.ismount(models)
@@ -149,7 +152,7 @@ def assert_demo_written(root: Path, uid: int, listing: str) -> None:
 
 
 def test_demo_into_a_mount_point_as_root_is_served_by_the_image_uid(
-    mount_point: Callable[[int], Path], work: Path
+    mount_point: Callable[..., Path], work: Path
 ) -> None:
     models = mount_point(0)
     assert not os.access(models.parent, os.W_OK)  # no sibling to build in and rename
@@ -184,16 +187,47 @@ def test_demo_into_a_mount_point_as_root_is_served_by_the_image_uid(
             assert Path(f"/proc/{server.proc.pid}").stat().st_uid == IMAGE_UID
 
 
-def test_demo_into_a_mount_point_as_the_image_uid(
-    mount_point: Callable[[int], Path], work: Path
+def test_demo_into_a_volume_the_user_owns_as_that_user(
+    mount_point: Callable[..., Path], work: Path
 ) -> None:
-    models = mount_point(IMAGE_UID)  # a volume the user owns, like `docker run --user`
+    # docs/deploy.md: docker run --user "$(id -u)" -v "$PWD/models:/models" IMAGE demo /models
+    models = mount_point(IMAGE_UID)
     run = run_demo(models, IMAGE_UID, work)
     assert run.returncode == 0, run.stderr
     assert_demo_written(models, IMAGE_UID, run.stdout)
     again = run_demo(models, IMAGE_UID, work)  # idempotent: nothing rewritten
     assert again.returncode == 0, again.stderr
     assert "wrote the demo" not in again.stderr
+
+
+def test_the_k8s_demo_overlays_init_container_writes_its_emptydir(
+    mount_point: Callable[..., Path], work: Path
+) -> None:
+    """What deploy/k8s/overlays/demo runs: the initContainer's args, as the pod's user,
+    into an emptyDir (root-owned, mode 0777, group fsGroup with setgid) under a read-only
+    root filesystem."""
+    patch = yaml.safe_load((K8S / "overlays" / "demo" / "models-emptydir.yaml").read_text())
+    pod = yaml.safe_load((K8S / "base" / "deployment.yaml").read_text())["spec"]["template"]
+    security = pod["spec"]["securityContext"]
+    (init,) = patch["spec"]["template"]["spec"]["initContainers"]
+    assert init["securityContext"]["readOnlyRootFilesystem"] is True
+    (mount,) = [m for m in init["volumeMounts"] if m["name"] == "models"]
+    assert not mount.get("readOnly")
+    uid, fs_group = security["runAsUser"], security["fsGroup"]
+    models = mount_point(0, gid=fs_group, mode=0o2777)
+    args = [str(models) if a == mount["mountPath"] else a for a in init["args"]]
+    assert args == ["demo", str(models)]
+    home = writable_home(work, uid)  # the pod's HOME=/tmp, an emptyDir of its own
+    env = {e["name"]: str(home) if e["value"] == "/tmp" else e["value"] for e in init["env"]}
+    run = subprocess.run(
+        [*as_uid(uid), sys.executable, *CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**ENV, **env, "TMPDIR": str(home)},
+    )
+    assert run.returncode == 0, run.stderr
+    assert_demo_written(models, uid, run.stdout)
 
 
 def test_demo_creates_an_absent_directory_readable_by_all(work: Path) -> None:
@@ -206,7 +240,7 @@ def test_demo_creates_an_absent_directory_readable_by_all(work: Path) -> None:
     assert sorted(p.name for p in models.parent.iterdir()) == ["models"]  # nothing beside
 
 
-def test_demo_says_why_it_cannot_write(mount_point: Callable[[int], Path], work: Path) -> None:
+def test_demo_says_why_it_cannot_write(mount_point: Callable[..., Path], work: Path) -> None:
     # Not writable by the image's uid: root's volume (or, without root, a 0555 directory).
     models = mount_point(0)
     if not ROOT:
