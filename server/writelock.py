@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 
+import grpc
+
 from .errors import ConfigError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,8 @@ class BeingWritten(Unavailable):
 
 class InterruptedWrite(ConfigError):
     """A writer died half-way: the repository holds part of what it was writing."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
 
     def __init__(self, root: Path) -> None:
         super().__init__(
