@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .errors import Overloaded, Unavailable
+from tensorgate.errors import Overloaded, Unavailable
 
 DRAINING_MESSAGE = "server is draining (shutting down); retry on another replica"
 
@@ -28,6 +28,10 @@ class Admission:
         self.max_inflight = max_inflight
         self.inflight = 0
         self.draining = False
+        # The drain's last phase: calls that arrive are held until the gRPC server has
+        # begun to stop (``release_held``), then refused (see ``Gateway.stop``).
+        self.holding = False
+        self._released = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -55,6 +59,17 @@ class Admission:
         """Refuse every request from now on; returns how many are in flight."""
         self.draining = True
         return self.inflight
+
+    def hold_arrivals(self) -> None:
+        """From now on, calls wait in ``held`` before they are refused."""
+        self.holding = True
+
+    def release_held(self) -> None:
+        self._released.set()
+
+    async def held(self) -> None:
+        """Wait until ``release_held`` (called once the server stops taking calls)."""
+        await self._released.wait()
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight, at most ``timeout`` seconds; True if idle."""

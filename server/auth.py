@@ -29,10 +29,9 @@ from typing import Any
 
 import grpc
 
+from tensorgate.errors import TensorgateError
 from tensorgate.protos import admin_pb2
 from tensorgate.protos import grpc_service_pb2 as pb
-
-from .errors import TensorgateError
 
 INFERENCE_TOKEN_ENV = "TENSORGATE_AUTH_TOKEN"
 ADMIN_TOKEN_ENV = "TENSORGATE_ADMIN_TOKEN"

@@ -273,9 +273,9 @@ def bench(model: str, url: str, concurrency: int, total: int | None, duration: f
     """Load-test MODEL and print throughput, latency percentiles and a per-variant split."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from tensorgate import codec
     from tensorgate.clients import Client, InferenceError
     from tensorgate.clients.client import auth_metadata, tls_credentials
-    from tensorgate.server import codec
 
     from .cli import _parse_input, _random_input
 

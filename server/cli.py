@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from tensorgate.backends.datatypes import by_name
+from tensorgate.datatypes import by_name
+from tensorgate.limits import MAX_MESSAGE_BYTES
 
 from .cli_options import client_security, client_security_options, client_tls_options
 
@@ -65,7 +66,7 @@ def main() -> None:
 )
 @click.option(
     "--max-message-bytes",
-    default=64 * 1024 * 1024,
+    default=MAX_MESSAGE_BYTES,
     show_default=True,
     type=int,
     help="Largest gRPC message accepted or sent.",
@@ -174,8 +175,8 @@ def serve(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from .app import ServerSettings
     from .app import serve as run
+    from .settings import ServerSettings
 
     if repository is None:
         repository = default_demo_dir()
@@ -221,7 +222,7 @@ def serve(
         from .workers import Supervisor
 
         sys.exit(Supervisor(settings, workers, log_level).run())
-    from .errors import TensorgateError
+    from tensorgate.errors import TensorgateError
 
     try:
         asyncio.run(run(settings))

@@ -9,18 +9,25 @@ from typing import Any
 
 import grpc
 
-from .errors import TensorgateError
+from tensorgate.errors import TensorgateError
 
 log = logging.getLogger(__name__)
 
 
-async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+def status_of(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status a failed call answers with: a domain error's own code and message,
+    anything unexpected INTERNAL (and logged). Unary calls abort with it; a streamed
+    request answers with it in ``error_message`` while its stream goes on."""
     if isinstance(exc, TensorgateError):
-        await context.abort(exc.code, str(exc))
+        return exc.code, str(exc)
     if isinstance(exc, NotImplementedError):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
-    log.exception("unexpected error in %s", method)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        return grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented"
+    log.error("unexpected error in %s", method, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+async def _abort_for(exc: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
+    await context.abort(*status_of(exc, method))
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

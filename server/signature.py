@@ -12,10 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from tensorgate.backends import Signature, TensorSpec
+from tensorgate.errors import ConfigError, InvalidInput
+from tensorgate.inference import InputTensor
 
 from .config import ModelConfig, TensorConfig
-from .errors import ConfigError, InvalidInput
-from .types import InputTensor
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Why processes: the Python gRPC request path is bound to one core by the GIL (~0.5 ms of
 CPU per unary call, see docs/benchmarks.md), and framework pools in one process steal
-each other's cores (STACK.md). Worker processes scale both, each with its own models.
+each other's cores (docs/architecture.md, "One framework thread per variant"). Worker
+processes scale both, each with its own models.
 
 How they share a port: SO_REUSEPORT. The supervisor resolves the address once, by binding a
 SO_REUSEPORT socket that it keeps open, never listening, for as long as it runs, so that
@@ -40,7 +41,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .app import ServerSettings
+from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
 

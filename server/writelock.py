@@ -30,7 +30,7 @@ from pathlib import Path
 
 import grpc
 
-from .errors import ConfigError, Unavailable
+from tensorgate.errors import ConfigError, Unavailable
 
 log = logging.getLogger(__name__)
 

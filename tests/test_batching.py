@@ -16,10 +16,10 @@ import pytest
 
 from tensorgate.backends import Backend, BackendOptions, Signature
 from tensorgate.clients import Client, InferenceError
+from tensorgate.errors import DeadlineExceeded, Overloaded
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 from tensorgate.server.demo import mlp_reference, mlp_weights
-from tensorgate.server.errors import DeadlineExceeded, Overloaded
 from tensorgate.server.scheduler import BatchPolicy, Scheduler, Timings
 
 from .serverproc import ServerProcess
