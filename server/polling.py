@@ -8,6 +8,7 @@ loaded half-written. Loads go through ``Repository.load`` like the RPCs do: the 
 is built before it replaces the old one, and new files that fail keep the old version
 serving (RepositoryIndex says why). A model unloaded by RPC stays unloaded until its files
 change. Hidden files and directories (``.name``) are ignored, like editors' swap files.
+While a writer holds the repository's write lock (``writelock.py``) no round runs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from tensorgate.errors import TensorgateError
 
 from .repository import Repository
+from .writelock import WriteState, write_state
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,10 @@ class RepositoryPoller:
         pending: dict[str, Fingerprint | None] = {}  # seen changed once, waiting to settle
         while True:
             await asyncio.sleep(self.interval)
+            state = write_state(self.repository.root)
+            if state is not WriteState.NONE:  # half-written files: look again when whole
+                log.debug("poll: skipped, the repository's write lock says %s", state)
+                continue
             try:
                 current = await asyncio.to_thread(self.snapshot)
             except TensorgateError as e:  # the repository directory itself went away

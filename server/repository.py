@@ -42,6 +42,7 @@ from .metrics import Metrics
 from .router import RouteError, RoutePolicy, policy_from_config, validate_policy
 from .scheduler import BatchPolicy, Scheduler
 from .signature import ModelSignature, merge_signatures
+from .writelock import check_not_written
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +248,7 @@ class Repository:
         unless the directory does not exist. The previous version keeps serving until the
         new one is ready; if the new one fails entirely, the old one stays."""
         directory = self.model_dir(name)
+        check_not_written(self.root)  # a writer holds the repository: half its files
         if not directory.is_dir():
             raise ModelNotFound(name)
         async with self._locks.setdefault(name, asyncio.Lock()):
