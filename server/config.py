@@ -7,7 +7,6 @@ docs/repository.md; keep the two in step.
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -15,13 +14,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
 from tensorgate.datatypes import DATATYPES
 from tensorgate.errors import ConfigError
+from tensorgate.tomlconfig import TomlError, load_toml
 
 CONFIG_FILE = "config.toml"
 
@@ -171,30 +170,14 @@ class ModelConfig(_Strict):
         return self
 
 
-FieldKind = Literal["input", "output"]
-
-
-def _describe(err: dict) -> str:
-    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        msg = "unknown field; check its spelling against docs/repository.md"
-    return f"field '{loc}': {msg}"
-
-
 def load_model_config(model_dir: Path) -> ModelConfig:
     """Read ``model_dir/config.toml`` (absent: all defaults). Raises ConfigError."""
     path = model_dir / CONFIG_FILE
     if not path.exists():
         return ModelConfig()
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot be read: {e}") from None
-    try:
-        return ModelConfig.model_validate(data)
-    except ValidationError as e:
-        details = "; ".join(_describe(err) for err in e.errors())
-        raise ConfigError(f"{path}: {details}") from None
+        return load_toml(
+            path, ModelConfig, unknown_hint="check its spelling against docs/repository.md"
+        )
+    except TomlError as e:
+        raise ConfigError(str(e)) from None
