@@ -162,6 +162,25 @@ def variant_order(names: list[str]) -> list[str]:
     return versions + sorted(n for n in names if not n.isdigit())
 
 
+def walk_tree(directory: Path, root: Path, *, hidden: bool = False) -> Iterator[str]:
+    """Every directory and file under ``directory``, in sorted order, following symlinks:
+    each real directory is entered once (link cycles end), and never one outside ``root``
+    (it is listed, not entered). Names starting with "." are left out unless ``hidden``.
+    The one walk of a model's files: for escaping symlinks (``outside_root``) and for the
+    poller's change detection (``polling.fingerprint``)."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen or not Path(real).is_relative_to(root):
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if hidden or not d.startswith("."))
+        files = sorted(f for f in filenames if hidden or not f.startswith("."))
+        for name in (*dirnames, *files):
+            yield os.path.join(dirpath, name)
+
+
 def check_model_name(name: str) -> str:
     """A model name must be one plain path component (no '/', '..', hidden names)."""
     if not _NAME.match(name) or name in (".", ".."):
@@ -216,18 +235,9 @@ class Repository:
     def outside_root(self, directory: Path) -> Path | None:
         """The first file or directory under ``directory`` that resolves outside the root
         (a symlink escaping it), or None. Symlinks that stay inside the root are fine."""
-        seen: set[str] = set()
-        for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-            real = os.path.realpath(dirpath)
-            if not Path(real).is_relative_to(self.root):
-                return Path(dirpath)
-            if real in seen:  # a link cycle, or two links to one directory
-                dirnames[:] = []
-                continue
-            seen.add(real)
-            for f in filenames:
-                if not Path(os.path.realpath(os.path.join(dirpath, f))).is_relative_to(self.root):
-                    return Path(dirpath, f)
+        for path in walk_tree(directory, self.root, hidden=True):
+            if not Path(os.path.realpath(path)).is_relative_to(self.root):
+                return Path(path)
         return None
 
     # -- load / unload ------------------------------------------------------------------
