@@ -137,3 +137,36 @@ def write_broken_model(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"this is not a model\x00\xff\xfe" + os.urandom(64))
     return path
+
+
+def build_labels_torchscript(path: Path) -> Path:
+    """A scripted ``forward(self, x) -> Tuple[Tensor, List[str]]``: ``2 * x``, and per element
+    "pos" or "neg". TorchScript says nothing of the list's length (BYTES [-1])."""
+    import torch
+
+    class Labels(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+            labels: list[str] = []
+            for i in range(x.numel()):
+                labels.append("pos" if bool(x[i] > 0) else "neg")
+            return 2 * x, labels
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(torch.jit.script(Labels()), str(path))
+    return path
+
+
+def build_double_onnx(path: Path, dims: list[int | str]) -> Path:
+    """``x`` FP32 -> ``y = 2 * x``, both of shape ``dims`` (a string is a dynamic axis)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    two = numpy_helper.from_array(np.array(2.0, np.float32), name="two")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["y"])],
+        "double",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)],
+        initializer=[two],
+    )
+    return save_onnx(graph, path)
