@@ -83,6 +83,9 @@ class VariantConfig(_Strict):
     inter_op_threads: Annotated[int, Field(ge=0)] | None = None
     signature_name: str | None = None
     isolation: Isolation | None = None
+    # An integer model_version that pins this variant too: Triton's clients parse versions
+    # as integers (perf_analyzer -x 3), so a named variant needs one to be pinned by them.
+    version: Annotated[int, Field(ge=1)] | None = None
 
     _device = field_validator("device")(_check_device)
 

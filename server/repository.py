@@ -89,6 +89,8 @@ class Model:
     reason: str = ""  # why the model as a whole failed
     policy: RoutePolicy = field(default_factory=RoutePolicy)  # [routing], validated
     routing: RouteState | None = None  # live routing state (router.Router.state)
+    # Integer model_versions of named variants ([variants.NAME] version = N): "3" -> "onnx".
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
@@ -96,6 +98,26 @@ class Model:
 
     def ready_variants(self) -> Iterator[Variant]:
         return (v for v in self.variants.values() if v.ready)
+
+    def resolve_version(self, version: str) -> str:
+        """The name of the variant a request's ``model_version`` pins: the variant of that
+        name, or the one whose ``[variants.NAME] version`` is that integer. The one place
+        an alias is resolved. Raises ModelNotFound when neither exists."""
+        if version in self.variants:
+            return version
+        variant = self.aliases.get(version)
+        if variant is None:
+            raise ModelNotFound(self.name, version)
+        return variant
+
+    def alias(self, variant: str) -> str | None:
+        """The integer version a named variant also answers to, if config.toml gives one."""
+        return next((a for a, v in self.aliases.items() if v == variant), None)
+
+    def versions(self, variant: str) -> list[str]:
+        """Every ``model_version`` that pins ``variant``: its name, then its alias."""
+        alias = self.alias(variant)
+        return [variant] if alias is None else [variant, alias]
 
     def default_variant(self) -> Variant | None:
         """Where an unpinned request goes while no routing is configured: the config's
@@ -128,6 +150,35 @@ def _batch_policy(config: ModelConfig) -> BatchPolicy | None:
         max_queue_delay=b.max_queue_delay_us / 1e6,
         preferred_batch_sizes=tuple(b.preferred_batch_sizes),
     )
+
+
+def _aliases(model: Model, names: list[str]) -> dict[str, str]:
+    """``{"3": "onnx"}`` from the ``[variants.NAME] version = N`` fields. Raises ConfigError
+    naming both variants when a version is given twice or is a variant directory's name."""
+    where = model.directory / "config.toml"
+    aliases: dict[str, str] = {}
+    for vname, vcfg in model.config.variants.items():
+        if vcfg.version is None:
+            continue
+        alias = str(vcfg.version)
+        if vname.isdigit():
+            raise ConfigError(
+                f"{where}: field 'variants.{vname}.version': variant '{vname}' is an integer "
+                "version already; only named variants take a version, remove the field"
+            )
+        if alias in names:
+            raise ConfigError(
+                f"{where}: field 'variants.{vname}.version': version {alias} of variant "
+                f"'{vname}' is also variant directory '{alias}' ({model.name}/{alias}/); give "
+                f"'{vname}' another version or rename the directory"
+            )
+        if alias in aliases:
+            raise ConfigError(
+                f"{where}: field 'variants.{vname}.version': version {alias} is given to both "
+                f"variant '{aliases[alias]}' and variant '{vname}'; give each its own version"
+            )
+        aliases[alias] = vname
+    return aliases
 
 
 def variant_order(names: list[str]) -> list[str]:
@@ -354,6 +405,7 @@ class Repository:
                 f"{model.directory / 'config.toml'}: field 'default_variant': no variant "
                 f"'{cfg.default_variant}'; variants are {sorted(names)}"
             )
+        model.aliases = _aliases(model, names)
         try:
             model.policy = validate_policy(policy_from_config(cfg.routing), names)
         except RouteError as e:

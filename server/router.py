@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import ModelNotFound, ModelNotReady
+from .errors import ModelNotReady
 from .types import InferenceRequest
 
 if TYPE_CHECKING:
@@ -536,9 +536,7 @@ class Router:
         """Where ``request`` goes. Raises ModelNotFound for an unknown pinned version and
         ModelNotReady when the model has no weights and no ready variant."""
         if request.version:
-            if request.version not in model.variants:
-                raise ModelNotFound(model.name, request.version)
-            return Plan(request.version, (), pinned=True)
+            return Plan(model.resolve_version(request.version), (), pinned=True)
         policy = self.state(model).policy
         if policy.weighted:
             key = routing_key(request, policy.sticky_key)
