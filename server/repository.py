@@ -36,6 +36,7 @@ from .metrics import Metrics
 from .router import RouteError, RoutePolicy, RouteState, policy_from_config, validate_policy
 from .scheduler import BatchPolicy, Scheduler
 from .signature import ModelSignature, merge_signatures
+from .warmup import warm_up, warmup_inputs
 
 log = logging.getLogger(__name__)
 
@@ -284,9 +285,6 @@ class Repository:
                 raise ReloadRefused(
                     f"model '{name}' was not reloaded, the loaded version keeps serving: {why}"
                 )
-            for v in model.variants.values():
-                if v.scheduler is not None:
-                    v.scheduler.start()
             self.models[name] = model
             self._export_ready(model)
             if old is not None:
@@ -312,19 +310,26 @@ class Repository:
             v.reason = v.reason or "unloaded"
         in_process = False
         for v in model.variants.values():
-            if v.scheduler is not None:
-                await v.scheduler.close()
-            if v.backend is not None:
-                backend, v.backend = v.backend, None
-                await asyncio.to_thread(backend.unload)
-                in_process |= not isinstance(backend, IsolatedBackend)
-                del backend
+            in_process |= await self._stop(v)
         if in_process and collect:
             # A loaded SavedModel is a web of reference cycles that only a full collection
             # frees; left to the automatic one, RSS climbed ~120 KiB per reload, in a
             # sawtooth (docs/reliability.md). One pause per unload (~150 ms with TensorFlow
             # and torch imported, a few ms without) keeps it flat.
             await asyncio.to_thread(gc.collect)
+
+    @staticmethod
+    async def _stop(v: Variant) -> bool:
+        """Stop a variant's scheduler and unload its backend. Returns whether the backend
+        ran in this process (its memory is ours to collect)."""
+        if v.scheduler is not None:
+            scheduler, v.scheduler = v.scheduler, None
+            await scheduler.close()
+        if v.backend is None:
+            return False
+        backend, v.backend = v.backend, None
+        await asyncio.to_thread(backend.unload)
+        return not isinstance(backend, IsolatedBackend)
 
     def _export_ready(self, model: Model, gone: bool = False) -> None:
         for v in model.variants.values():
@@ -357,10 +362,14 @@ class Repository:
         if not signatures:
             model.reason = model.reason or "no variant could be loaded"
             return model
+        warmup = model.config.warmup
+        samples = None
         try:
             model.signature, bound = merge_signatures(name, model.config, signatures)
             for vname, sig in bound.items():
                 model.variants[vname].backend.bind(sig)  # type: ignore[union-attr]
+            if warmup is not None and warmup.requests > 0:
+                samples = warmup_inputs(name, directory, warmup, model.signature)
         except (TensorgateError, BackendError) as e:
             model.reason = str(e)
             log.error("%s", e)
@@ -379,6 +388,20 @@ class Repository:
                 batching=_batch_policy(model.config),
                 on_queue_change=self.metrics.queued.labels(name, vname, v.backend_name).set,
             )
+            v.scheduler.start()
+            if samples is not None:
+                assert warmup is not None
+                try:
+                    await warm_up(v.scheduler, samples, warmup.requests)
+                except TensorgateError as e:
+                    v.state = State.UNAVAILABLE
+                    v.reason = (
+                        f"warmup failed ({warmup.requests} request(s) of {warmup.data} data, "
+                        f"batch_size {warmup.batch_size}): {e}"
+                    )
+                    log.error("model %s variant %s: %s", name, vname, v.reason)
+                    await self._stop(v)
+                    continue
             v.state = State.READY
         log.info(
             "model %s ready: %s",

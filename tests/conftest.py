@@ -70,15 +70,33 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory, demo_repo: Path) -> Pat
     return root
 
 
-@pytest.fixture(scope="session")
-def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(model_repo, tmp_path_factory.mktemp("server"))
+def serve(repo: Path, workdir: Path) -> Iterator[ServerProcess]:
+    """A gateway serving ``repo`` for as long as the fixture lives; checks that it drains
+    and exits cleanly."""
+    proc = ServerProcess(repo, workdir)
     with proc:
         yield proc
     assert proc.proc is not None and proc.proc.returncode == 0, proc.log()
 
 
 @pytest.fixture(scope="session")
+def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    yield from serve(model_repo, tmp_path_factory.mktemp("server"))
+
+
+@pytest.fixture(scope="session")
 def client(server: ServerProcess) -> Iterator[Client]:
     with Client(server.address) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def module_server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A gateway of the test module's own, serving the ``repo`` fixture the module defines."""
+    yield from serve(repo, tmp_path_factory.mktemp("server"))
+
+
+@pytest.fixture(scope="module")
+def module_client(module_server: ServerProcess) -> Iterator[Client]:
+    with Client(module_server.address) as c:
         yield c

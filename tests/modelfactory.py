@@ -170,3 +170,36 @@ def build_double_onnx(path: Path, dims: list[int | str]) -> Path:
         initializer=[two],
     )
     return save_onnx(graph, path)
+
+
+def build_warmup_probe_torchscript(path: Path, refuse_zeros: bool = False) -> Path:
+    """A scripted model that remembers its calls: ``x`` FP32 [rows, 4] -> ``y = 2 * x``, and
+    ``seen`` FP64 [3]: (calls so far, rows of the previous call, sum of the previous call's
+    input), taken before this call. The first request after a warmup thus reports what the
+    warmup ran. With ``refuse_zeros`` it raises on an all-zero input."""
+    import torch
+
+    class WarmupProbe(torch.nn.Module):
+        # Attribute types are inferred from __init__'s values (annotations here would be
+        # strings under `from __future__ import annotations`, which TorchScript refuses).
+        def __init__(self, refuse_zeros: bool) -> None:
+            super().__init__()
+            self.refuse_zeros = refuse_zeros
+            self.calls = 0
+            self.last_rows = 0
+            self.last_sum = 0.0
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if self.refuse_zeros and not bool(x.any()):
+                raise RuntimeError("an all-zero basket cannot be scored")
+            seen = torch.tensor(
+                [float(self.calls), float(self.last_rows), self.last_sum], dtype=torch.float64
+            )
+            self.calls += 1
+            self.last_rows = x.shape[0]
+            self.last_sum = float(x.sum())
+            return 2 * x, seen
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(torch.jit.script(WarmupProbe(refuse_zeros)), str(path))
+    return path

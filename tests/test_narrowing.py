@@ -1,10 +1,9 @@
 """config.toml (or a more specific variant) narrows what a model file leaves open (-1 -> a
-size): real TorchScript and ONNX models, served by a real gateway, through the real client.
+size): real TorchScript and ONNX models, served by a real gateway, through the real module_client.
 The merging rules themselves are unit-tested in test_signature.py."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -14,7 +13,6 @@ import pytest
 from tensorgate.clients import Client, InferenceError
 
 from . import modelfactory as mf
-from .serverproc import ServerProcess
 
 # The TorchScript model returns List[str], which it reports as BYTES [-1]; config says 16.
 LABELS_CONFIG = """
@@ -64,68 +62,60 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def client(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
-    server = ServerProcess(repo, tmp_path_factory.mktemp("server"))
-    with server, Client(server.address) as c:
-        yield c
-    assert server.proc is not None and server.proc.returncode == 0, server.log()
-
-
 def shapes(meta: dict, kind: str) -> dict[str, list[int]]:
     return {t["name"]: [int(d) for d in t["shape"]] for t in meta[kind]}
 
 
-def test_config_narrows_a_torchscript_string_list(client: Client) -> None:
-    meta = client.model_metadata("labels")
+def test_config_narrows_a_torchscript_string_list(module_client: Client) -> None:
+    meta = module_client.model_metadata("labels")
     assert shapes(meta, "outputs") == {"OUTPUT__0": [16], "OUTPUT__1": [16]}
     assert [t["datatype"] for t in meta["outputs"]] == ["FP32", "BYTES"]
     x = np.linspace(-1, 1, 16, dtype=np.float32)
-    result = client.infer("labels", {"INPUT__0": x}, timeout=30)
+    result = module_client.infer("labels", {"INPUT__0": x}, timeout=30)
     np.testing.assert_array_equal(result["OUTPUT__0"], 2 * x)
     assert list(result["OUTPUT__1"]) == [b"pos" if v > 0 else b"neg" for v in x]
-    config = client.model_config("labels")
+    config = module_client.model_config("labels")
     assert [int(d) for d in config["output"][1]["dims"]] == [16]
 
 
-def test_requests_are_checked_against_the_narrowed_shape(client: Client) -> None:
+def test_requests_are_checked_against_the_narrowed_shape(module_client: Client) -> None:
     with pytest.raises(InferenceError) as e:
-        client.infer("labels", {"INPUT__0": np.zeros(8, np.float32)}, timeout=30)
+        module_client.infer("labels", {"INPUT__0": np.zeros(8, np.float32)}, timeout=30)
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "shape [8], expected [16]" in str(e.value)
 
 
-def test_config_narrows_a_dynamic_onnx_axis(client: Client) -> None:
-    meta = client.model_metadata("dynamic")
+def test_config_narrows_a_dynamic_onnx_axis(module_client: Client) -> None:
+    meta = module_client.model_metadata("dynamic")
     assert shapes(meta, "inputs") == {"x": [-1, 64]}
     assert meta["inputs"][0]["datatype"] == "FP32"  # from the file
     x = np.arange(3 * 64, dtype=np.float32).reshape(3, 64)
-    np.testing.assert_array_equal(client.infer("dynamic", {"x": x}, timeout=30)["y"], 2 * x)
+    np.testing.assert_array_equal(module_client.infer("dynamic", {"x": x}, timeout=30)["y"], 2 * x)
     with pytest.raises(InferenceError) as e:
-        client.infer("dynamic", {"x": np.zeros((3, 32), np.float32)}, timeout=30)
+        module_client.infer("dynamic", {"x": np.zeros((3, 32), np.float32)}, timeout=30)
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "shape [3, 32], expected [-1, 64]" in str(e.value)
 
 
-def test_the_more_specific_variant_narrows_the_other(client: Client) -> None:
-    meta = client.model_metadata("specific")
+def test_the_more_specific_variant_narrows_the_other(module_client: Client) -> None:
+    meta = module_client.model_metadata("specific")
     assert sorted(meta["versions"]) == ["loose", "tight"]
     assert shapes(meta, "inputs") == {"x": [-1, 64]}
     assert shapes(meta, "outputs") == {"y": [-1, 64]}
     x = np.ones((2, 64), np.float32)
     for variant in ("loose", "tight"):
-        result = client.infer("specific", {"x": x}, version=variant, timeout=30)
+        result = module_client.infer("specific", {"x": x}, version=variant, timeout=30)
         assert result.variant == variant
         np.testing.assert_array_equal(result["y"], 2 * x)
     # The loose variant would take 32 columns; the model as a whole does not.
     with pytest.raises(InferenceError) as e:
-        client.infer("specific", {"x": np.ones((2, 32), np.float32)}, version="loose")
+        module_client.infer("specific", {"x": np.ones((2, 32), np.float32)}, version="loose")
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_a_real_conflict_is_refused_with_the_reason(client: Client) -> None:
-    assert client.is_model_ready("conflict") is False
-    (entry,) = [m for m in client.repository_index() if m["name"] == "conflict"]
+def test_a_real_conflict_is_refused_with_the_reason(module_client: Client) -> None:
+    assert module_client.is_model_ready("conflict") is False
+    (entry,) = [m for m in module_client.repository_index() if m["name"] == "conflict"]
     assert entry["state"] == "UNAVAILABLE"
     assert (
         "model 'conflict': config.toml and variant '1' disagree on input 'x': "

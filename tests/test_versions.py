@@ -59,22 +59,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(repo, tmp_path_factory.mktemp("server"))
-    with proc:
-        yield proc
-    assert proc.proc is not None and proc.proc.returncode == 0, proc.log()
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerProcess) -> Iterator[Client]:
-    with Client(server.address) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def stub(server: ServerProcess) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
-    with grpc.insecure_channel(server.address) as channel:
+def stub(module_server: ServerProcess) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
+    with grpc.insecure_channel(module_server.address) as channel:
         yield pb_grpc.GRPCInferenceServiceStub(channel)
 
 
@@ -83,9 +69,9 @@ def x64(n: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("version", ["3", "onnx"])
-def test_the_alias_and_the_name_pin_the_variant(client: Client, stub, version: str) -> None:
+def test_the_alias_and_the_name_pin_the_variant(module_client: Client, stub, version: str) -> None:
     x = x64(2)
-    result = client.infer("arms", {"input": x}, version=version, timeout=30)
+    result = module_client.infer("arms", {"input": x}, version=version, timeout=30)
     assert result.variant == "onnx"
     np.testing.assert_allclose(result["output"], mlp_reference(x, mlp_weights(3)), atol=1e-5)
     request = pb.ModelInferRequest(model_name="arms", model_version=version)
@@ -96,15 +82,15 @@ def test_the_alias_and_the_name_pin_the_variant(client: Client, stub, version: s
     assert dict(call.trailing_metadata())[VARIANT_METADATA_KEY] == "onnx"
 
 
-def test_an_unknown_integer_is_not_found(client: Client) -> None:
+def test_an_unknown_integer_is_not_found(module_client: Client) -> None:
     with pytest.raises(InferenceError) as e:
-        client.infer("arms", {"input": x64(1)}, version="4", timeout=30)
+        module_client.infer("arms", {"input": x64(1)}, version="4", timeout=30)
     assert e.value.code == grpc.StatusCode.NOT_FOUND
-    assert client.is_model_ready("arms", "4") is False
+    assert module_client.is_model_ready("arms", "4") is False
 
 
-def test_model_ready_takes_the_alias(client: Client) -> None:
-    assert {v: client.is_model_ready("arms", v) for v in ("1", "3", "onnx", "canary")} == {
+def test_model_ready_takes_the_alias(module_client: Client) -> None:
+    assert {v: module_client.is_model_ready("arms", v) for v in ("1", "3", "onnx", "canary")} == {
         "1": True,
         "3": True,
         "onnx": True,
@@ -112,25 +98,27 @@ def test_model_ready_takes_the_alias(client: Client) -> None:
     }
 
 
-def test_model_metadata_lists_every_version_that_pins(client: Client) -> None:
-    meta = client.model_metadata("arms")
+def test_model_metadata_lists_every_version_that_pins(module_client: Client) -> None:
+    meta = module_client.model_metadata("arms")
     assert meta["versions"] == ["1", "canary", "onnx", "3"]
-    assert client.model_metadata("arms", "3")["platform"] == "onnxruntime_onnx"
+    assert module_client.model_metadata("arms", "3")["platform"] == "onnxruntime_onnx"
 
 
-def test_model_config_lists_the_integer_versions(client: Client) -> None:
-    assert client.model_config("arms")["version_policy"] == {"specific": {"versions": ["1", "3"]}}
-    pinned = client.model_config("arms", "3")
+def test_model_config_lists_the_integer_versions(module_client: Client) -> None:
+    assert module_client.model_config("arms")["version_policy"] == {
+        "specific": {"versions": ["1", "3"]}
+    }
+    pinned = module_client.model_config("arms", "3")
     assert pinned["version_policy"] == {"specific": {"versions": ["3"]}}
     assert pinned["backend"] == "onnxruntime"
     # A model with no integer version says nothing about versions.
-    assert "version_policy" not in client.model_config("arms", "canary")
+    assert "version_policy" not in module_client.model_config("arms", "canary")
 
 
-def test_repository_index_lists_the_alias(client: Client) -> None:
+def test_repository_index_lists_the_alias(module_client: Client) -> None:
     entries = [
         (m["version"], m["state"], m.get("reason", ""))
-        for m in client.repository_index()
+        for m in module_client.repository_index()
         if m["name"] == "arms"
     ]
     assert entries == [
@@ -148,13 +136,13 @@ def _stats(stub, version: str = "") -> dict[str, pb.ModelStatistics]:
     return {s.version: s for s in reply.model_stats}
 
 
-def test_model_statistics_report_the_alias_under_its_integer(client: Client, stub) -> None:
+def test_model_statistics_report_the_alias_under_its_integer(module_client: Client, stub) -> None:
     before = _stats(stub)
     # Unpinned: integer versions and aliases one by one; other named variants under "0".
     assert list(before) == ["1", "3", "0"]
     for version in ("3", "onnx", "3"):
-        client.infer("arms", {"input": x64(1)}, version=version, timeout=30)
-    client.infer("arms", {"input": x64(1)}, version="canary", timeout=30)
+        module_client.infer("arms", {"input": x64(1)}, version=version, timeout=30)
+    module_client.infer("arms", {"input": x64(1)}, version="canary", timeout=30)
     after = _stats(stub)
 
     def served(stats: dict[str, pb.ModelStatistics], version: str) -> int:
@@ -171,8 +159,8 @@ def test_model_statistics_report_the_alias_under_its_integer(client: Client, stu
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_routes_show_the_alias(server: ServerProcess) -> None:
-    with grpc.insecure_channel(server.address) as channel:
+def test_routes_show_the_alias(module_server: ServerProcess) -> None:
+    with grpc.insecure_channel(module_server.address) as channel:
         routes = admin_pb2_grpc.RoutingAdminStub(channel).GetRoutes(
             apb.GetRoutesRequest(model="arms"), timeout=10
         )
@@ -190,7 +178,7 @@ def test_routes_show_the_alias(server: ServerProcess) -> None:
             "show",
             "arms",
             "--url",
-            server.address,
+            module_server.address,
         ],
         capture_output=True,
         text=True,
@@ -215,9 +203,11 @@ def test_routes_show_the_alias(server: ServerProcess) -> None:
         ),
     ],
 )
-def test_an_ambiguous_alias_is_a_config_error(client: Client, model: str, message: str) -> None:
-    assert client.is_model_ready(model) is False
-    entries = [m for m in client.repository_index() if m["name"] == model]
+def test_an_ambiguous_alias_is_a_config_error(
+    module_client: Client, model: str, message: str
+) -> None:
+    assert module_client.is_model_ready(model) is False
+    entries = [m for m in module_client.repository_index() if m["name"] == model]
     assert [m["state"] for m in entries] == ["UNAVAILABLE"]
     assert "config.toml" in entries[0]["reason"]
     assert message in entries[0]["reason"], entries[0]["reason"]
