@@ -13,7 +13,7 @@ from tensorgate.clients import Client
 from tensorgate.server.demo import build_mlp_onnx, mlp_weights, write_demo_repository
 
 from . import modelfactory as mf
-from .serverproc import ServerProcess
+from .serverproc import ServerProcess, serve
 
 PAIR_CONFIG = """
 [[input]]
@@ -68,15 +68,6 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory, demo_repo: Path) -> Pat
     build_mlp_onnx(root / "badconfig" / "1" / "model.onnx", mlp_weights())
     (root / "badconfig" / "config.toml").write_text("max_batch_sise = 4\n")
     return root
-
-
-def serve(repo: Path, workdir: Path) -> Iterator[ServerProcess]:
-    """A gateway serving ``repo`` for as long as the fixture lives; checks that it drains
-    and exits cleanly."""
-    proc = ServerProcess(repo, workdir)
-    with proc:
-        yield proc
-    assert proc.proc is not None and proc.proc.returncode == 0, proc.log()
 
 
 @pytest.fixture(scope="session")

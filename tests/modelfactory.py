@@ -31,7 +31,7 @@ IDENTITY_DATATYPES: tuple[str, ...] = (
     "BYTES",
 )
 
-_ONNX_TYPE_NAMES = {
+ONNX_TYPE_NAMES = {
     "BOOL": "BOOL",
     "UINT8": "UINT8",
     "UINT16": "UINT16",
@@ -55,7 +55,7 @@ def build_identity_onnx(path: Path, datatypes: tuple[str, ...], name: str = "ide
 
     nodes, inputs, outputs = [], [], []
     for dt in datatypes:
-        elem = getattr(TensorProto, _ONNX_TYPE_NAMES[dt])
+        elem = getattr(TensorProto, ONNX_TYPE_NAMES[dt])
         nodes.append(helper.make_node("Identity", [f"in_{dt}"], [f"out_{dt}"]))
         inputs.append(helper.make_tensor_value_info(f"in_{dt}", elem, ["n"]))
         outputs.append(helper.make_tensor_value_info(f"out_{dt}", elem, ["n"]))
