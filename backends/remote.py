@@ -38,9 +38,10 @@ import grpc
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tensorgate import codec
+from tensorgate.limits import MAX_MESSAGE_BYTES
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
-from tensorgate.server import codec
 
 from .base import (
     Backend,
@@ -56,7 +57,6 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "remote.toml"
 #: Same default as the server's --max-message-bytes: what the front accepts, it can forward.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # gRPC's default reconnect backoff grows to 120 s, so a back tier that was down for a while
 # would stay unused for up to two minutes after it returned. Cap it at a few seconds.
 _RECONNECT_BACKOFF_MS = (

@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from tensorgate.backends.datatypes import by_name
+from tensorgate.datatypes import by_name
+from tensorgate.limits import MAX_MESSAGE_BYTES
 
 from .cli_options import client_security, client_security_options, client_tls_options
 
@@ -62,7 +63,7 @@ def main() -> None:
 )
 @click.option(
     "--max-message-bytes",
-    default=64 * 1024 * 1024,
+    default=MAX_MESSAGE_BYTES,
     show_default=True,
     type=int,
     help="Largest gRPC message accepted or sent.",
@@ -160,8 +161,8 @@ def serve(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from .app import ServerSettings
     from .app import serve as run
+    from .settings import ServerSettings
 
     if repository is None:
         from .demo import write_demo_repository
@@ -349,10 +350,19 @@ def infer(
 
 
 @main.command()
-@click.option("--metrics-url", default="http://127.0.0.1:8002/metrics", show_default=True,
-              help="The gateway's Prometheus endpoint.")
-@click.option("--interval", default=2.0, show_default=True, type=float,
-              help="Seconds between the two scrapes each figure is computed over.")
+@click.option(
+    "--metrics-url",
+    default="http://127.0.0.1:8002/metrics",
+    show_default=True,
+    help="The gateway's Prometheus endpoint.",
+)
+@click.option(
+    "--interval",
+    default=2.0,
+    show_default=True,
+    type=float,
+    help="Seconds between the two scrapes each figure is computed over.",
+)
 @click.option("--once", is_flag=True, help="Print one table and exit (no live view).")
 @click.option("--json", "as_json", is_flag=True, help="With --once: print JSON rows.")
 def top(metrics_url: str, interval: float, once: bool, as_json: bool) -> None:

@@ -18,7 +18,8 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from .errors import TensorgateError
+from tensorgate.errors import TensorgateError
+
 from .repository import Repository
 
 log = logging.getLogger(__name__)

@@ -29,11 +29,17 @@ from tensorgate.backends import (
     detect,
 )
 from tensorgate.backends.isolated import IsolatedBackend
+from tensorgate.errors import (
+    ConfigError,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    TensorgateError,
+)
 
 from .config import ModelConfig, load_model_config
-from .errors import ConfigError, InvalidInput, ModelNotFound, TensorgateError
 from .metrics import Metrics
-from .router import RouteError, RoutePolicy, RouteState, policy_from_config, validate_policy
+from .router import RouteError, RoutePolicy, policy_from_config, validate_policy
 from .scheduler import BatchPolicy, Scheduler
 from .signature import ModelSignature, merge_signatures
 from .warmup import warm_up, warmup_inputs
@@ -89,7 +95,6 @@ class Model:
     signature: ModelSignature | None = None
     reason: str = ""  # why the model as a whole failed
     policy: RoutePolicy = field(default_factory=RoutePolicy)  # [routing], validated
-    routing: RouteState | None = None  # live routing state (router.Router.state)
     # Integer model_versions of named variants ([variants.NAME] version = N): "3" -> "onnx".
     aliases: dict[str, str] = field(default_factory=dict)
 
@@ -99,17 +104,6 @@ class Model:
 
     def ready_variants(self) -> Iterator[Variant]:
         return (v for v in self.variants.values() if v.ready)
-
-    def resolve_version(self, version: str) -> str:
-        """The name of the variant a request's ``model_version`` pins: the variant of that
-        name, or the one whose ``[variants.NAME] version`` is that integer. The one place
-        an alias is resolved. Raises ModelNotFound when neither exists."""
-        if version in self.variants:
-            return version
-        variant = self.aliases.get(version)
-        if variant is None:
-            raise ModelNotFound(self.name, version)
-        return variant
 
     def alias(self, variant: str) -> str | None:
         """The integer version a named variant also answers to, if config.toml gives one."""
@@ -131,6 +125,21 @@ class Model:
         return next(self.ready_variants(), None)
 
     @property
+    def shadow_limit(self) -> int:
+        """Mirrored requests a shadow variant may hold at once: half its queue, so that
+        mirrors can never crowd out the requests it serves itself."""
+        return self.config.instances.max_queue_size // 2
+
+    def variant(self, version: str) -> Variant:
+        """The variant a request's ``model_version`` pins: the variant of that name, or the
+        one whose ``[variants.NAME] version`` is that integer. The one place an alias is
+        resolved. Raises ModelNotFound when neither exists."""
+        v = self.variants.get(version) or self.variants.get(self.aliases.get(version, ""))
+        if v is None:
+            raise ModelNotFound(self.name, version)
+        return v
+
+    @property
     def platform(self) -> str:
         """The platform an unpinned request is served by (its default variant's)."""
         v = self.default_variant() or next(iter(self.variants.values()), None)
@@ -140,6 +149,13 @@ class Model:
     def backend_name(self) -> str:
         v = self.default_variant() or next(iter(self.variants.values()), None)
         return v.backend_name if v is not None else ""
+
+
+def _setting(config: ModelConfig, variant: str, attr: str):
+    """A variant's setting: its ``[variants.NAME]`` value over the model-wide one."""
+    vcfg = config.variants.get(variant)
+    value = getattr(vcfg, attr) if vcfg is not None else None
+    return value if value is not None else getattr(config, attr)
 
 
 def _batch_policy(config: ModelConfig) -> BatchPolicy | None:
@@ -205,12 +221,19 @@ class Repository:
         self.root = root.resolve()
         self.metrics = metrics
         self.models: dict[str, Model] = {}
+        # Models on disk being loaded for the first time: asked for, they answer
+        # UNAVAILABLE "loading" (retry), not NOT_FOUND (a model that does not exist).
+        self.loading: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
 
     # -- lookup -------------------------------------------------------------------------
     def get(self, name: str) -> Model:
+        """The loaded model ``name``. Raises ModelNotFound, or ModelNotReady while a model
+        of that name is being loaded for the first time."""
         model = self.models.get(name)
         if model is None:
+            if name in self.loading:
+                raise ModelNotReady(f"model '{name}' is loading; retry shortly")
             raise ModelNotFound(name)
         return model
 
@@ -251,12 +274,16 @@ class Repository:
 
     # -- load / unload ------------------------------------------------------------------
     async def load_all(self) -> None:
-        for name in self.scan():
+        names = self.scan()
+        self.loading.update(names)
+        for name in names:
             try:
                 await self.load(name)
             except TensorgateError as e:  # e.g. a directory linked from outside the root
                 log.error("model %s: %s", name, e)
                 self.models[name] = Model(name, self.root / name, reason=str(e))
+            finally:
+                self.loading.discard(name)
 
     async def load(self, name: str) -> Model:
         """(Re)load model ``name`` from disk. Failures are recorded on the model (not raised)
@@ -266,7 +293,12 @@ class Repository:
         if not directory.is_dir():
             raise ModelNotFound(name)
         async with self._locks.setdefault(name, asyncio.Lock()):
-            model = await self._build(name, directory)
+            if name not in self.models:
+                self.loading.add(name)
+            try:
+                model = await self._build(name, directory)
+            finally:
+                self.loading.discard(name)
             old = self.models.get(name)
             # A reload must not lose what serves: if the new files fail as a whole, or fail
             # for a variant that serves now, the loaded version stays, and says why.
@@ -387,6 +419,8 @@ class Repository:
                 max_queue_size=model.config.instances.max_queue_size,
                 batching=_batch_policy(model.config),
                 on_queue_change=self.metrics.queued.labels(name, vname, v.backend_name).set,
+                # A GPU execution waits on its device: never on the event loop.
+                may_inline=_setting(model.config, vname, "device") == "cpu",
             )
             v.scheduler.start()
             if samples is not None:
@@ -485,11 +519,9 @@ class Repository:
     def _load_variant(self, model: Model, v: Variant) -> Signature:
         """Runs in a worker thread."""
         cfg = model.config
-        vcfg = cfg.variants.get(v.name)
 
-        def pick(attr: str):  # variant setting over model-wide setting
-            value = getattr(vcfg, attr) if vcfg is not None else None
-            return value if value is not None else getattr(cfg, attr)
+        def pick(attr: str):
+            return _setting(cfg, v.name, attr)
 
         if v.state is State.UNAVAILABLE:  # nothing to load (reason already recorded)
             raise BackendError(v.reason)

@@ -7,22 +7,24 @@ RPCs not overridden here answer UNIMPLEMENTED.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Callable, Iterator, Mapping
 
 import grpc
 
 import tensorgate
-from tensorgate.backends.datatypes import by_name
+from tensorgate import codec
+from tensorgate.datatypes import by_name
+from tensorgate.errors import ModelNotFound, ModelNotReady, TensorgateError
+from tensorgate.limits import MAX_ELEMENTS
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 from tensorgate.protos import model_config_pb2 as mc
 
-from .errors import ModelNotFound, ModelNotReady, TensorgateError
-from .repository import Model, State, Variant, check_model_name
-from .statistics import NAMED_VARIANTS_VERSION
-
-if TYPE_CHECKING:
-    from .app import Gateway
+from .interceptors import status_of
+from .pipeline import Pipeline
+from .repository import Model, Repository, State, Variant, check_model_name
+from .statistics import NAMED_VARIANTS_VERSION, Statistics
 
 VARIANT_METADATA_KEY = "tensorgate-variant"
 #: With ``serve --workers N``: which worker process (0..N-1) answered, for load-spread checks.
@@ -33,18 +35,36 @@ STREAM_WINDOW = 128
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-        self.repository = gateway.repository
-        index = gateway.settings.worker_index
-        self._worker_metadata = () if index is None else ((WORKER_METADATA_KEY, str(index)),)
+    """``is_ready`` answers ServerReady; ``models_changed`` is called after a repository
+    RPC loaded or unloaded a model (per-model health follows it)."""
+
+    def __init__(
+        self,
+        repository: Repository,
+        pipeline: Pipeline,
+        statistics: Statistics,
+        *,
+        is_ready: Callable[[], bool],
+        models_changed: Callable[[], None],
+        max_tensor_elements: int = MAX_ELEMENTS,
+        worker_index: int | None = None,
+    ) -> None:
+        self.repository = repository
+        self.pipeline = pipeline
+        self.statistics = statistics
+        self._is_ready = is_ready
+        self._models_changed = models_changed
+        self._max_elements = max_tensor_elements
+        self._worker_metadata = (
+            () if worker_index is None else ((WORKER_METADATA_KEY, str(worker_index)),)
+        )
 
     # -- health ---------------------------------------------------------------------------
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.gateway.ready)
+        return pb.ServerReadyResponse(ready=self._is_ready())
 
     async def ModelReady(self, request, context):
         model = self.repository.models.get(request.name)
@@ -52,7 +72,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelReadyResponse(ready=False)
         if request.version:
             try:
-                variant = model.variants[model.resolve_version(request.version)]
+                variant = model.variant(request.version)
             except ModelNotFound:
                 return pb.ModelReadyResponse(ready=False)
             return pb.ModelReadyResponse(ready=variant.ready)
@@ -67,7 +87,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _ready_model(self, name: str, version: str) -> tuple[Model, Variant | None]:
         """The model, and the variant ``version`` pins (None when it pins none)."""
         model = self.repository.get(name)
-        variant = model.variants[model.resolve_version(version)] if version else None
+        variant = model.variant(version) if version else None
         if model.signature is None:
             raise ModelNotReady(f"model '{name}' is not ready: {model.reason}")
         return model, variant
@@ -150,44 +170,58 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             versions = _statistics_versions(model)
             if request.version and request.version not in versions:
                 # Pinned by a name: answered under the name asked for.
-                versions = {request.version: (model.resolve_version(request.version),)}
+                versions = {request.version: (model.variant(request.version).name,)}
             elif request.version:
                 versions = {request.version: versions[request.version]}
             wanted = {model.name: versions}
         else:
             wanted = {name: _statistics_versions(m) for name, m in self.repository.models.items()}
-        return self.gateway.statistics.report(wanted)
+        return self.statistics.report(wanted)
 
     # -- inference ------------------------------------------------------------------------
+    async def _infer(
+        self, msg: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[pb.ModelInferResponse, str]:
+        """One ModelInfer, unary or streamed: decode, serve, encode. Returns the reply and
+        the variant that served it."""
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        pipeline = self.pipeline
+        if pipeline.admission.holding:  # the drain's last moment: see Gateway.stop
+            await pipeline.admission.held()
+        with pipeline.call(msg.model_name) as trace:
+            request = codec.decode_request(msg, self._max_elements)
+            request.metadata = _CallMetadata(context)
+            trace.decoded()
+            response = await pipeline.infer(request, deadline, trace)
+            trace.encoding()
+            reply = codec.encode_response(response)
+        return reply, response.variant
+
     async def ModelInfer(self, request, context):
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        served = await self.gateway.pipeline.model_infer(
-            request, context.time_remaining(), metadata
-        )
-        context.set_trailing_metadata(
-            ((VARIANT_METADATA_KEY, served.variant), *self._worker_metadata)
-        )
-        return served.message
+        reply, variant = await self._infer(request, context)
+        context.set_trailing_metadata(((VARIANT_METADATA_KEY, variant), *self._worker_metadata))
+        return reply
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Bidirectional stream of ModelInfer requests (Triton's message types).
 
         Requests are served concurrently, up to ``STREAM_WINDOW`` at a time per stream, and
-        replies are sent as they complete; each carries the request's ``id``. A failed
-        request answers with ``error_message`` set and the stream goes on, as in Triton.
+        replies are sent as they complete; each carries the request's ``id``. Every request
+        gets exactly one reply: a failed one answers with ``error_message`` ("CODE: message",
+        the status a unary call would get) and the stream goes on, as in Triton.
         """
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         replies: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
-        pipeline = self.gateway.pipeline
 
         async def serve_one(request: pb.ModelInferRequest) -> None:
             try:
-                served = await pipeline.model_infer(request, context.time_remaining(), metadata)
-                reply = pb.ModelStreamInferResponse(infer_response=served.message)
-            except TensorgateError as e:
+                served, _ = await self._infer(request, context)
+                reply = pb.ModelStreamInferResponse(infer_response=served)
+            except Exception as e:
+                code, message = status_of(e, "ModelStreamInfer")
                 reply = pb.ModelStreamInferResponse(
-                    error_message=f"{e.code.name}: {e}",
+                    error_message=f"{code.name}: {message}",
                     infer_response=pb.ModelInferResponse(
                         model_name=request.model_name,
                         model_version=request.model_version,
@@ -251,14 +285,40 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"{v.name}: {v.reason}" for v in model.variants.values()
             )
             raise LoadFailed(f"failed to load model '{request.model_name}': {reasons}")
-        self.gateway.model_health_changed()
+        self._models_changed()
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
         check_model_name(request.model_name)
         await self.repository.unload(request.model_name)
-        self.gateway.model_health_changed()
+        self._models_changed()
         return pb.RepositoryModelUnloadResponse()
+
+
+class _CallMetadata(Mapping[str, str]):
+    """The call's text metadata (sticky routing keys may travel there), read from gRPC only
+    when routing asks for it: most requests never do."""
+
+    __slots__ = ("_context", "_items")
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+        self._items: dict[str, str] | None = None
+
+    def _load(self) -> dict[str, str]:
+        if self._items is None:
+            pairs = self._context.invocation_metadata() or ()
+            self._items = {k: v for k, v in pairs if isinstance(v, str)}
+        return self._items
+
+    def __getitem__(self, key: str) -> str:
+        return self._load()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
 
 
 def _statistics_versions(model: Model) -> dict[str, tuple[str, ...]]:

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from tensorgate.backends import Signature, TensorSpec
+from tensorgate.errors import ConfigError, InvalidInput
+from tensorgate.inference import InputTensor
 
 from .config import ModelConfig, TensorConfig
-from .errors import ConfigError, InvalidInput
-from .types import InputTensor
 
 
 @dataclass(frozen=True)

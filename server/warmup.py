@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tensorgate.backends.datatypes import by_name
+from tensorgate.datatypes import by_name
+from tensorgate.errors import ConfigError, InvalidInput
+from tensorgate.inference import InputTensor
 
 from .config import CONFIG_FILE, WarmupConfig
-from .errors import ConfigError, InvalidInput
 from .scheduler import Scheduler, Timings
 from .signature import ModelSignature, validate_inputs
-from .types import InputTensor
 
 #: Seed of ``data = "random"``: the same sample data at every load.
 RANDOM_SEED = 0

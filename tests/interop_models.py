@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tensorgate.backends.datatypes import by_name
+from tensorgate.datatypes import by_name
 from tensorgate.server.demo import import_tensorflow, save_onnx
 
 from .modelfactory import ONNX_TYPE_NAMES

@@ -21,10 +21,10 @@ from tensorgate.backends import (
     detect,
 )
 from tensorgate.backends.base import BackendInputError
-from tensorgate.backends.datatypes import by_name
 from tensorgate.backends.onnxruntime import OnnxRuntimeBackend
 from tensorgate.backends.tf_savedmodel import TFSavedModelBackend
 from tensorgate.backends.torchscript import TorchScriptBackend
+from tensorgate.datatypes import by_name
 from tensorgate.server.demo import (
     SCORER_CONFIG,
     build_mlp_onnx,

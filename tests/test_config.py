@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tensorgate.errors import ConfigError
 from tensorgate.server.config import (
     CONFIG_FILE,
     InstancesConfig,
@@ -16,7 +17,6 @@ from tensorgate.server.config import (
     WarmupConfig,
     load_model_config,
 )
-from tensorgate.server.errors import ConfigError
 
 FULL = """
 backend = "onnxruntime"

@@ -29,6 +29,7 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from prometheus_client.parser import text_string_to_metric_families
 
 from tensorgate.clients import Client, InferenceError
+from tensorgate.inference import InferenceRequest
 from tensorgate.protos import admin_pb2 as apb
 from tensorgate.protos import admin_pb2_grpc as apb_grpc
 from tensorgate.protos import grpc_service_pb2 as pb
@@ -50,7 +51,6 @@ from tensorgate.server.router import (
     routing_key,
     validate_policy,
 )
-from tensorgate.server.types import InferenceRequest
 
 from . import modelfactory as mf
 from .serverproc import ServerProcess

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from tensorgate.backends import Signature, TensorSpec
+from tensorgate.errors import ConfigError, InvalidInput
+from tensorgate.inference import InputTensor
 from tensorgate.server.config import ModelConfig, TensorConfig
-from tensorgate.server.errors import ConfigError, InvalidInput
 from tensorgate.server.signature import ModelSignature, merge_signatures, validate_inputs
-from tensorgate.server.types import InputTensor
 
 
 def spec(name: str | None, datatype: str | None = None, *shape: int) -> TensorSpec:

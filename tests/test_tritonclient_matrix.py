@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tensorgate.backends.datatypes import DATATYPES, by_name
+from tensorgate.datatypes import DATATYPES, by_name
 
 from .interop_models import FRAMEWORKS, Framework, ModelSpec, sample_inputs, write_models
 from .serverproc import ServerProcess, run_triton_script, serve

@@ -16,10 +16,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tensorgate.backends import TensorSpec
 from tensorgate.clients import Client, InferenceError
+from tensorgate.errors import ConfigError
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 from tensorgate.server.config import WarmupConfig
-from tensorgate.server.errors import ConfigError
 from tensorgate.server.signature import ModelSignature
 from tensorgate.server.warmup import warmup_inputs
 
