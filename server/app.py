@@ -26,6 +26,7 @@ from .interceptors import map_errors
 from .metrics import Metrics, Telemetry
 from .pipeline import Pipeline
 from .polling import RepositoryPoller
+from .reflection import MethodAwareReflectionServicer
 from .repository import Repository
 from .router import Router
 from .servicer import InferenceServicer
@@ -185,7 +186,7 @@ class Gateway:
             reflection.SERVICE_NAME,
             REFLECTION_V1,
         )
-        servicer = reflection.aio.ReflectionServicer(names)
+        servicer = MethodAwareReflectionServicer(names)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
         # grpc.reflection.v1 has the same messages as v1alpha under another package name, so
         # the same servicer answers both (grpcurl asks v1 first, ghz v1alpha).

@@ -49,13 +49,27 @@ datatype = "FP32"
 shape = [-1, 10]
 """
 
-SCORER_CONFIG = (
-    "# Core model: the same MLP in three frameworks. TorchScript carries no tensor names,\n"
-    "# so they are given here; the other variants read theirs from the model files.\n"
-    "max_batch_size = 0\n"
-    'default_variant = "torch"\n'
-    "\n" + MLP_TENSORS
-)
+#: The integer versions the scorer's variants also answer to, so that Triton's clients,
+#: which parse versions as integers, can pin them (``perf_analyzer -m scorer -x 3``).
+SCORER_VERSIONS = {"torch": 1, "tf": 2, "onnx": 3}
+
+
+def scorer_config(variants: tuple[str, ...] = tuple(SCORER_VERSIONS)) -> str:
+    """The scorer's config.toml for the variants written (a framework may be missing)."""
+    text = (
+        "# Core model: the same MLP in three frameworks. TorchScript carries no tensor names,\n"
+        "# so they are given here; the other variants read theirs from the model files.\n"
+        "max_batch_size = 0\n"
+        + ('default_variant = "torch"\n' if "torch" in variants else "")
+        + "\n"
+        + MLP_TENSORS
+    )
+    for name in variants:
+        text += f"\n[variants.{name}]\nversion = {SCORER_VERSIONS[name]}\n"
+    return text
+
+
+SCORER_CONFIG = scorer_config()
 
 _COMPLETE = ".complete"
 
@@ -493,7 +507,6 @@ def _write_demo(root: Path) -> None:
     weights = mlp_weights()
     scorer = root / "scorer"
     scorer.mkdir(parents=True)
-    (scorer / "config.toml").write_text(SCORER_CONFIG)
     builders: list[tuple[str, Callable[[], Path]]] = [
         ("scorer/torch", lambda: build_mlp_torchscript(scorer / "torch" / "model.pt", weights)),
         (
@@ -512,7 +525,5 @@ def _write_demo(root: Path) -> None:
         except ImportError as exc:
             logger.warning("demo variant %s skipped: %s is not installed", variant, exc.name)
             shutil.rmtree(root / variant, ignore_errors=True)
-    if not (scorer / "torch").exists():
-        # Without PyTorch there is no "torch" variant to be the default.
-        config = scorer / "config.toml"
-        config.write_text(config.read_text().replace('default_variant = "torch"\n', ""))
+    written = tuple(name for name in SCORER_VERSIONS if (scorer / name).exists())
+    (scorer / "config.toml").write_text(scorer_config(written))

@@ -23,7 +23,7 @@ from tensorgate.protos import model_config_pb2 as mc
 
 from .interceptors import status_of
 from .pipeline import Pipeline
-from .repository import Model, Repository, State, check_model_name
+from .repository import Model, Repository, State, Variant, check_model_name
 from .statistics import NAMED_VARIANTS_VERSION, Statistics
 
 VARIANT_METADATA_KEY = "tensorgate-variant"
@@ -71,8 +71,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if model is None or not model.ready:
             return pb.ModelReadyResponse(ready=False)
         if request.version:
-            v = model.variants.get(request.version)
-            return pb.ModelReadyResponse(ready=v is not None and v.ready)
+            try:
+                variant = model.variant(request.version)
+            except ModelNotFound:
+                return pb.ModelReadyResponse(ready=False)
+            return pb.ModelReadyResponse(ready=variant.ready)
         return pb.ModelReadyResponse(ready=True)
 
     # -- metadata -------------------------------------------------------------------------
@@ -81,17 +84,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             name="tensorgate", version=tensorgate.__version__, extensions=EXTENSIONS
         )
 
-    def _ready_model(self, name: str, version: str) -> tuple[Model, str]:
+    def _ready_model(self, name: str, version: str) -> tuple[Model, Variant | None]:
+        """The model, and the variant ``version`` pins (None when it pins none)."""
         model = self.repository.get(name)
-        if version and version not in model.variants:
-            raise ModelNotFound(name, version)
+        variant = model.variant(version) if version else None
         if model.signature is None:
             raise ModelNotReady(f"model '{name}' is not ready: {model.reason}")
-        platform = model.variants[version].platform if version else model.platform
-        return model, platform
+        return model, variant
 
     async def ModelMetadata(self, request, context):
-        model, platform = self._ready_model(request.name, request.version)
+        model, variant = self._ready_model(request.name, request.version)
         sig = model.signature
         assert sig is not None
 
@@ -105,14 +107,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         return pb.ModelMetadataResponse(
             name=model.name,
-            versions=[v.name for v in model.variants.values() if v.ready],
-            platform=platform,
+            # Every model_version that pins a ready variant: names and integer aliases.
+            versions=[name for v in model.ready_variants() for name in model.versions(v.name)],
+            platform=variant.platform if variant is not None else model.platform,
             inputs=meta(sig.inputs),
             outputs=meta(sig.outputs),
         )
 
     async def ModelConfig(self, request, context):
-        model, platform = self._ready_model(request.name, request.version)
+        model, variant = self._ready_model(request.name, request.version)
         sig = model.signature
         assert sig is not None
         batched = sig.max_batch_size > 0
@@ -120,12 +123,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         def dims(shape):
             return list(shape[1:] if batched else shape)
 
+        # The integer versions (directories and aliases) a Triton client may pin.
+        served = [variant] if variant is not None else list(model.ready_variants())
+        integers = [int(n) for v in served for n in model.versions(v.name) if n.isdigit()]
         config = mc.ModelConfig(
             name=model.name,
-            platform=platform,
-            backend=model.variants[request.version].backend_name
-            if request.version
-            else model.backend_name,
+            platform=variant.platform if variant is not None else model.platform,
+            backend=variant.backend_name if variant is not None else model.backend_name,
+            version_policy=mc.ModelVersionPolicy(
+                specific=mc.ModelVersionPolicy.Specific(versions=integers)
+            )
+            if integers
+            else None,
             max_batch_size=sig.max_batch_size,
             input=[
                 mc.ModelInput(
@@ -158,15 +167,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request, context):
         if request.name:
             model = self.repository.get(request.name)
-            if (
-                request.version
-                and request.version not in model.variants
-                and (request.version != NAMED_VARIANTS_VERSION or not _named(model.variants))
-            ):
-                raise ModelNotFound(request.name, request.version)
-            wanted = {model.name: [request.version] if request.version else _versions(model)}
+            versions = _statistics_versions(model)
+            if request.version and request.version not in versions:
+                # Pinned by a name: answered under the name asked for.
+                versions = {request.version: (model.variant(request.version).name,)}
+            elif request.version:
+                versions = {request.version: versions[request.version]}
+            wanted = {model.name: versions}
         else:
-            wanted = {name: _versions(m) for name, m in self.repository.models.items()}
+            wanted = {name: _statistics_versions(m) for name, m in self.repository.models.items()}
         return self.statistics.report(wanted)
 
     # -- inference ------------------------------------------------------------------------
@@ -261,6 +270,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if request.ready and not v.ready:
                     continue
                 entries.append(Index(name=name, version=v.name, state=v.state, reason=v.reason))
+                alias = model.alias(v.name)
+                if alias is not None:  # listed under its integer too, for Triton's tools
+                    about = f"version {alias} of variant '{v.name}'"
+                    reason = f"{about}: {v.reason}" if v.reason else about
+                    entries.append(Index(name=name, version=alias, state=v.state, reason=reason))
         return pb.RepositoryIndexResponse(models=entries)
 
     async def RepositoryModelLoad(self, request, context):
@@ -307,15 +321,21 @@ class _CallMetadata(Mapping[str, str]):
         return len(self._load())
 
 
-def _named(variants) -> list[str]:
-    return [v for v in variants if not v.isdigit()]
-
-
-def _versions(model: Model) -> list[str]:
-    """What an unpinned ModelStatistics lists: integer versions one by one, and the named
-    variants together under version "0" (Triton clients parse versions as integers)."""
-    versions = [v for v in model.variants if v.isdigit()]
-    return versions + ([NAMED_VARIANTS_VERSION] if _named(model.variants) else [])
+def _statistics_versions(model: Model) -> dict[str, tuple[str, ...]]:
+    """What an unpinned ModelStatistics lists, {version: the variants it sums}: integer
+    versions and aliased variants (under their integer) one by one, and the other named
+    variants together under version "0" (Triton's clients parse versions as integers)."""
+    versions: dict[str, tuple[str, ...]] = {}
+    named: list[str] = []
+    for name in model.variants:
+        alias = name if name.isdigit() else model.alias(name)
+        if alias is None:
+            named.append(name)
+        else:
+            versions[alias] = (name,)
+    if named:
+        versions[NAMED_VARIANTS_VERSION] = tuple(named)
+    return versions
 
 
 class LoadFailed(TensorgateError):

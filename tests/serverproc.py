@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -139,6 +139,15 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def serve(repo: Path, workdir: Path) -> Iterator[ServerProcess]:
+    """For fixtures (``yield from serve(...)``): a gateway serving ``repo`` for as long as
+    the fixture lives; checks that it drains and exits cleanly."""
+    proc = ServerProcess(repo, workdir)
+    with proc:
+        yield proc
+    assert proc.proc is not None and proc.proc.returncode == 0, proc.log()
 
 
 def wait_until(
