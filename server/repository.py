@@ -42,6 +42,7 @@ from .metrics import Metrics
 from .router import RouteError, RoutePolicy, policy_from_config, validate_policy
 from .scheduler import BatchPolicy, Scheduler
 from .signature import ModelSignature, merge_signatures
+from .statistics import NAMED_VARIANTS_VERSION
 from .warmup import warm_up, warmup_inputs
 from .writelock import check_not_written
 
@@ -60,6 +61,12 @@ class State(StrEnum):
     READY = "READY"
     UNAVAILABLE = "UNAVAILABLE"
     LOADING = "LOADING"
+
+
+def is_version(name: str) -> bool:
+    """Whether a variant name (or a ``model_version``) is an integer version: "3" is, "onnx"
+    is not. Triton's clients parse versions as integers."""
+    return name.isdigit()
 
 
 @dataclass
@@ -82,7 +89,7 @@ class Variant:
 
     @property
     def is_version(self) -> bool:
-        return self.name.isdigit()
+        return is_version(self.name)
 
 
 @dataclass
@@ -109,6 +116,33 @@ class Model:
     def alias(self, variant: str) -> str | None:
         """The integer version a named variant also answers to, if config.toml gives one."""
         return next((a for a, v in self.aliases.items() if v == variant), None)
+
+    def pinnable_versions(self) -> list[str]:
+        """Every ``model_version`` that pins a ready variant: names, then integer aliases."""
+        return [name for v in self.ready_variants() for name in self.versions(v.name)]
+
+    def integer_versions(self, variant: Variant | None = None) -> list[int]:
+        """The integer versions (directories and aliases) a Triton client may pin: of
+        ``variant``, or of every ready variant."""
+        served = [variant] if variant is not None else list(self.ready_variants())
+        return [int(n) for v in served for n in self.versions(v.name) if is_version(n)]
+
+    def statistics_versions(self) -> dict[str, tuple[str, ...]]:
+        """What an unpinned ModelStatistics lists, {version: the variants it sums}: integer
+        versions and aliased variants (under their integer) one by one, and the other
+        named variants together under version "0" (Triton's clients parse versions as
+        integers)."""
+        versions: dict[str, tuple[str, ...]] = {}
+        named: list[str] = []
+        for name in self.variants:
+            alias = name if is_version(name) else self.alias(name)
+            if alias is None:
+                named.append(name)
+            else:
+                versions[alias] = (name,)
+        if named:
+            versions[NAMED_VARIANTS_VERSION] = tuple(named)
+        return versions
 
     def versions(self, variant: str) -> list[str]:
         """Every ``model_version`` that pins ``variant``: its name, then its alias."""
@@ -179,7 +213,7 @@ def _aliases(model: Model, names: list[str]) -> dict[str, str]:
         if vcfg.version is None:
             continue
         alias = str(vcfg.version)
-        if vname.isdigit():
+        if is_version(vname):
             raise ConfigError(
                 f"{where}: field 'variants.{vname}.version': variant '{vname}' is an integer "
                 "version already; only named variants take a version, remove the field"
@@ -201,8 +235,8 @@ def _aliases(model: Model, names: list[str]) -> dict[str, str]:
 
 def variant_order(names: list[str]) -> list[str]:
     """Integer versions newest first, then other names alphabetically."""
-    versions = sorted((n for n in names if n.isdigit()), key=int, reverse=True)
-    return versions + sorted(n for n in names if not n.isdigit())
+    versions = sorted((n for n in names if is_version(n)), key=int, reverse=True)
+    return versions + sorted(n for n in names if not is_version(n))
 
 
 def walk_tree(directory: Path, root: Path, *, hidden: bool = False) -> Iterator[str]:

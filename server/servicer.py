@@ -24,7 +24,7 @@ from tensorgate.protos import model_config_pb2 as mc
 from .interceptors import status_of
 from .pipeline import Pipeline
 from .repository import Model, Repository, State, Variant, check_model_name
-from .statistics import NAMED_VARIANTS_VERSION, Statistics
+from .statistics import Statistics
 
 VARIANT_METADATA_KEY = "tensorgate-variant"
 #: With ``serve --workers N``: which worker process (0..N-1) answered, for load-spread checks.
@@ -107,8 +107,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         return pb.ModelMetadataResponse(
             name=model.name,
-            # Every model_version that pins a ready variant: names and integer aliases.
-            versions=[name for v in model.ready_variants() for name in model.versions(v.name)],
+            versions=model.pinnable_versions(),
             platform=variant.platform if variant is not None else model.platform,
             inputs=meta(sig.inputs),
             outputs=meta(sig.outputs),
@@ -118,14 +117,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model, variant = self._ready_model(request.name, request.version)
         sig = model.signature
         assert sig is not None
-        batched = sig.max_batch_size > 0
-
-        def dims(shape):
-            return list(shape[1:] if batched else shape)
-
-        # The integer versions (directories and aliases) a Triton client may pin.
-        served = [variant] if variant is not None else list(model.ready_variants())
-        integers = [int(n) for v in served for n in model.versions(v.name) if n.isdigit()]
+        integers = model.integer_versions(variant)
         config = mc.ModelConfig(
             name=model.name,
             platform=variant.platform if variant is not None else model.platform,
@@ -137,19 +129,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             else None,
             max_batch_size=sig.max_batch_size,
             input=[
-                mc.ModelInput(
-                    name=s.name,
-                    data_type=mc.DataType.Value(by_name(s.datatype).triton),
-                    dims=dims(s.shape),
-                )
+                mc.ModelInput(name=s.name, data_type=_triton_type(s.datatype), dims=sig.dims(s))
                 for s in sig.inputs
             ],
             output=[
-                mc.ModelOutput(
-                    name=s.name,
-                    data_type=mc.DataType.Value(by_name(s.datatype).triton),
-                    dims=dims(s.shape),
-                )
+                mc.ModelOutput(name=s.name, data_type=_triton_type(s.datatype), dims=sig.dims(s))
                 for s in sig.outputs
             ],
             instance_group=[
@@ -167,7 +151,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request, context):
         if request.name:
             model = self.repository.get(request.name)
-            versions = _statistics_versions(model)
+            versions = model.statistics_versions()
             if request.version and request.version not in versions:
                 # Pinned by a name: answered under the name asked for.
                 versions = {request.version: (model.variant(request.version).name,)}
@@ -175,7 +159,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 versions = {request.version: versions[request.version]}
             wanted = {model.name: versions}
         else:
-            wanted = {name: _statistics_versions(m) for name, m in self.repository.models.items()}
+            wanted = {name: m.statistics_versions() for name, m in self.repository.models.items()}
         return self.statistics.report(wanted)
 
     # -- inference ------------------------------------------------------------------------
@@ -321,21 +305,9 @@ class _CallMetadata(Mapping[str, str]):
         return len(self._load())
 
 
-def _statistics_versions(model: Model) -> dict[str, tuple[str, ...]]:
-    """What an unpinned ModelStatistics lists, {version: the variants it sums}: integer
-    versions and aliased variants (under their integer) one by one, and the other named
-    variants together under version "0" (Triton's clients parse versions as integers)."""
-    versions: dict[str, tuple[str, ...]] = {}
-    named: list[str] = []
-    for name in model.variants:
-        alias = name if name.isdigit() else model.alias(name)
-        if alias is None:
-            named.append(name)
-        else:
-            versions[alias] = (name,)
-    if named:
-        versions[NAMED_VARIANTS_VERSION] = tuple(named)
-    return versions
+def _triton_type(datatype: str | None) -> int:
+    """model_config.proto's DataType for an OIP datatype name."""
+    return mc.DataType.Value(by_name(datatype).triton)  # type: ignore[arg-type]
 
 
 class LoadFailed(TensorgateError):

@@ -34,8 +34,11 @@ class ModelSignature:
     def output_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.outputs)  # type: ignore[misc]
 
-    def as_signature(self) -> Signature:
-        return Signature(self.inputs, self.outputs)
+    def dims(self, spec: TensorSpec) -> list[int]:
+        """``spec``'s shape as Triton's ModelConfig gives it: without the batch dimension
+        when the model is batched."""
+        shape = list(spec.shape or ())
+        return shape[1:] if self.max_batch_size > 0 else shape
 
 
 def _fmt(spec: TensorSpec) -> str:
