@@ -5,7 +5,9 @@ A backend object serves one variant (one model file). The gateway calls, in orde
 1. ``load(path, options)`` once, from a worker thread: read the model, return what the file
    says about its signature;
 2. ``infer(inputs, outputs)`` many times, from the variant's own worker threads (up to
-   ``options.instances`` calls at once), never from the event loop;
+   ``options.instances`` calls at once) or, for a single-instance CPU variant whose
+   execution on the request is expected to be cheap and whose class allows it
+   (``may_run_inline``), from the event-loop thread itself (``server/scheduler.py``);
 3. ``unload()`` once, after the last ``infer`` has returned.
 
 Backends never see protobuf, gRPC metadata or asyncio: tensors go in and out as
@@ -149,7 +151,8 @@ class Backend(abc.ABC):
         already validated against it (datatype, shape). ``outputs`` names the outputs wanted
         (None: all); a backend may return more, the gateway filters.
 
-        Called from a worker thread, possibly concurrently up to ``options.instances``.
+        Called from a worker thread, possibly concurrently up to ``options.instances``, or
+        from the event-loop thread when the execution is cheap (see ``may_run_inline``).
         Raises BackendError on a failure in the framework.
         """
 

@@ -133,6 +133,7 @@ def model_route(model: Model, state: RouteState) -> apb.ModelRoute:
             served=counts.served,
             served_as_fallback=counts.as_fallback,
             failed=counts.failed,
+            version=int(model.alias(v.name) or 0),
         )
     for (primary, shadow), s in sorted(state.shadow_stats.items()):
         route.shadow_comparisons.add(

@@ -26,11 +26,13 @@ from .interceptors import map_errors
 from .metrics import Metrics, Telemetry
 from .pipeline import Pipeline
 from .polling import RepositoryPoller
+from .reflection import MethodAwareReflectionServicer
 from .repository import Repository
 from .router import Router
 from .servicer import InferenceServicer
 from .settings import ServerSettings
 from .statistics import Statistics
+from .writelock import wait_until_written
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ class Gateway:
             else None
         )
         self._poll_task: asyncio.Task[None] | None = None
+        self._enough: bool | None = None  # require_models met, as last reported
 
     async def start(self) -> None:
         s = self.settings
@@ -133,12 +136,12 @@ class Gateway:
             )
             self.metrics_port = self._metrics_server.server_port
         started = time.perf_counter()
+        await wait_until_written(self.repository.root)  # health NOT_SERVING meanwhile
         if self._poller is not None:
             self._poller.prime()  # changes made while loading are picked up by the first poll
         await self.repository.load_all()
         self.ready = True
         await self.model_health_changed_async()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self._poller is not None:
             self._poll_task = asyncio.create_task(self._poller.run(), name="repository-poll")
         log.info(
@@ -183,7 +186,7 @@ class Gateway:
             reflection.SERVICE_NAME,
             REFLECTION_V1,
         )
-        servicer = reflection.aio.ReflectionServicer(names)
+        servicer = MethodAwareReflectionServicer(names)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
         # grpc.reflection.v1 has the same messages as v1alpha under another package name, so
         # the same servicer answers both (grpcurl asks v1 first, ghz v1alpha).
@@ -207,7 +210,8 @@ class Gateway:
         await self.health.set(INFERENCE_SERVICE, status)
 
     async def model_health_changed_async(self) -> None:
-        """Per-model health entries: a model name is SERVING while it has a ready variant."""
+        """Per-model health entries: a model name is SERVING while it has a ready variant.
+        The server's own entry is SERVING once started, while ``require_models`` are ready."""
         for name, model in self.repository.models.items():
             await self.health.set(
                 name,
@@ -215,6 +219,23 @@ class Gateway:
                 if model.ready and not self.draining
                 else health_pb2.HealthCheckResponse.NOT_SERVING,
             )
+        if not self.ready or self.draining:
+            return
+        ready = sum(m.ready for m in self.repository.models.values())
+        enough = ready >= self.settings.require_models
+        if not enough and self._enough is not False:
+            log.error(
+                "%d model(s) ready, fewer than --require-models %d: health NOT_SERVING until "
+                "enough are loaded (RepositoryModelLoad, or --poll-interval)",
+                ready,
+                self.settings.require_models,
+            )
+        self._enough = enough
+        await self._set_health(
+            health_pb2.HealthCheckResponse.SERVING
+            if enough
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
 
     def model_health_changed(self) -> None:
         asyncio.get_running_loop().create_task(self.model_health_changed_async())
@@ -275,7 +296,11 @@ async def serve(settings: ServerSettings) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await gateway.start()
+    try:
+        await gateway.start()
+    except BaseException:  # e.g. an interrupted repository write: close what did start
+        await gateway.stop(grace=0)
+        raise
     await stop.wait()
     log.info("signal received: draining (up to %.0f s)", settings.drain_timeout)
     await gateway.stop()

@@ -42,6 +42,9 @@ from .metrics import Metrics
 from .router import RouteError, RoutePolicy, policy_from_config, validate_policy
 from .scheduler import BatchPolicy, Scheduler
 from .signature import ModelSignature, merge_signatures
+from .statistics import NAMED_VARIANTS_VERSION
+from .warmup import warm_up, warmup_inputs
+from .writelock import check_not_written
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,12 @@ class State(StrEnum):
     READY = "READY"
     UNAVAILABLE = "UNAVAILABLE"
     LOADING = "LOADING"
+
+
+def is_version(name: str) -> bool:
+    """Whether a variant name (or a ``model_version``) is an integer version: "3" is, "onnx"
+    is not. Triton's clients parse versions as integers."""
+    return name.isdigit()
 
 
 @dataclass
@@ -80,7 +89,7 @@ class Variant:
 
     @property
     def is_version(self) -> bool:
-        return self.name.isdigit()
+        return is_version(self.name)
 
 
 @dataclass
@@ -94,6 +103,8 @@ class Model:
     signature: ModelSignature | None = None
     reason: str = ""  # why the model as a whole failed
     policy: RoutePolicy = field(default_factory=RoutePolicy)  # [routing], validated
+    # Integer model_versions of named variants ([variants.NAME] version = N): "3" -> "onnx".
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
@@ -101,6 +112,42 @@ class Model:
 
     def ready_variants(self) -> Iterator[Variant]:
         return (v for v in self.variants.values() if v.ready)
+
+    def alias(self, variant: str) -> str | None:
+        """The integer version a named variant also answers to, if config.toml gives one."""
+        return next((a for a, v in self.aliases.items() if v == variant), None)
+
+    def pinnable_versions(self) -> list[str]:
+        """Every ``model_version`` that pins a ready variant: names, then integer aliases."""
+        return [name for v in self.ready_variants() for name in self.versions(v.name)]
+
+    def integer_versions(self, variant: Variant | None = None) -> list[int]:
+        """The integer versions (directories and aliases) a Triton client may pin: of
+        ``variant``, or of every ready variant."""
+        served = [variant] if variant is not None else list(self.ready_variants())
+        return [int(n) for v in served for n in self.versions(v.name) if is_version(n)]
+
+    def statistics_versions(self) -> dict[str, tuple[str, ...]]:
+        """What an unpinned ModelStatistics lists, {version: the variants it sums}: integer
+        versions and aliased variants (under their integer) one by one, and the other
+        named variants together under version "0" (Triton's clients parse versions as
+        integers)."""
+        versions: dict[str, tuple[str, ...]] = {}
+        named: list[str] = []
+        for name in self.variants:
+            alias = name if is_version(name) else self.alias(name)
+            if alias is None:
+                named.append(name)
+            else:
+                versions[alias] = (name,)
+        if named:
+            versions[NAMED_VARIANTS_VERSION] = tuple(named)
+        return versions
+
+    def versions(self, variant: str) -> list[str]:
+        """Every ``model_version`` that pins ``variant``: its name, then its alias."""
+        alias = self.alias(variant)
+        return [variant] if alias is None else [variant, alias]
 
     def default_variant(self) -> Variant | None:
         """Where an unpinned request goes while no routing is configured: the config's
@@ -119,8 +166,10 @@ class Model:
         return self.config.instances.max_queue_size // 2
 
     def variant(self, version: str) -> Variant:
-        """The variant a request's ``model_version`` pins. Raises ModelNotFound."""
-        v = self.variants.get(version)
+        """The variant a request's ``model_version`` pins: the variant of that name, or the
+        one whose ``[variants.NAME] version`` is that integer. The one place an alias is
+        resolved. Raises ModelNotFound when neither exists."""
+        v = self.variants.get(version) or self.variants.get(self.aliases.get(version, ""))
         if v is None:
             raise ModelNotFound(self.name, version)
         return v
@@ -155,10 +204,58 @@ def _batch_policy(config: ModelConfig) -> BatchPolicy | None:
     )
 
 
+def _aliases(model: Model, names: list[str]) -> dict[str, str]:
+    """``{"3": "onnx"}`` from the ``[variants.NAME] version = N`` fields. Raises ConfigError
+    naming both variants when a version is given twice or is a variant directory's name."""
+    where = model.directory / "config.toml"
+    aliases: dict[str, str] = {}
+    for vname, vcfg in model.config.variants.items():
+        if vcfg.version is None:
+            continue
+        alias = str(vcfg.version)
+        if is_version(vname):
+            raise ConfigError(
+                f"{where}: field 'variants.{vname}.version': variant '{vname}' is an integer "
+                "version already; only named variants take a version, remove the field"
+            )
+        if alias in names:
+            raise ConfigError(
+                f"{where}: field 'variants.{vname}.version': version {alias} of variant "
+                f"'{vname}' is also variant directory '{alias}' ({model.name}/{alias}/); give "
+                f"'{vname}' another version or rename the directory"
+            )
+        if alias in aliases:
+            raise ConfigError(
+                f"{where}: field 'variants.{vname}.version': version {alias} is given to both "
+                f"variant '{aliases[alias]}' and variant '{vname}'; give each its own version"
+            )
+        aliases[alias] = vname
+    return aliases
+
+
 def variant_order(names: list[str]) -> list[str]:
     """Integer versions newest first, then other names alphabetically."""
-    versions = sorted((n for n in names if n.isdigit()), key=int, reverse=True)
-    return versions + sorted(n for n in names if not n.isdigit())
+    versions = sorted((n for n in names if is_version(n)), key=int, reverse=True)
+    return versions + sorted(n for n in names if not is_version(n))
+
+
+def walk_tree(directory: Path, root: Path, *, hidden: bool = False) -> Iterator[str]:
+    """Every directory and file under ``directory``, in sorted order, following symlinks:
+    each real directory is entered once (link cycles end), and never one outside ``root``
+    (it is listed, not entered). Names starting with "." are left out unless ``hidden``.
+    The one walk of a model's files: for escaping symlinks (``outside_root``) and for the
+    poller's change detection (``polling.fingerprint``)."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen or not Path(real).is_relative_to(root):
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if hidden or not d.startswith("."))
+        files = sorted(f for f in filenames if hidden or not f.startswith("."))
+        for name in (*dirnames, *files):
+            yield os.path.join(dirpath, name)
 
 
 def check_model_name(name: str) -> str:
@@ -215,18 +312,9 @@ class Repository:
     def outside_root(self, directory: Path) -> Path | None:
         """The first file or directory under ``directory`` that resolves outside the root
         (a symlink escaping it), or None. Symlinks that stay inside the root are fine."""
-        seen: set[str] = set()
-        for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-            real = os.path.realpath(dirpath)
-            if not Path(real).is_relative_to(self.root):
-                return Path(dirpath)
-            if real in seen:  # a link cycle, or two links to one directory
-                dirnames[:] = []
-                continue
-            seen.add(real)
-            for f in filenames:
-                if not Path(os.path.realpath(os.path.join(dirpath, f))).is_relative_to(self.root):
-                    return Path(dirpath, f)
+        for path in walk_tree(directory, self.root, hidden=True):
+            if not Path(os.path.realpath(path)).is_relative_to(self.root):
+                return Path(path)
         return None
 
     # -- load / unload ------------------------------------------------------------------
@@ -247,6 +335,7 @@ class Repository:
         unless the directory does not exist. The previous version keeps serving until the
         new one is ready; if the new one fails entirely, the old one stays."""
         directory = self.model_dir(name)
+        check_not_written(self.root)  # a writer holds the repository: half its files
         if not directory.is_dir():
             raise ModelNotFound(name)
         async with self._locks.setdefault(name, asyncio.Lock()):
@@ -274,9 +363,6 @@ class Repository:
                 raise ReloadRefused(
                     f"model '{name}' was not reloaded, the loaded version keeps serving: {why}"
                 )
-            for v in model.variants.values():
-                if v.scheduler is not None:
-                    v.scheduler.start()
             self.models[name] = model
             self._export_ready(model)
             if old is not None:
@@ -302,19 +388,26 @@ class Repository:
             v.reason = v.reason or "unloaded"
         in_process = False
         for v in model.variants.values():
-            if v.scheduler is not None:
-                await v.scheduler.close()
-            if v.backend is not None:
-                backend, v.backend = v.backend, None
-                await asyncio.to_thread(backend.unload)
-                in_process |= not isinstance(backend, IsolatedBackend)
-                del backend
+            in_process |= await self._stop(v)
         if in_process and collect:
             # A loaded SavedModel is a web of reference cycles that only a full collection
             # frees; left to the automatic one, RSS climbed ~120 KiB per reload, in a
             # sawtooth (docs/reliability.md). One pause per unload (~150 ms with TensorFlow
             # and torch imported, a few ms without) keeps it flat.
             await asyncio.to_thread(gc.collect)
+
+    @staticmethod
+    async def _stop(v: Variant) -> bool:
+        """Stop a variant's scheduler and unload its backend. Returns whether the backend
+        ran in this process (its memory is ours to collect)."""
+        if v.scheduler is not None:
+            scheduler, v.scheduler = v.scheduler, None
+            await scheduler.close()
+        if v.backend is None:
+            return False
+        backend, v.backend = v.backend, None
+        await asyncio.to_thread(backend.unload)
+        return not isinstance(backend, IsolatedBackend)
 
     def _export_ready(self, model: Model, gone: bool = False) -> None:
         for v in model.variants.values():
@@ -347,10 +440,14 @@ class Repository:
         if not signatures:
             model.reason = model.reason or "no variant could be loaded"
             return model
+        warmup = model.config.warmup
+        samples = None
         try:
             model.signature, bound = merge_signatures(name, model.config, signatures)
             for vname, sig in bound.items():
                 model.variants[vname].backend.bind(sig)  # type: ignore[union-attr]
+            if warmup is not None and warmup.requests > 0:
+                samples = warmup_inputs(name, directory, warmup, model.signature)
         except (TensorgateError, BackendError) as e:
             model.reason = str(e)
             log.error("%s", e)
@@ -371,6 +468,20 @@ class Repository:
                 # A GPU execution waits on its device: never on the event loop.
                 may_inline=_setting(model.config, vname, "device") == "cpu",
             )
+            v.scheduler.start()
+            if samples is not None:
+                assert warmup is not None
+                try:
+                    await warm_up(v.scheduler, samples, warmup.requests)
+                except TensorgateError as e:
+                    v.state = State.UNAVAILABLE
+                    v.reason = (
+                        f"warmup failed ({warmup.requests} request(s) of {warmup.data} data, "
+                        f"batch_size {warmup.batch_size}): {e}"
+                    )
+                    log.error("model %s variant %s: %s", name, vname, v.reason)
+                    await self._stop(v)
+                    continue
             v.state = State.READY
         log.info(
             "model %s ready: %s",
@@ -397,6 +508,7 @@ class Repository:
                 f"{model.directory / 'config.toml'}: field 'default_variant': no variant "
                 f"'{cfg.default_variant}'; variants are {sorted(names)}"
             )
+        model.aliases = _aliases(model, names)
         try:
             model.policy = validate_policy(policy_from_config(cfg.routing), names)
         except RouteError as e:

@@ -45,7 +45,6 @@ import numpy as np
 from tensorgate.errors import (
     BackendFailed,
     DeadlineExceeded,
-    ModelNotFound,
     ModelNotReady,
     Overloaded,
     TensorgateError,
@@ -549,6 +548,9 @@ class RoutedModel(Protocol):
 
     def default_variant(self) -> RoutedVariant | None: ...
 
+    # The variant a model_version pins (its name or integer alias); raises ModelNotFound.
+    def variant(self, version: str) -> RoutedVariant: ...
+
 
 class Attempts(Protocol):
     """Where the router records what a request went through (``metrics.Trace``)."""
@@ -626,9 +628,7 @@ class Router:
         no ready variant."""
         policy = self.state(model).policy
         if request.version:
-            if request.version not in model.variants:
-                raise ModelNotFound(model.name, request.version)
-            return Plan(request.version, (), pinned=True, policy=policy)
+            return Plan(model.variant(request.version).name, (), pinned=True, policy=policy)
         if policy.weighted:
             key = routing_key(request, policy.sticky_key)
             primary = choose_variant(policy.weights, key, self._rng, salt=model.name)

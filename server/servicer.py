@@ -23,8 +23,8 @@ from tensorgate.protos import model_config_pb2 as mc
 
 from .interceptors import status_of
 from .pipeline import Pipeline
-from .repository import Model, Repository, State, check_model_name
-from .statistics import NAMED_VARIANTS_VERSION, Statistics
+from .repository import Model, Repository, State, Variant, check_model_name
+from .statistics import Statistics
 
 VARIANT_METADATA_KEY = "tensorgate-variant"
 #: With ``serve --workers N``: which worker process (0..N-1) answered, for load-spread checks.
@@ -71,8 +71,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if model is None or not model.ready:
             return pb.ModelReadyResponse(ready=False)
         if request.version:
-            v = model.variants.get(request.version)
-            return pb.ModelReadyResponse(ready=v is not None and v.ready)
+            try:
+                variant = model.variant(request.version)
+            except ModelNotFound:
+                return pb.ModelReadyResponse(ready=False)
+            return pb.ModelReadyResponse(ready=variant.ready)
         return pb.ModelReadyResponse(ready=True)
 
     # -- metadata -------------------------------------------------------------------------
@@ -81,17 +84,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             name="tensorgate", version=tensorgate.__version__, extensions=EXTENSIONS
         )
 
-    def _ready_model(self, name: str, version: str) -> tuple[Model, str]:
+    def _ready_model(self, name: str, version: str) -> tuple[Model, Variant | None]:
+        """The model, and the variant ``version`` pins (None when it pins none)."""
         model = self.repository.get(name)
-        if version and version not in model.variants:
-            raise ModelNotFound(name, version)
+        variant = model.variant(version) if version else None
         if model.signature is None:
             raise ModelNotReady(f"model '{name}' is not ready: {model.reason}")
-        platform = model.variants[version].platform if version else model.platform
-        return model, platform
+        return model, variant
 
     async def ModelMetadata(self, request, context):
-        model, platform = self._ready_model(request.name, request.version)
+        model, variant = self._ready_model(request.name, request.version)
         sig = model.signature
         assert sig is not None
 
@@ -105,42 +107,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         return pb.ModelMetadataResponse(
             name=model.name,
-            versions=[v.name for v in model.variants.values() if v.ready],
-            platform=platform,
+            versions=model.pinnable_versions(),
+            platform=variant.platform if variant is not None else model.platform,
             inputs=meta(sig.inputs),
             outputs=meta(sig.outputs),
         )
 
     async def ModelConfig(self, request, context):
-        model, platform = self._ready_model(request.name, request.version)
+        model, variant = self._ready_model(request.name, request.version)
         sig = model.signature
         assert sig is not None
-        batched = sig.max_batch_size > 0
-
-        def dims(shape):
-            return list(shape[1:] if batched else shape)
-
+        integers = model.integer_versions(variant)
         config = mc.ModelConfig(
             name=model.name,
-            platform=platform,
-            backend=model.variants[request.version].backend_name
-            if request.version
-            else model.backend_name,
+            platform=variant.platform if variant is not None else model.platform,
+            backend=variant.backend_name if variant is not None else model.backend_name,
+            version_policy=mc.ModelVersionPolicy(
+                specific=mc.ModelVersionPolicy.Specific(versions=integers)
+            )
+            if integers
+            else None,
             max_batch_size=sig.max_batch_size,
             input=[
-                mc.ModelInput(
-                    name=s.name,
-                    data_type=mc.DataType.Value(by_name(s.datatype).triton),
-                    dims=dims(s.shape),
-                )
+                mc.ModelInput(name=s.name, data_type=_triton_type(s.datatype), dims=sig.dims(s))
                 for s in sig.inputs
             ],
             output=[
-                mc.ModelOutput(
-                    name=s.name,
-                    data_type=mc.DataType.Value(by_name(s.datatype).triton),
-                    dims=dims(s.shape),
-                )
+                mc.ModelOutput(name=s.name, data_type=_triton_type(s.datatype), dims=sig.dims(s))
                 for s in sig.outputs
             ],
             instance_group=[
@@ -158,15 +151,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request, context):
         if request.name:
             model = self.repository.get(request.name)
-            if (
-                request.version
-                and request.version not in model.variants
-                and (request.version != NAMED_VARIANTS_VERSION or not _named(model.variants))
-            ):
-                raise ModelNotFound(request.name, request.version)
-            wanted = {model.name: [request.version] if request.version else _versions(model)}
+            versions = model.statistics_versions()
+            if request.version and request.version not in versions:
+                # Pinned by a name: answered under the name asked for.
+                versions = {request.version: (model.variant(request.version).name,)}
+            elif request.version:
+                versions = {request.version: versions[request.version]}
+            wanted = {model.name: versions}
         else:
-            wanted = {name: _versions(m) for name, m in self.repository.models.items()}
+            wanted = {name: m.statistics_versions() for name, m in self.repository.models.items()}
         return self.statistics.report(wanted)
 
     # -- inference ------------------------------------------------------------------------
@@ -261,6 +254,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if request.ready and not v.ready:
                     continue
                 entries.append(Index(name=name, version=v.name, state=v.state, reason=v.reason))
+                alias = model.alias(v.name)
+                if alias is not None:  # listed under its integer too, for Triton's tools
+                    about = f"version {alias} of variant '{v.name}'"
+                    reason = f"{about}: {v.reason}" if v.reason else about
+                    entries.append(Index(name=name, version=alias, state=v.state, reason=reason))
         return pb.RepositoryIndexResponse(models=entries)
 
     async def RepositoryModelLoad(self, request, context):
@@ -307,15 +305,9 @@ class _CallMetadata(Mapping[str, str]):
         return len(self._load())
 
 
-def _named(variants) -> list[str]:
-    return [v for v in variants if not v.isdigit()]
-
-
-def _versions(model: Model) -> list[str]:
-    """What an unpinned ModelStatistics lists: integer versions one by one, and the named
-    variants together under version "0" (Triton clients parse versions as integers)."""
-    versions = [v for v in model.variants if v.isdigit()]
-    return versions + ([NAMED_VARIANTS_VERSION] if _named(model.variants) else [])
+def _triton_type(datatype: str | None) -> int:
+    """model_config.proto's DataType for an OIP datatype name."""
+    return mc.DataType.Value(by_name(datatype).triton)  # type: ignore[arg-type]
 
 
 class LoadFailed(TensorgateError):

@@ -26,6 +26,9 @@ class ServerSettings:
     max_inflight: int | None = None  # inference requests in flight, server-wide
     max_tensor_elements: int = MAX_ELEMENTS
     poll_interval: float | None = None  # seconds between repository polls; None: no polling
+    # Health is SERVING only while at least this many models are ready (0: an empty
+    # repository is healthy).
+    require_models: int = 0
     # Security (docs/security.md): TLS (mutual when a client CA is given) and bearer tokens.
     tls_cert: Path | None = None
     tls_key: Path | None = None

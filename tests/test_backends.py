@@ -579,3 +579,6 @@ def test_demo_repository_skips_a_variant_whose_framework_is_missing(
     assert (root / "scorer" / "torch" / "model.pt").is_file()
     assert (root / "scorer" / "onnx" / "model.onnx").is_file()
     assert "scorer/tf skipped: tensorflow is not installed" in caplog.text
+    config = (root / "scorer" / "config.toml").read_text()
+    assert "[variants.torch]" in config and "[variants.onnx]" in config
+    assert "[variants.tf]" not in config

@@ -22,6 +22,7 @@ from tensorgate.server.demo import mlp_reference, mlp_weights
 from .modelfactory import IDENTITY_DATATYPES
 
 SCORER_VARIANTS = ("torch", "tf", "onnx", "pt2")
+STRING_VARIANTS = ("torch", "tf", "onnx")  # the "strings" model's
 RNG = np.random.default_rng(42)
 
 
@@ -97,7 +98,7 @@ def test_torchscript_binds_inputs_by_position_with_config_names(client: Client) 
     assert result["sum"][0] == 12.0 and result["product"][0] == 20.0
 
 
-@pytest.mark.parametrize("variant", SCORER_VARIANTS)
+@pytest.mark.parametrize("variant", STRING_VARIANTS)
 def test_bytes_tensors_reach_each_framework_as_strings(client: Client, variant: str) -> None:
     # ASCII only: the frameworks upper-case non-ASCII letters differently (TorchScript not
     # at all); non-ASCII BYTES round trips are covered by the identity model.
@@ -344,7 +345,8 @@ def test_config_error_names_file_and_field(client: Client) -> None:
 def test_model_metadata(client: Client) -> None:
     meta = client.model_metadata("scorer")
     assert meta["name"] == "scorer"
-    assert sorted(meta["versions"]) == sorted(SCORER_VARIANTS)
+    # Each variant, then the integer version the demo's config.toml gives it.
+    assert meta["versions"] == ["onnx", "3", "tf", "2", "torch", "1"]
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": ["-1", "64"]}]
     assert meta["outputs"] == [{"name": "output", "datatype": "FP32", "shape": ["-1", "10"]}]
     platforms = {v: client.model_metadata("scorer", v)["platform"] for v in SCORER_VARIANTS}
@@ -404,12 +406,13 @@ def _stats(stub, name: str, version: str = "") -> dict[str, pb.ModelStatistics]:
 
 
 def test_model_statistics_count_what_was_served(client: Client, stub) -> None:
-    # Unpinned, named variants are summed under version "0" (Triton tools parse versions
-    # as integers); pinned, each variant answers under its own name.
-    assert set(_stats(stub, "scorer")) == {"0"}
+    # Unpinned, the scorer's variants answer under the integers the demo gives them (Triton
+    # tools parse versions as integers; named variants without one are summed under "0",
+    # see test_versions.py); pinned, each variant answers under the version asked for.
+    assert set(_stats(stub, "scorer")) == {"1", "2", "3"}
     assert set(_stats(stub, "partial")) == {"1", "2"}
     before = {v: _stats(stub, "scorer", v)[v] for v in SCORER_VARIANTS}
-    total_before = _stats(stub, "scorer")["0"].inference_stats.success.count
+    total_before = _stats(stub, "scorer")["3"].inference_stats.success.count
     for _ in range(4):
         client.infer("scorer", {"input": x64(2)}, version="onnx")
     with pytest.raises(InferenceError):
@@ -425,7 +428,7 @@ def test_model_statistics_count_what_was_served(client: Client, stub) -> None:
     assert after.execution_count - old.execution_count == 4
     assert after.last_inference > 0
     assert sum(b.compute_infer.count for b in after.batch_stats) == after.execution_count
-    assert _stats(stub, "scorer")["0"].inference_stats.success.count - total_before == 4
+    assert _stats(stub, "scorer")["3"].inference_stats.success.count - total_before == 4
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelStatistics(pb.ModelStatisticsRequest(name="nosuch"), timeout=10)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND

@@ -13,9 +13,12 @@ from .convert import convert
 from .demo import demo
 from .health import health
 from .infer import infer
+from .options import PORT_FILE_ENV
 from .routes import routes
 from .serve import serve
 from .top import top
+
+__all__ = ["PORT_FILE_ENV", "main"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

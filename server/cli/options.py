@@ -14,6 +14,9 @@ import grpc
 
 from tensorgate.clients.channel import auth_metadata, client_credentials
 
+#: Where `serve` writes its port file and `health` reads it when no flag says (docs/deploy.md).
+PORT_FILE_ENV = "TENSORGATE_PORT_FILE"
+
 #: A file that must exist (certificates, keys, token files).
 EXISTING_FILE = click.Path(path_type=Path, dir_okay=False, exists=True)
 

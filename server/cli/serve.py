@@ -12,7 +12,8 @@ import click
 
 from tensorgate.limits import MAX_MESSAGE_BYTES
 
-from .options import EXISTING_FILE
+from .demo import write_demo
+from .options import EXISTING_FILE, PORT_FILE_ENV
 
 
 def default_demo_dir() -> Path:
@@ -109,7 +110,17 @@ def default_demo_dir() -> Path:
 @click.option(
     "--port-file",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Write {'grpc_port', 'metrics_port'} as JSON here once serving.",
+    envvar=PORT_FILE_ENV,
+    help="Write {'grpc_port', 'metrics_port'} as JSON here once serving (`tensorgate "
+    f"health` reads it). Default: ${PORT_FILE_ENV} when set (the image sets it).",
+)
+@click.option(
+    "--require-models",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Report health NOT_SERVING while fewer than N models are ready (at start-up and "
+    "after unloads). 0: an empty repository is healthy.",
 )
 @click.option(
     "--workers",
@@ -143,6 +154,7 @@ def serve(
     auth_token_file: Path | None,
     admin_token_file: Path | None,
     port_file: Path | None,
+    require_models: int,
     workers: int,
     log_level: str,
 ) -> None:
@@ -155,11 +167,9 @@ def serve(
     from ..settings import ServerSettings
 
     if repository is None:
-        from ..demo import write_demo_repository
-
         repository = default_demo_dir()
         click.echo(f"no --repository given: serving the demo repository in {repository}", err=True)
-        write_demo_repository(repository)
+        write_demo(repository)
     if not repository.is_dir():
         raise click.BadParameter(f"{repository} is not a directory", param_hint="--repository")
     if (tls_cert is None) != (tls_key is None):
@@ -190,6 +200,7 @@ def serve(
         auth_token=auth_token,
         admin_token=admin_token,
         port_file=port_file,
+        require_models=require_models,
     )
     if workers == 0:
         from ..workers import available_cores
@@ -199,4 +210,9 @@ def serve(
         from ..workers import Supervisor
 
         sys.exit(Supervisor(settings, workers, log_level).run())
-    asyncio.run(run(settings))
+    from tensorgate.errors import TensorgateError
+
+    try:
+        asyncio.run(run(settings))
+    except TensorgateError as e:  # the repository cannot be served as it is (e.g. half-written)
+        raise click.ClickException(str(e)) from None

@@ -23,7 +23,9 @@ from .pt2 import build_mlp_pt2, cpp_compiler, export_dense
 from .repository import (
     MLP_TENSORS,
     SCORER_CONFIG,
+    SCORER_VERSIONS,
     WIDE_MLP_CONFIG,
+    scorer_config,
     write_demo_repository,
     write_wide_mlp,
 )
@@ -51,6 +53,7 @@ __all__ = [
     "ONNX_IR_VERSION",
     "ONNX_OPSET",
     "SCORER_CONFIG",
+    "SCORER_VERSIONS",
     "WIDE_MLP_CONFIG",
     "WIDE_MLP_SIZES",
     "build_dense_onnx",
@@ -75,6 +78,7 @@ __all__ = [
     "mlp_reference",
     "mlp_weights",
     "save_onnx",
+    "scorer_config",
     "write_demo_repository",
     "write_wide_mlp",
 ]
