@@ -38,6 +38,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tensorgate import codec
+from tensorgate.channel import open_channel, tls_credentials
 from tensorgate.limits import MAX_MESSAGE_BYTES
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
@@ -225,17 +226,15 @@ class RemoteBackend(Backend):
             ("grpc.lb_policy_name", "round_robin"),
             *_RECONNECT_BACKOFF_MS,
         ]
-        if not config.tls:
-            return [grpc.insecure_channel(config.target, options) for _ in range(config.channels)]
-        variant_dir = path.parent
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=_read_file(variant_dir, path, "ca_file", config.ca_file),
-            private_key=_read_file(variant_dir, path, "key_file", config.key_file),
-            certificate_chain=_read_file(variant_dir, path, "cert_file", config.cert_file),
-        )
-        return [
-            grpc.secure_channel(config.target, credentials, options) for _ in range(config.channels)
-        ]
+        credentials = None
+        if config.tls:
+            variant_dir = path.parent
+            credentials = tls_credentials(
+                ca=_read_file(variant_dir, path, "ca_file", config.ca_file),
+                cert=_read_file(variant_dir, path, "cert_file", config.cert_file),
+                key=_read_file(variant_dir, path, "key_file", config.key_file),
+            )
+        return [open_channel(config.target, credentials, options) for _ in range(config.channels)]
 
     def infer(
         self,

@@ -24,11 +24,10 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from tensorgate import codec
+from tensorgate.channel import PemSource, auth_metadata, client_credentials, open_channel
 from tensorgate.limits import MAX_MESSAGE_BYTES
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
-
-from .channel import PemSource, auth_metadata, client_credentials, open_channel
 
 VARIANT_METADATA_KEY = "tensorgate-variant"
 T = TypeVar("T")

@@ -23,7 +23,7 @@ import click
 import grpc
 import numpy as np
 
-from tensorgate.clients.channel import open_channel
+from tensorgate.channel import open_channel
 from tensorgate.protos import grpc_service_pb2 as pb
 
 from .options import ClientSecurity, client_security_options

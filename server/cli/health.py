@@ -47,7 +47,7 @@ def health(
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from tensorgate.clients.channel import open_channel
+    from tensorgate.channel import open_channel
 
     if url is None:
         url = f"127.0.0.1:{_served_port(port_file) if port_file is not None else 8001}"

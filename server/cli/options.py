@@ -12,7 +12,7 @@ from typing import Any
 import click
 import grpc
 
-from tensorgate.clients.channel import auth_metadata, client_credentials
+from tensorgate.channel import auth_metadata, client_credentials
 
 #: Where `serve` writes its port file and `health` reads it when no flag says (docs/deploy.md).
 PORT_FILE_ENV = "TENSORGATE_PORT_FILE"

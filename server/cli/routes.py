@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 import click
 import grpc
 
-from tensorgate.clients.channel import open_channel
+from tensorgate.channel import open_channel
 
 from .options import ClientSecurity, client_security_options
 

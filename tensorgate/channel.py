@@ -1,7 +1,8 @@
 """How a client reaches a server: TLS credentials, bearer-token metadata, and the channel.
 
-One place for the Python client and the client-side commands (``infer``, ``bench``,
-``routes``, ``health``), so each reaches a TLS or token-protected server the same way.
+One place for the Python client, the client-side commands (``infer``, ``bench``,
+``routes``, ``health``) and the remote backend, so each reaches a TLS or token-protected
+server the same way.
 """
 
 from __future__ import annotations
