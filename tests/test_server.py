@@ -346,7 +346,7 @@ def test_model_metadata(client: Client) -> None:
     meta = client.model_metadata("scorer")
     assert meta["name"] == "scorer"
     # Each variant, then the integer version the demo's config.toml gives it.
-    assert meta["versions"] == ["onnx", "3", "tf", "2", "torch", "1"]
+    assert meta["versions"] == ["onnx", "3", "pt2", "4", "tf", "2", "torch", "1"]
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": ["-1", "64"]}]
     assert meta["outputs"] == [{"name": "output", "datatype": "FP32", "shape": ["-1", "10"]}]
     platforms = {v: client.model_metadata("scorer", v)["platform"] for v in SCORER_VARIANTS}
@@ -409,7 +409,7 @@ def test_model_statistics_count_what_was_served(client: Client, stub) -> None:
     # Unpinned, the scorer's variants answer under the integers the demo gives them (Triton
     # tools parse versions as integers; named variants without one are summed under "0",
     # see test_versions.py); pinned, each variant answers under the version asked for.
-    assert set(_stats(stub, "scorer")) == {"1", "2", "3"}
+    assert set(_stats(stub, "scorer")) == {"1", "2", "3", "4"}
     assert set(_stats(stub, "partial")) == {"1", "2"}
     before = {v: _stats(stub, "scorer", v)[v] for v in SCORER_VARIANTS}
     total_before = _stats(stub, "scorer")["3"].inference_stats.success.count

@@ -387,7 +387,7 @@ def test_repository_index_lists_every_model(triton: TritonReport, model_repo: Pa
     assert {m["name"] for m in index} == on_disk
     scorer = {m["version"]: m["state"] for m in index if m["name"] == "scorer"}
     # Each variant, and again under the integer version the demo's config.toml gives it.
-    assert scorer == dict.fromkeys([*SCORER_VARIANTS, "1", "2", "3"], "READY")
+    assert scorer == dict.fromkeys([*SCORER_VARIANTS, *map(str, SCORER_VERSIONS.values())], "READY")
     broken = [m for m in index if m["name"] == "broken"]
     assert broken, index
     assert all(m["state"] == "UNAVAILABLE" for m in broken), broken
