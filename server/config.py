@@ -171,7 +171,7 @@ class ModelConfig(_Strict):
     intra_op_threads: Annotated[int, Field(ge=0)] = 1
     inter_op_threads: Annotated[int, Field(ge=0)] = 1
     signature_name: str | None = None
-    # "process": run the backend in a worker process of its own (backends/isolated.py), so
+    # "process": run the backend in a worker process of its own (backends/isolated/), so
     # a framework that crashes takes down only that worker, which is restarted.
     isolation: Isolation = "none"
     input: list[TensorConfig] = Field(default_factory=list)
