@@ -17,6 +17,7 @@ from .base import (
     BackendOptions,
     BackendUnavailable,
     BackendUnreachable,
+    Device,
     Signature,
     TensorSpec,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "BackendOptions",
     "BackendUnavailable",
     "BackendUnreachable",
+    "Device",
     "Signature",
     "TensorSpec",
     "available_names",

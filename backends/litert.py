@@ -115,9 +115,9 @@ class LiteRTBackend(Backend):
 
     def load(self, path: Path, options: BackendOptions) -> Signature:
         interpreter_cls = _import_interpreter(path)
-        if options.device != "cpu":
+        if options.device.kind != "cpu":
             raise BackendError(
-                f"LiteRT model {path}: device {options.device!r} asked for, but LiteRT serves "
+                f"LiteRT model {path}: device '{options.device}' asked for, but LiteRT serves "
                 'on the CPU only here; set device = "cpu" for this variant'
             )
         # 0 means "the framework's default", which LiteRT spells -1.

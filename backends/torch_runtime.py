@@ -17,7 +17,7 @@ import numpy as np
 
 from tensorgate.datatypes import by_name, from_numpy
 
-from .base import BackendError, BackendOptions, BackendUnavailable, Signature
+from .base import BackendError, BackendOptions, BackendUnavailable, Device, Signature
 
 logger = logging.getLogger(__name__)
 
@@ -62,23 +62,20 @@ def set_process_threads(torch: Any, options: BackendOptions) -> None:
             )
 
 
-def torch_device(torch: Any, device: str) -> Any:
-    """The ``torch.device`` for a config ``device`` ("cpu", "cuda", "cuda:N").
-
-    Raises BackendError when it is malformed or CUDA is not there.
-    """
-    if device == "cpu":
+def torch_device(torch: Any, device: Device) -> Any:
+    """The ``torch.device`` for a variant's device. Raises BackendError when CUDA is not
+    there, or has fewer GPUs than the number asked for."""
+    if device.kind == "cpu":
         return torch.device("cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise BackendError(
-                f"device {device!r} asked for, but CUDA is not available to PyTorch here"
-            )
-        try:
-            return torch.device(device)
-        except RuntimeError as exc:
-            raise BackendError(f"invalid device {device!r}: {exc}") from exc
-    raise BackendError(f"unsupported device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        raise BackendError(
+            f"device '{device}' asked for, but CUDA is not available to PyTorch here"
+        )
+    if device.gpu >= torch.cuda.device_count():
+        raise BackendError(
+            f"device '{device}' asked for, but PyTorch sees {torch.cuda.device_count()} GPU(s)"
+        )
+    return torch.device("cuda", device.gpu)
 
 
 class InferThreads:
