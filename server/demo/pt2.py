@@ -51,6 +51,7 @@ def build_mlp_pt2(path: Path, weights: dict[str, np.ndarray], compiled: bool | N
     import torch
 
     program = export_dense(weights)
+    auto = compiled is None
     if compiled is None:
         compiled = cpp_compiler() is not None
         if not compiled:
@@ -61,7 +62,18 @@ def build_mlp_pt2(path: Path, weights: dict[str, np.ndarray], compiled: bool | N
             )
     path.parent.mkdir(parents=True, exist_ok=True)
     if compiled:
-        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
-    else:
-        torch.export.save(program, str(path))
+        try:
+            torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+            return path
+        except Exception as e:  # a compiler that cannot run here (e.g. another user's)
+            if not auto:
+                raise
+            logger.warning(
+                "AOTInductor could not compile the demo scorer (%s: %s): %s is an "
+                "ExportedProgram instead",
+                type(e).__name__,
+                e,
+                path,
+            )
+    torch.export.save(program, str(path))
     return path
