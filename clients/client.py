@@ -9,6 +9,10 @@ a channel (``grpc`` or ``grpc.aio``)::
         result["output"], result.variant
 
         result = await client.aio.infer("scorer", {"input": x})
+
+With ``Client(target, stream=True)`` each face sends its ``infer`` calls over one
+ModelStreamInfer stream instead of a unary call each: the high-throughput way to call the
+gateway (``clients/stream.py``). Every other call stays unary.
 """
 
 from __future__ import annotations
@@ -28,17 +32,11 @@ from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 from tensorgate.server import codec
 
+from .errors import InferenceError
+from .stream import StreamMux, ThreadedStreamMux
+
 VARIANT_METADATA_KEY = "tensorgate-variant"
 T = TypeVar("T")
-
-
-class InferenceError(Exception):
-    """A call failed; ``code`` is the gRPC status, ``message`` the server's explanation."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
 
 
 class InferResult(dict[str, np.ndarray]):
@@ -156,6 +154,21 @@ class _Calls:
         yield _Call("RepositoryModelUnload", request, timeout)
 
 
+def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+def _aio_channel(
+    target: str, options: list, credentials: grpc.ChannelCredentials | None
+) -> grpc.aio.Channel:
+    if credentials is not None:
+        return grpc.aio.secure_channel(target, credentials, options=options)
+    return grpc.aio.insecure_channel(target, options=options)
+
+
 def _error(e: grpc.RpcError) -> InferenceError:
     return InferenceError(e.code(), e.details() or "")  # type: ignore[attr-defined]
 
@@ -196,13 +209,12 @@ class AsyncFace(_Calls):
         metadata: tuple[tuple[str, str], ...],
         options: list,
         credentials: grpc.ChannelCredentials | None = None,
+        stream: bool = False,
     ) -> None:
-        if credentials is not None:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
-        else:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
+        self._channel = _aio_channel(target, options, credentials)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._metadata = metadata
+        self._stream = StreamMux(self._channel, metadata) if stream else None
 
     async def _drive(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         op = fn(*args, **kwargs)
@@ -210,6 +222,10 @@ class AsyncFace(_Calls):
         try:
             call = next(op)
             while True:
+                if self._stream is not None and call.method == "ModelInfer":
+                    reply = await self._stream.infer(call.request, call.timeout)
+                    call = op.send((reply, {}))
+                    continue
                 rpc = getattr(self._stub, call.method)(
                     call.request, timeout=call.timeout, metadata=self._metadata
                 )
@@ -223,6 +239,8 @@ class AsyncFace(_Calls):
             return stop.value
 
     async def close(self) -> None:
+        if self._stream is not None:
+            await self._stream.close()
         await self._channel.close()
 
 
@@ -233,6 +251,11 @@ class Client(_Calls):
     ``authorization: Bearer <token>``. TLS is used when ``tls`` is true or any of
     ``tls_ca`` (the server's CA; default the system roots), ``tls_cert`` and ``tls_key``
     (this client's certificate, for mutual TLS) is given - as PEM bytes or file paths.
+
+    ``stream=True`` carries ``infer`` over one ModelStreamInfer stream per channel (one for
+    this face, one for ``aio``) instead of a unary call each: several times the calls per
+    second from one process under concurrency. Calls from many threads or tasks share the
+    stream; each keeps its own timeout, errors and result (see ``clients/stream.py``).
     """
 
     def __init__(
@@ -246,13 +269,12 @@ class Client(_Calls):
         tls_cert: PemSource | None = None,
         tls_key: PemSource | None = None,
         token: str | None = None,
+        stream: bool = False,
     ) -> None:
         self.target = target
+        self.stream = stream
         self._metadata = tuple((metadata or {}).items()) + auth_metadata(token)
-        self._options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ]
+        self._options = _channel_options(max_message_bytes)
         self._credentials = (
             tls_credentials(tls_ca, tls_cert, tls_key)
             if tls or any(v is not None for v in (tls_ca, tls_cert, tls_key))
@@ -264,12 +286,21 @@ class Client(_Calls):
             self._channel = grpc.insecure_channel(target, options=self._options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._aio: AsyncFace | None = None
+        self._stream = (
+            ThreadedStreamMux(
+                lambda: _aio_channel(target, self._options, self._credentials), self._metadata
+            )
+            if stream
+            else None
+        )
 
     @property
     def aio(self) -> AsyncFace:
         """The asyncio face (created on first use, inside the running event loop)."""
         if self._aio is None:
-            self._aio = AsyncFace(self.target, self._metadata, self._options, self._credentials)
+            self._aio = AsyncFace(
+                self.target, self._metadata, self._options, self._credentials, self.stream
+            )
         return self._aio
 
     def _drive(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -277,6 +308,9 @@ class Client(_Calls):
         try:
             call = next(op)
             while True:
+                if self._stream is not None and call.method == "ModelInfer":
+                    call = op.send((self._stream.infer(call.request, call.timeout), {}))
+                    continue
                 try:
                     reply, rpc = getattr(self._stub, call.method).with_call(
                         call.request, timeout=call.timeout, metadata=self._metadata
@@ -289,6 +323,8 @@ class Client(_Calls):
             return stop.value
 
     def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
         self._channel.close()
 
     def __enter__(self) -> Client:

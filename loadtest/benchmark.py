@@ -48,6 +48,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from common import tree_cpu_seconds  # loadtest/common.py, beside this script
 
 from tensorgate.server.demo import MLP_TENSORS
 
@@ -350,23 +351,6 @@ def block_tensorgate(run: Run) -> None:
             bench_target(run, address, pid, label, *extra)
 
 
-def _tree_cpu(pid: int) -> float:
-    """CPU seconds of ``pid`` and its children (the gateway's workers)."""
-    total = 0.0
-    tck = os.sysconf("SC_CLK_TCK")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(entry) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / tck
-    return total
-
-
 def _busy_cores_seconds() -> float:
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     values = [int(v) for v in fields]
@@ -411,10 +395,10 @@ def block_stream(run: Run) -> None:
                     ]
 
                 subprocess.run(bench(2), capture_output=True, check=False)  # warm-up
-                cpu0, busy0, t0 = _tree_cpu(pid), _busy_cores_seconds(), time.perf_counter()
+                cpu0, busy0, t0 = tree_cpu_seconds(pid), _busy_cores_seconds(), time.perf_counter()
                 proc = subprocess.run(bench(run.d), capture_output=True, text=True, check=False)
                 wall = time.perf_counter() - t0
-                cpu = _tree_cpu(pid) - cpu0
+                cpu = tree_cpu_seconds(pid) - cpu0
                 busy = _busy_cores_seconds() - busy0
                 if proc.returncode != 0:
                     run.record(

@@ -17,7 +17,7 @@ from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 from tensorgate.protos import model_config_pb2 as mc
 
-from .errors import ModelNotFound, ModelNotReady, TensorgateError
+from .errors import InvalidInput, ModelNotFound, ModelNotReady, TensorgateError
 from .repository import Model, State, check_model_name
 from .statistics import NAMED_VARIANTS_VERSION
 
@@ -30,6 +30,8 @@ WORKER_METADATA_KEY = "tensorgate-worker"
 EXTENSIONS = ["model_repository", "model_configuration", "statistics"]
 # Requests of one ModelStreamInfer stream being served at once; the reader waits beyond.
 STREAM_WINDOW = 128
+#: A stream request's own timeout, in microseconds: Triton's request parameter.
+TIMEOUT_PARAMETER = "timeout"
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -163,7 +165,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         Requests are served concurrently, up to ``STREAM_WINDOW`` at a time per stream, and
         replies are sent as they complete; each carries the request's ``id``. A failed
-        request answers with ``error_message`` set and the stream goes on, as in Triton.
+        request answers with ``error_message`` set and the stream goes on, as in Triton. A
+        request's ``timeout`` parameter (microseconds) is its deadline within the stream's.
         """
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         replies: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
@@ -172,7 +175,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def serve_one(request: pb.ModelInferRequest) -> None:
             try:
-                served = await pipeline.model_infer(request, context.time_remaining(), metadata)
+                timeout = _stream_timeout(request, context.time_remaining())
+                served = await pipeline.model_infer(request, timeout, metadata)
                 reply = pb.ModelStreamInferResponse(infer_response=served.message)
             except TensorgateError as e:
                 reply = pb.ModelStreamInferResponse(
@@ -243,6 +247,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self.repository.unload(request.model_name)
         self.gateway.model_health_changed()
         return pb.RepositoryModelUnloadResponse()
+
+
+def _stream_timeout(request: pb.ModelInferRequest, remaining: float | None) -> float | None:
+    """Seconds a stream request may take: its ``timeout`` parameter (microseconds; 0 or
+    absent: none), within what is left of the stream's own deadline."""
+    micros = 0
+    if TIMEOUT_PARAMETER in request.parameters:
+        param = request.parameters[TIMEOUT_PARAMETER]
+        choice = param.WhichOneof("parameter_choice")
+        if choice not in ("int64_param", "uint64_param"):
+            raise InvalidInput(
+                f"request parameter '{TIMEOUT_PARAMETER}' is the request's timeout in "
+                f"microseconds and must be int64_param or uint64_param, not {choice}"
+            )
+        micros = getattr(param, choice)
+    if micros <= 0:
+        return remaining
+    own = micros / 1e6
+    return own if remaining is None else min(own, remaining)
 
 
 def _named(variants) -> list[str]:

@@ -1,0 +1,356 @@
+"""Inference calls carried over one ModelStreamInfer stream per channel.
+
+``Client(target, stream=True)`` sends each ``infer`` as one message of a long-lived
+bidirectional ModelStreamInfer call instead of a unary ModelInfer call of its own (the sync
+face and ``client.aio`` each have their own channel, so each has its own stream). A unary
+call pays gRPC's per-call work on both ends - a new HTTP/2 stream, headers, trailers, the
+server's per-call handler - which for a small model is most of what a request costs; on a
+stream a request costs one message each way.
+
+How concurrent calls share a stream:
+
+- each request goes out under an id the client assigns (unique on the channel); the server
+  answers with that id, in the order requests complete, and the reply goes to the call that
+  sent it. The caller's own ``request_id`` is put back on the result.
+- a request that fails is answered with ``error_message`` (``"CODE_NAME: message"``): that
+  call alone raises InferenceError with that code; the stream and the other calls go on.
+- a call's ``timeout`` travels as the request parameter ``timeout`` (microseconds, as
+  Triton's clients send it), which the gateway turns into that request's deadline; the
+  client also stops waiting when it passes (DEADLINE_EXCEEDED) and drops the late reply.
+- cancelling an aio call (its task) drops its reply the same way.
+- if the stream breaks (connection lost, server restarted), the calls waiting on it raise
+  UNAVAILABLE and the next call opens a new stream. A reply that says UNAVAILABLE (a
+  draining server) retires the stream: calls already on it finish there, later ones open a
+  new stream, which a load balancer may send to another replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import threading
+from collections.abc import Callable
+
+import grpc
+
+from tensorgate.protos import grpc_service_pb2 as pb
+
+from .errors import InferenceError, from_stream_reply
+
+METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+#: The request parameter that carries a call's timeout, in microseconds (Triton's name).
+TIMEOUT_PARAMETER = "timeout"
+# A stream that ends with one of these says something true of every call on it (a bad
+# token, a server without streams): its calls fail with it. Any other end is the transport's
+# (connection lost, server gone) and its calls fail with UNAVAILABLE, which may be retried.
+_CALLERS_FAULT = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+    }
+)
+
+
+class BlockedCall:
+    """What a sync caller waits on: a lock the reply releases. Lighter than a
+    concurrent.futures.Future (no condition variable), which counts at thousands of calls/s."""
+
+    __slots__ = ("_lock", "error", "reply")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self.reply: pb.ModelInferResponse | None = None
+        self.error: Exception | None = None
+
+    def done(self) -> bool:
+        return self.reply is not None or self.error is not None
+
+    def set_result(self, reply: pb.ModelInferResponse) -> None:
+        self.reply = reply
+        self._lock.release()
+
+    def set_exception(self, error: Exception) -> None:
+        self.error = error
+        self._lock.release()
+
+    def wait(self, timeout: float | None) -> bool:
+        """True once settled; False when ``timeout`` seconds passed first."""
+        return self._lock.acquire(timeout=-1 if timeout is None else timeout)
+
+
+# What a waiting call holds: an asyncio future (aio face) or a BlockedCall (sync face).
+Waiter = asyncio.Future | BlockedCall
+
+
+def deadline_exceeded(timeout: float) -> InferenceError:
+    return InferenceError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"no reply within the call's timeout of {timeout:g} s (sent over ModelStreamInfer)",
+    )
+
+
+def _settle(waiter: Waiter, reply: pb.ModelInferResponse | None, error: Exception | None) -> None:
+    if waiter.done():  # an aio caller gave up (cancellation)
+        return
+    if error is not None:
+        waiter.set_exception(error)
+    else:
+        waiter.set_result(reply)  # type: ignore[arg-type]
+
+
+class StreamMux:
+    """Carries ModelInfer requests over one ModelStreamInfer call at a time on ``channel``
+    (a ``grpc.aio`` channel), opening a new call when the last one ended. Runs in the
+    channel's event loop; ``infer`` is the asyncio entry, ``send`` the one for other threads
+    (through ``loop.call_soon_threadsafe``)."""
+
+    def __init__(self, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._open_call = channel.stream_stream(
+            METHOD,
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
+        )
+        self._metadata = metadata
+        self._ids = itertools.count(1)
+        # Every call sent and not yet answered, on any stream: wire id -> (waiter, stream).
+        self.pending: dict[str, tuple[Waiter, _Stream]] = {}
+        self._current: _Stream | None = None
+        self._closed = False
+
+    def next_id(self) -> str:
+        """A fresh wire id (thread-safe: one step of an itertools.count)."""
+        return str(next(self._ids))
+
+    async def infer(
+        self, request: pb.ModelInferRequest, timeout: float | None
+    ) -> pb.ModelInferResponse:
+        """Send ``request`` and wait for its reply (aio face). Raises InferenceError."""
+        caller_id = prepare(request, self.next_id(), timeout)
+        waiter: asyncio.Future[pb.ModelInferResponse] = asyncio.get_running_loop().create_future()
+        self.send(request, waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                reply = await waiter
+        except TimeoutError:
+            raise deadline_exceeded(timeout or 0.0) from None
+        finally:
+            self.forget(request.id)  # after a deadline or a cancellation: drop the reply
+        reply.id = caller_id
+        return reply
+
+    def send(self, request: pb.ModelInferRequest, waiter: Waiter) -> None:
+        """Queue ``request`` (its ``id`` already a wire id) on the current stream, opening one
+        if there is none; ``waiter`` gets the reply or an InferenceError. Loop thread only."""
+        if self._closed:
+            _settle(waiter, None, InferenceError(grpc.StatusCode.CANCELLED, "client closed"))
+            return
+        stream = self._current
+        if stream is None:
+            stream = self._current = _Stream(self, self._open_call(metadata=self._metadata))
+        self.pending[request.id] = (waiter, stream)
+        stream.queue.put_nowait(request)
+
+    def forget(self, wire_id: str) -> None:
+        """Stop waiting for ``wire_id``'s reply (dropped when it comes). Loop thread only."""
+        self.pending.pop(wire_id, None)
+
+    def ended(self, stream: _Stream, error: InferenceError | None) -> None:
+        """``stream`` takes no more calls; with ``error``, its waiting calls fail with it."""
+        if self._current is stream:
+            self._current = None
+        if error is None:
+            return
+        lost = [wire for wire, (_, s) in self.pending.items() if s is stream]
+        for wire in lost:
+            _settle(self.pending.pop(wire)[0], None, error)
+
+    async def close(self) -> None:
+        """Cancel the open streams; calls still waiting fail with CANCELLED."""
+        self._closed = True
+        streams = {s for _, s in self.pending.values()}
+        if self._current is not None:
+            streams.add(self._current)
+        for stream in streams:
+            await stream.cancel()
+
+
+class _Stream:
+    """One ModelStreamInfer call: a task writing the queued requests, a task reading the
+    replies and handing each to its waiter."""
+
+    def __init__(self, mux: StreamMux, call: grpc.aio.StreamStreamCall) -> None:
+        self.mux = mux
+        self.call = call
+        self.queue: asyncio.Queue[pb.ModelInferRequest | None] = asyncio.Queue()
+        # Why the calls waiting on this stream fail if it is cancelled.
+        self.failure = InferenceError(grpc.StatusCode.CANCELLED, "client closed")
+        self._writer = asyncio.create_task(self._write())
+        self._reader = asyncio.create_task(self._read())
+
+    async def _write(self) -> None:
+        try:
+            while (request := await self.queue.get()) is not None:
+                if request.id in self.mux.pending:  # not abandoned while it was queued
+                    await self.call.write(request)
+            await self.call.done_writing()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            # When the call ended under the write, the reader reports why. Otherwise the
+            # write itself failed: end the call, so that no caller waits on a dead stream.
+            if not self.call.done():
+                self.failure = InferenceError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"writing to the ModelStreamInfer stream failed: {e}",
+                )
+                self.call.cancel()
+
+    async def _read(self) -> None:
+        error: InferenceError | None = None
+        try:
+            while (message := await self.call.read()) is not grpc.aio.EOF:
+                self._deliver(message)
+            error = InferenceError(
+                grpc.StatusCode.UNAVAILABLE,
+                "the server ended the ModelStreamInfer stream before answering; retry the call",
+            )
+        except grpc.aio.AioRpcError as e:
+            error = _broken(e)
+        except asyncio.CancelledError:  # the call cancelled: by close(), or after a failed write
+            error = self.failure
+            raise
+        finally:
+            self.mux.ended(self, error)
+            self._writer.cancel()
+
+    def _deliver(self, message: pb.ModelStreamInferResponse) -> None:
+        entry = self.mux.pending.pop(message.infer_response.id, None)
+        if entry is None:  # its caller gave up (deadline, cancellation)
+            return
+        if not message.error_message:
+            _settle(entry[0], message.infer_response, None)
+            return
+        error = from_stream_reply(message.error_message)
+        _settle(entry[0], None, error)
+        if error.code == grpc.StatusCode.UNAVAILABLE:
+            self.retire()
+
+    def retire(self) -> None:
+        """Take no new calls; finish the ones sent, then half-close (the server ends it)."""
+        self.mux.ended(self, None)
+        self.queue.put_nowait(None)
+
+    async def cancel(self) -> None:
+        self.call.cancel()
+        await asyncio.gather(self._reader, self._writer, return_exceptions=True)
+
+
+def _broken(e: grpc.aio.AioRpcError) -> InferenceError:
+    code, details = e.code(), e.details() or ""
+    if code in _CALLERS_FAULT:
+        return InferenceError(code, details)
+    return InferenceError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"the ModelStreamInfer stream broke before the reply ({code.name}: {details}); "
+        "the next call opens a new stream",
+    )
+
+
+def prepare(request: pb.ModelInferRequest, wire_id: str, timeout: float | None) -> str:
+    """Put the wire id (and the timeout parameter) on ``request``; returns the caller's id."""
+    caller_id = request.id
+    request.id = wire_id
+    if timeout is not None:
+        request.parameters[TIMEOUT_PARAMETER].int64_param = max(1, round(timeout * 1e6))
+    return caller_id
+
+
+class ThreadedStreamMux:
+    """A StreamMux for the sync face: its own ``grpc.aio`` channel and event loop on a
+    daemon thread, started by the first call. ``infer`` blocks the calling thread only.
+
+    Callers queue their requests and wake the loop only when it is not already due to run
+    (one wake-up for every request queued meanwhile): under load, the loop thread takes the
+    GIL once per burst of requests rather than once per request."""
+
+    def __init__(self, open_channel: Callable[[], grpc.aio.Channel], metadata: tuple) -> None:
+        self._open_channel = open_channel
+        self._metadata = metadata
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._mux: StreamMux | None = None
+        self._outbox: collections.deque[tuple[pb.ModelInferRequest, BlockedCall]] = (
+            collections.deque()
+        )
+        self._wake_due = False
+
+    def _start(self) -> tuple[asyncio.AbstractEventLoop, StreamMux]:
+        with self._lock:
+            if self._loop is None or self._mux is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(
+                    target=loop.run_forever, name="tensorgate-stream", daemon=True
+                )
+                thread.start()
+                self._loop, self._thread = loop, thread
+                self._mux = asyncio.run_coroutine_threadsafe(self._make_mux(), loop).result()
+            return self._loop, self._mux
+
+    async def _make_mux(self) -> StreamMux:
+        self._channel = self._open_channel()  # inside the loop that will serve it
+        return StreamMux(self._channel, self._metadata)
+
+    def _send_queued(self) -> None:
+        """Loop thread: hand every queued request to the mux."""
+        assert self._mux is not None
+        with self._lock:
+            self._wake_due = False
+        while self._outbox:
+            self._mux.send(*self._outbox.popleft())
+
+    def infer(self, request: pb.ModelInferRequest, timeout: float | None) -> pb.ModelInferResponse:
+        """Send ``request`` and wait for its reply. Raises InferenceError."""
+        loop, mux = self._start()
+        caller_id = prepare(request, mux.next_id(), timeout)
+        waiter = BlockedCall()
+        self._outbox.append((request, waiter))
+        with self._lock:
+            wake, self._wake_due = not self._wake_due, True
+        if wake:
+            loop.call_soon_threadsafe(self._send_queued)
+        try:
+            settled = waiter.wait(timeout)
+        finally:
+            if not waiter.done():  # a deadline, or an interrupt: drop the reply
+                loop.call_soon_threadsafe(mux.forget, request.id)
+        if not settled:
+            raise deadline_exceeded(timeout or 0.0)
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.reply is not None
+        waiter.reply.id = caller_id
+        return waiter.reply
+
+    def close(self) -> None:
+        with self._lock:
+            loop, thread, mux = self._loop, self._thread, self._mux
+            self._loop = self._thread = self._mux = None
+        if loop is None or thread is None:
+            return
+
+        async def shut() -> None:
+            if mux is not None:
+                await mux.close()
+            if self._channel is not None:
+                await self._channel.close()
+
+        asyncio.run_coroutine_threadsafe(shut(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
