@@ -16,6 +16,9 @@ rounds), latency percentiles and the server's CPU time per request as a Markdown
 
     .venv/bin/python loadtest/bench_routing.py [--seconds 3] [--rounds 3] [--concurrency 8]
 
+Every run writes its figures, with the command and the machine, to
+``loadtest/results/routing-<UTC time>.json`` (or ``--out``).
+
 Not a test: numbers depend on the machine. The client shares the cores with the server.
 """
 
@@ -38,7 +41,12 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from common import cpu_seconds, machine  # noqa: E402 - loadtest/common.py, beside this script
+from common import (  # noqa: E402 - loadtest/common.py, beside this script
+    cpu_seconds,
+    machine,
+    results_path,
+    write_results,
+)
 
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 from tensorgate.server import codec  # noqa: E402
@@ -115,7 +123,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds per round")
     parser.add_argument("--concurrency", type=int, default=8, help="calls in flight")
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    parser.add_argument("--out", type=Path, help="results file (default "
+                        "loadtest/results/routing-<UTC time>.json)")  # fmt: skip
     args = parser.parse_args()
+    started = time.time()
+    out = args.out or results_path("routing")
 
     x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
     latencies: dict[str, list[float]] = {label: [] for label, *_ in PATHS}
@@ -169,10 +181,13 @@ def main() -> None:
                 server_cpu_ms_per_request=cpu[label] * 1e3 / max(1, len(lat)),
             )
         )
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    write_results(out, {"args": settings, "paths": [asdict(r) for r in results]}, started)
     if args.json:
-        print(json.dumps({"machine": machine(), "args": vars(args),
+        print(json.dumps({"machine": machine(), "args": settings,
                           "results": [asdict(r) for r in results]}, indent=2))  # fmt: skip
         return
+    print(f"results: {out}")
     print(f"machine: {machine()}")
     print(
         f"concurrency {args.concurrency}, {args.rounds} shuffled rounds of {args.seconds:g} s "
