@@ -60,7 +60,20 @@ from common import tree_cpu_seconds  # loadtest/common.py, beside this script
 from tensorgate.server.demo import MLP_TENSORS
 
 ROOT = Path(__file__).resolve().parents[1]
-PEERS_DIR = Path(os.environ.get("PEERS_DIR", ROOT.parent / "shared" / "peers")).resolve()
+# ../shared/peers beside the checkout (or beside its parent, for a worktree in a folder).
+PEERS_DIR = Path(
+    os.environ.get(
+        "PEERS_DIR",
+        next(
+            (
+                p
+                for p in (ROOT.parent / "shared/peers", ROOT.parents[1] / "shared/peers")
+                if p.is_dir()
+            ),
+            ROOT.parent / "shared/peers",
+        ),
+    )
+).resolve()
 PEERS_HOME = Path(os.environ.get("PEERS_HOME", Path.home() / "peers")).resolve()
 WIDE_HOME = PEERS_HOME.parent / f"{PEERS_HOME.name}-wide"
 TOOLS_PY = PEERS_HOME / "venv-tools" / "bin" / "python"
@@ -864,7 +877,7 @@ def main() -> None:
                 steps[name](run)
                 if name == "wide":
                     _tag_wide(out, started)
-    text = report(_mark_wide(load(out)), where)
+    text = report(_mark_wide(load(out) if out.exists() else []), where)
     out.with_suffix(".md").write_text(text)
     print("\n" + text)
 
