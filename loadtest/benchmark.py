@@ -657,7 +657,7 @@ def report(rows: list[dict], machine: str) -> str:
         ]
     labels = list(dict.fromkeys(r["label"] for r in small))
     for label in labels:
-        for tool in ("h2load", "ort", "tensorgate-bench", "client", "inproc"):
+        for tool in ("h2load", "pa", "ort", "tensorgate-bench", "client", "inproc"):
             mine = {int(r["c"]): r for r in small if r["label"] == label and r.get("tool") == tool}
             if not mine:
                 continue
