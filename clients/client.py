@@ -10,15 +10,16 @@ a channel (``grpc`` or ``grpc.aio``)::
 
         result = await client.aio.infer("scorer", {"input": x})
 
-With ``Client(target, stream=True)`` each face sends its ``infer`` calls over one
-ModelStreamInfer stream instead of a unary call each: the high-throughput way to call the
-gateway (``clients/stream.py``). Every other call stays unary.
+With ``Client(target, stream=True)`` each face sends its ``infer`` calls over a few
+long-lived ModelStreamInfer streams, one per channel, instead of a unary call each: the
+high-throughput way to call the gateway (``clients/stream.py``). Every other call stays
+unary.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -37,6 +38,10 @@ from .stream import StreamMux, ThreadedStreamMux
 
 VARIANT_METADATA_KEY = "tensorgate-variant"
 T = TypeVar("T")
+#: Streams (each on a channel and connection of its own) that ``stream=True`` opens per face.
+#: One stream carries one message per gRPC operation; a few let both ends batch their
+#: socket writes and wake-ups, and spread over the processes of ``serve --workers``.
+DEFAULT_STREAMS = 4
 
 
 class InferResult(dict[str, np.ndarray]):
@@ -169,6 +174,24 @@ def _aio_channel(
     return grpc.aio.insecure_channel(target, options=options)
 
 
+def _stream_count(stream: bool | int) -> int:
+    """How many streams ``stream`` asks for: True ``DEFAULT_STREAMS``, False or 0 none."""
+    if stream is True:
+        return DEFAULT_STREAMS
+    if stream < 0:
+        raise ValueError(f"stream must be True, False or a number of streams, not {stream}")
+    return int(stream)
+
+
+def _stream_channels(
+    target: str, options: list, credentials: grpc.ChannelCredentials | None
+) -> Callable[[], grpc.aio.Channel]:
+    """Opens the channels the streams ride on: each with a subchannel pool of its own, so
+    that each has its own connection (gRPC shares one among channels to a target)."""
+    own = [*options, ("grpc.use_local_subchannel_pool", 1)]
+    return lambda: _aio_channel(target, own, credentials)
+
+
 def _error(e: grpc.RpcError) -> InferenceError:
     return InferenceError(e.code(), e.details() or "")  # type: ignore[attr-defined]
 
@@ -209,12 +232,17 @@ class AsyncFace(_Calls):
         metadata: tuple[tuple[str, str], ...],
         options: list,
         credentials: grpc.ChannelCredentials | None = None,
-        stream: bool = False,
+        stream: bool | int = False,
     ) -> None:
         self._channel = _aio_channel(target, options, credentials)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._metadata = metadata
-        self._stream = StreamMux(self._channel, metadata) if stream else None
+        streams = _stream_count(stream)
+        self._stream = (
+            StreamMux(_stream_channels(target, options, credentials), metadata, streams)
+            if streams
+            else None
+        )
 
     async def _drive(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         op = fn(*args, **kwargs)
@@ -252,10 +280,11 @@ class Client(_Calls):
     ``tls_ca`` (the server's CA; default the system roots), ``tls_cert`` and ``tls_key``
     (this client's certificate, for mutual TLS) is given - as PEM bytes or file paths.
 
-    ``stream=True`` carries ``infer`` over one ModelStreamInfer stream per channel (one for
-    this face, one for ``aio``) instead of a unary call each: several times the calls per
-    second from one process under concurrency. Calls from many threads or tasks share the
-    stream; each keeps its own timeout, errors and result (see ``clients/stream.py``).
+    ``stream=True`` carries ``infer`` over ModelStreamInfer streams instead of a unary call
+    each: ``DEFAULT_STREAMS`` per face (this one and ``aio``), one per channel, taken in
+    turn; ``stream=N`` opens N. Several times the calls per second from one process under
+    concurrency. Calls from many threads or tasks share the streams; each keeps its own
+    timeout, errors and result (see ``clients/stream.py``).
     """
 
     def __init__(
@@ -269,10 +298,11 @@ class Client(_Calls):
         tls_cert: PemSource | None = None,
         tls_key: PemSource | None = None,
         token: str | None = None,
-        stream: bool = False,
+        stream: bool | int = False,
     ) -> None:
         self.target = target
         self.stream = stream
+        streams = _stream_count(stream)
         self._metadata = tuple((metadata or {}).items()) + auth_metadata(token)
         self._options = _channel_options(max_message_bytes)
         self._credentials = (
@@ -288,9 +318,11 @@ class Client(_Calls):
         self._aio: AsyncFace | None = None
         self._stream = (
             ThreadedStreamMux(
-                lambda: _aio_channel(target, self._options, self._credentials), self._metadata
+                _stream_channels(target, self._options, self._credentials),
+                self._metadata,
+                streams,
             )
-            if stream
+            if streams
             else None
         )
 

@@ -102,23 +102,41 @@ def _settle(waiter: Waiter, reply: pb.ModelInferResponse | None, error: Exceptio
         waiter.set_result(reply)  # type: ignore[arg-type]
 
 
-class StreamMux:
-    """Carries ModelInfer requests over one ModelStreamInfer call at a time on ``channel``
-    (a ``grpc.aio`` channel), opening a new call when the last one ended. Runs in the
-    channel's event loop; ``infer`` is the asyncio entry, ``send`` the one for other threads
-    (through ``loop.call_soon_threadsafe``)."""
+class _Lane:
+    """One channel (its own TCP connection) and the ModelStreamInfer call open on it."""
 
-    def __init__(self, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]) -> None:
-        self._open_call = channel.stream_stream(
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.open_call = channel.stream_stream(
             METHOD,
             request_serializer=pb.ModelInferRequest.SerializeToString,
             response_deserializer=pb.ModelStreamInferResponse.FromString,
         )
+        self.current: _Stream | None = None
+
+
+class StreamMux:
+    """Carries ModelInfer requests over ``streams`` ModelStreamInfer calls, one per channel
+    (each from ``open_channel``, so each on its own connection), taking them in turn;
+    opens a new call on a channel when its last one ended. Runs in one event loop:
+    ``infer`` is the asyncio entry, ``send`` the one for other threads (through
+    ``loop.call_soon_threadsafe``)."""
+
+    def __init__(
+        self,
+        open_channel: Callable[[], grpc.aio.Channel],
+        metadata: tuple[tuple[str, str], ...],
+        streams: int = 1,
+    ) -> None:
+        if streams < 1:
+            raise ValueError(f"streams must be at least 1, not {streams}")
+        self._open_channel = open_channel
         self._metadata = metadata
+        self._lanes: list[_Lane | None] = [None] * streams  # channels open on first use
+        self._turn = itertools.count()
         self._ids = itertools.count(1)
         # Every call sent and not yet answered, on any stream: wire id -> (waiter, stream).
         self.pending: dict[str, tuple[Waiter, _Stream]] = {}
-        self._current: _Stream | None = None
         self._closed = False
 
     def next_id(self) -> str:
@@ -143,14 +161,19 @@ class StreamMux:
         return reply
 
     def send(self, request: pb.ModelInferRequest, waiter: Waiter) -> None:
-        """Queue ``request`` (its ``id`` already a wire id) on the current stream, opening one
-        if there is none; ``waiter`` gets the reply or an InferenceError. Loop thread only."""
+        """Queue ``request`` (its ``id`` already a wire id) on the next stream in turn,
+        opening it if needed; ``waiter`` gets the reply or an InferenceError. Loop thread
+        only."""
         if self._closed:
             _settle(waiter, None, InferenceError(grpc.StatusCode.CANCELLED, "client closed"))
             return
-        stream = self._current
+        i = next(self._turn) % len(self._lanes)
+        lane = self._lanes[i]
+        if lane is None:
+            lane = self._lanes[i] = _Lane(self._open_channel())
+        stream = lane.current
         if stream is None:
-            stream = self._current = _Stream(self, self._open_call(metadata=self._metadata))
+            stream = lane.current = _Stream(self, lane, lane.open_call(metadata=self._metadata))
         self.pending[request.id] = (waiter, stream)
         stream.queue.put_nowait(request)
 
@@ -158,10 +181,14 @@ class StreamMux:
         """Stop waiting for ``wire_id``'s reply (dropped when it comes). Loop thread only."""
         self.pending.pop(wire_id, None)
 
+    def streams(self) -> list[_Stream]:
+        """The streams that take new calls now."""
+        return [lane.current for lane in self._lanes if lane and lane.current]
+
     def ended(self, stream: _Stream, error: InferenceError | None) -> None:
         """``stream`` takes no more calls; with ``error``, its waiting calls fail with it."""
-        if self._current is stream:
-            self._current = None
+        if stream.lane.current is stream:
+            stream.lane.current = None
         if error is None:
             return
         lost = [wire for wire, (_, s) in self.pending.items() if s is stream]
@@ -169,21 +196,24 @@ class StreamMux:
             _settle(self.pending.pop(wire)[0], None, error)
 
     async def close(self) -> None:
-        """Cancel the open streams; calls still waiting fail with CANCELLED."""
+        """Cancel the open streams (calls still waiting fail with CANCELLED), close the
+        channels."""
         self._closed = True
-        streams = {s for _, s in self.pending.values()}
-        if self._current is not None:
-            streams.add(self._current)
+        streams = {s for _, s in self.pending.values()} | set(self.streams())
         for stream in streams:
             await stream.cancel()
+        for lane in self._lanes:
+            if lane is not None:
+                await lane.channel.close()
 
 
 class _Stream:
     """One ModelStreamInfer call: a task writing the queued requests, a task reading the
     replies and handing each to its waiter."""
 
-    def __init__(self, mux: StreamMux, call: grpc.aio.StreamStreamCall) -> None:
+    def __init__(self, mux: StreamMux, lane: _Lane, call: grpc.aio.StreamStreamCall) -> None:
         self.mux = mux
+        self.lane = lane
         self.call = call
         self.queue: asyncio.Queue[pb.ModelInferRequest | None] = asyncio.Queue()
         # Why the calls waiting on this stream fail if it is cancelled.
@@ -277,13 +307,15 @@ class ThreadedStreamMux:
     (one wake-up for every request queued meanwhile): under load, the loop thread takes the
     GIL once per burst of requests rather than once per request."""
 
-    def __init__(self, open_channel: Callable[[], grpc.aio.Channel], metadata: tuple) -> None:
+    def __init__(
+        self, open_channel: Callable[[], grpc.aio.Channel], metadata: tuple, streams: int = 1
+    ) -> None:
         self._open_channel = open_channel
         self._metadata = metadata
+        self._streams = streams
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._channel: grpc.aio.Channel | None = None
         self._mux: StreamMux | None = None
         self._outbox: collections.deque[tuple[pb.ModelInferRequest, BlockedCall]] = (
             collections.deque()
@@ -299,12 +331,8 @@ class ThreadedStreamMux:
                 )
                 thread.start()
                 self._loop, self._thread = loop, thread
-                self._mux = asyncio.run_coroutine_threadsafe(self._make_mux(), loop).result()
+                self._mux = StreamMux(self._open_channel, self._metadata, self._streams)
             return self._loop, self._mux
-
-    async def _make_mux(self) -> StreamMux:
-        self._channel = self._open_channel()  # inside the loop that will serve it
-        return StreamMux(self._channel, self._metadata)
 
     def _send_queued(self) -> None:
         """Loop thread: hand every queued request to the mux."""
@@ -347,8 +375,6 @@ class ThreadedStreamMux:
         async def shut() -> None:
             if mux is not None:
                 await mux.close()
-            if self._channel is not None:
-                await self._channel.close()
 
         asyncio.run_coroutine_threadsafe(shut(), loop).result()
         loop.call_soon_threadsafe(loop.stop)

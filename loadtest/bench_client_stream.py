@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from common import results_path, tree_cpu_seconds, write_results  # noqa: E402
 
 from tensorgate.clients import Client, InferenceError  # noqa: E402
+from tensorgate.clients.client import DEFAULT_STREAMS  # noqa: E402
 from tensorgate.server.demo import build_mlp_onnx, mlp_reference, mlp_weights  # noqa: E402
 from tests.serverproc import ServerProcess  # noqa: E402
 
@@ -122,7 +123,7 @@ DRIVERS = {"aio": drive_aio, "sync": drive_sync}
 
 def measure(address: str, server_pid: int | None, face: str, mode: str, rnd: int, args) -> Run:
     x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
-    with Client(address, stream=mode == "stream") as client:
+    with Client(address, stream=args.streams if mode == "stream" else False) as client:
         window = Window(args.warmup, args.seconds)
         cpu: dict[str, float] = {}
 
@@ -186,6 +187,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="calls in flight")
     parser.add_argument("--faces", default="aio,sync", help="aio, sync or both")
     parser.add_argument("--workers", type=int, default=1, help="tensorgate serve --workers")
+    parser.add_argument("--streams", type=int, default=DEFAULT_STREAMS,
+                        help="streams per face in stream mode (Client(stream=N))")  # fmt: skip
     parser.add_argument("--target", help="an already running server (serving the demo MLP as "
                         f"'{MODEL}'); its CPU is not measured")  # fmt: skip
     parser.add_argument("--out", type=Path, help="results file (default loadtest/results/...)")

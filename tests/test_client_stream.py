@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from tensorgate.clients import Client, InferenceError, InferResult
+from tensorgate.clients.client import DEFAULT_STREAMS
 from tensorgate.clients.errors import from_stream_reply
 from tensorgate.clients.stream import StreamMux
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
@@ -158,10 +159,11 @@ def test_stream_results_equal_unary(server: ServerProcess, client: Client, name:
 # -- replies matched by id ---------------------------------------------------------------
 
 
-def test_replies_reach_their_callers_from_threads(gateway: ServerProcess) -> None:
-    # 16 threads x 25 calls share the sync face's stream; each sends values of its own and
+@pytest.mark.parametrize("streams", [1, True])
+def test_replies_reach_their_callers_from_threads(gateway: ServerProcess, streams: int) -> None:
+    # 16 threads x 25 calls share the sync face's streams; each sends values of its own and
     # must get exactly them back; half name their own request id, which must come back.
-    with Client(gateway.address, stream=True) as client:
+    with Client(gateway.address, stream=streams) as client:
 
         def caller(t: int) -> list[tuple[np.ndarray, InferResult, str]]:
             out = []
@@ -207,8 +209,10 @@ def test_replies_reach_their_callers_from_tasks(gateway: ServerProcess) -> None:
 
 
 def test_a_bad_request_fails_only_itself(face: Face) -> None:
-    face.infer("echo", {"in_FP32": np.ones(2, np.float32)})  # the stream is open
-    stream = face.on_loop(lambda: face.mux._current)
+    for _ in range(DEFAULT_STREAMS):  # every stream is open
+        face.infer("echo", {"in_FP32": np.ones(2, np.float32)})
+    streams = face.on_loop(lambda: set(face.mux.streams()))
+    assert len(streams) == DEFAULT_STREAMS
     good = [face.start("mlp", {"input": x64(2, i)}) for i in range(20)]
     unknown = face.start("nope", {"input": x64(1, 0)})
     shape = face.start("mlp", {"input": np.ones((2, 63), np.float32)})
@@ -229,7 +233,7 @@ def test_a_bad_request_fails_only_itself(face: Face) -> None:
                                    atol=1e-4)  # fmt: skip
     for fut in more:
         assert fut.result(60)["output"].shape == (2, 10)
-    assert face.on_loop(lambda: face.mux._current) is stream  # the same stream throughout
+    assert face.on_loop(lambda: set(face.mux.streams())) == streams  # the same throughout
 
 
 def test_error_message_parsing() -> None:
@@ -310,10 +314,12 @@ def test_stream_reopens_after_the_connection_breaks(name: str, gateway: ServerPr
                 a.result(60)
             assert info.value.code == grpc.StatusCode.UNAVAILABLE, info.value
             assert "stream" in info.value.message
-            x = x64(2, 5)
-            out = face.infer("mlp", {"input": x})["output"]  # a new stream, a new connection
-            np.testing.assert_allclose(out, mlp_reference(x, mlp_weights()), atol=1e-4)
-            assert proxy.connections == 2
+            opened = proxy.connections
+            for i in range(DEFAULT_STREAMS):  # new streams, on new connections
+                x = x64(2, i)
+                out = face.infer("mlp", {"input": x})["output"]
+                np.testing.assert_allclose(out, mlp_reference(x, mlp_weights()), atol=1e-4)
+            assert proxy.connections > opened
         finally:
             face.close()
     wait_busy(gateway, "slow", inflight=0, queued=0)  # A, orphaned, ends on the server
@@ -338,10 +344,12 @@ def test_stream_reopens_after_the_server_restarts(
                 with pytest.raises(InferenceError) as info:
                     a.result(60)
                 assert info.value.code == grpc.StatusCode.UNAVAILABLE, info.value
-                x = x64(3, 9)
-                out = face.infer("mlp", {"input": x}, timeout=60)["output"]
-                np.testing.assert_allclose(out, mlp_reference(x, mlp_weights()), atol=1e-4)
-                assert second.metric("tensorgate_requests_total", model="mlp", code="OK") == 1
+                for i in range(DEFAULT_STREAMS):  # every stream, reopened on the new server
+                    x = x64(3, i)
+                    out = face.infer("mlp", {"input": x}, timeout=60)["output"]
+                    np.testing.assert_allclose(out, mlp_reference(x, mlp_weights()), atol=1e-4)
+                served = second.metric("tensorgate_requests_total", model="mlp", code="OK")
+                assert served == DEFAULT_STREAMS
             finally:
                 face.close()
     finally:
