@@ -1,15 +1,21 @@
-"""Inference calls carried over one ModelStreamInfer stream per channel.
+"""Inference calls carried over ModelStreamInfer streams, one stream per channel.
 
 ``Client(target, stream=True)`` sends each ``infer`` as one message of a long-lived
-bidirectional ModelStreamInfer call instead of a unary ModelInfer call of its own (the sync
-face and ``client.aio`` each have their own channel, so each has its own stream). A unary
+bidirectional ModelStreamInfer call instead of a unary ModelInfer call of its own. A unary
 call pays gRPC's per-call work on both ends - a new HTTP/2 stream, headers, trailers, the
 server's per-call handler - which for a small model is most of what a request costs; on a
 stream a request costs one message each way.
 
-How concurrent calls share a stream:
+Each face (the sync one and ``client.aio``) opens a few streams (``DEFAULT_STREAMS`` in
+client.py, or ``stream=N``), each on a channel and TCP connection of its own, and sends
+calls to them in turn. One stream carries one message per gRPC operation (a write waits for
+the last one), so each request costs a system call and an event-loop wake-up of its own on
+both ends; a few streams let those be shared, and reach every process of a server run with
+``--workers``.
 
-- each request goes out under an id the client assigns (unique on the channel); the server
+How concurrent calls share the streams:
+
+- each request goes out under an id the client assigns (unique on the face); the server
   answers with that id, in the order requests complete, and the reply goes to the call that
   sent it. The caller's own ``request_id`` is put back on the result.
 - a request that fails is answered with ``error_message`` (``"CODE_NAME: message"``): that
