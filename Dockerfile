@@ -3,7 +3,7 @@
 # The tensorgate gateway image (docs/deploy.md). Two flavors:
 #
 #   FLAVOR=cpu (default)  python:3.11-slim; torch 2.13.0 CPU build (from PyTorch's CPU index),
-#                         tensorflow-cpu, onnxruntime. About 2.5 GB.
+#                         tensorflow-cpu, onnxruntime. 2.7-2.8 GB (measured: 2.81 GB).
 #   FLAVOR=cuda           nvidia/cuda runtime + cuDNN (Ubuntu 24.04) with Python 3.11; torch
 #                         2.13.0 CUDA build (PyPI), tensorflow[and-cuda], onnxruntime-gpu, at
 #                         the versions pyproject.toml pins. Needs the NVIDIA container toolkit
@@ -16,8 +16,15 @@
 # The model repository is /models: mount it (above), or bake one into the image by giving
 # the `models` stage another directory: docker build --build-context models=./models .
 #
-# Needs BuildKit (the default builder since Docker 23): heredocs, cache mounts, and only the
-# stages FLAVOR selects are built.
+# Needs BuildKit (the default builder since Docker 23): heredocs, cache and secret mounts,
+# and only the stages FLAVOR selects are built. Podman/Buildah: add --format docker, or the
+# image is OCI, which has no HEALTHCHECK (it is dropped with a warning).
+#
+# Behind a package mirror or a TLS-intercepting proxy (docs/deploy.md):
+#   --build-arg PIP_INDEX_URL=URL  --build-arg PIP_EXTRA_INDEX_URL="URL URL"
+#   --build-arg TORCH_CPU_INDEX=URL (or '' when the indexes above have the +cpu torch wheels)
+#   --secret id=pip_ca,src=ca-bundle.pem   (the CA bundle pip trusts)
+#   --secret id=pip_conf,src=pip.conf      (a whole pip configuration, e.g. with credentials)
 
 ARG FLAVOR=cpu
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -49,6 +56,10 @@ FROM base-${FLAVOR} AS base
 FROM base AS builder
 ARG FLAVOR
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+# pip reads these itself (space-separated for the extra indexes); unset or empty: PyPI.
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_TRUSTED_HOST
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -76,7 +87,9 @@ def expand(extra):
             yield requirement
 
 
-requirements = [*project["dependencies"], *expand("all")]
+# The build backend too, so that installing tensorgate itself needs no index.
+build = tomllib.load(open(pyproject, "rb"))["build-system"]["requires"]
+requirements = [*project["dependencies"], *expand("all"), *build]
 if flavor == "cuda":
     gpu = {"onnxruntime": "onnxruntime-gpu", "tensorflow-cpu": "tensorflow[and-cuda]"}
     for i, requirement in enumerate(requirements):
@@ -86,10 +99,16 @@ if flavor == "cuda":
 print("\n".join(requirements))
 EOF
 # cpu: torch==2.13.0 resolves to 2.13.0+cpu from PyTorch's CPU index (PyPI's Linux wheel is
-# the multi-GB CUDA build). cuda: PyPI's CUDA builds.
+# the multi-GB CUDA build). cuda: PyPI's CUDA builds. The only step that downloads.
 RUN --mount=type=cache,target=/root/.cache/pip \
-    if [ "$FLAVOR" = cpu ]; then extra="--extra-index-url $TORCH_CPU_INDEX"; else extra=""; fi \
- && pip install $extra -r requirements.txt
+    --mount=type=secret,id=pip_ca \
+    --mount=type=secret,id=pip_conf \
+    set -- -r requirements.txt \
+ && if [ "$FLAVOR" = cpu ] && [ -n "$TORCH_CPU_INDEX" ]; then \
+        set -- "$@" --extra-index-url "$TORCH_CPU_INDEX"; fi \
+ && if [ -f /run/secrets/pip_ca ]; then set -- "$@" --cert /run/secrets/pip_ca; fi \
+ && if [ -f /run/secrets/pip_conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip_conf; fi \
+ && pip install "$@"
 
 COPY README.md ./
 COPY tensorgate ./tensorgate
@@ -97,7 +116,7 @@ COPY server ./server
 COPY backends ./backends
 COPY clients ./clients
 COPY protos ./protos
-RUN pip install --no-deps . && pip check
+RUN pip install --no-deps --no-build-isolation . && pip check
 
 # ---- runtime: the venv, a non-root user, the server as the container's command ----------
 FROM base AS runtime
@@ -109,23 +128,28 @@ RUN groupadd --gid 10001 tensorgate \
  && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin tensorgate
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=models / /models/
+# TENSORGATE_PORT_FILE: `serve` writes the ports it serves on there, whatever its --port,
+# and `tensorgate health` reads it (/tmp: give a read-only container a tmpfs there).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     TF_CPP_MIN_LOG_LEVEL=2 \
-    TENSORGATE_IMAGE_FLAVOR=$FLAVOR
+    TENSORGATE_IMAGE_FLAVOR=$FLAVOR \
+    TENSORGATE_PORT_FILE=/tmp/tensorgate-ports.json
 USER 10001:10001
 WORKDIR /home/tensorgate
 
 # gRPC (inference, health, reflection) and Prometheus /metrics.
 EXPOSE 8001 8002
 
-# grpc.health.v1 Check on the whole server: SERVING once the models are loaded, NOT_SERVING
-# while draining. Loading TensorFlow models can take a minute: hence the start period.
+# grpc.health.v1 Check on the whole server, on the port in $TENSORGATE_PORT_FILE: SERVING
+# once the models are loaded (at least --require-models of them), NOT_SERVING while
+# draining. Loading TensorFlow models can take a minute: hence the start period.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["tensorgate", "health", "--url", "127.0.0.1:8001", "--timeout", "3"]
+    CMD ["tensorgate", "health", "--timeout", "3"]
 
 # Exec form: tini is PID 1 and forwards SIGTERM to the server, which drains (health
 # NOT_SERVING, accepted calls finish within --drain-timeout) and exits 0. `docker stop`
 # waits 10 s by default: give it --time 35 for the default 30 s drain.
 ENTRYPOINT ["/usr/bin/tini", "--", "tensorgate"]
-CMD ["serve", "--repository", "/models", "--host", "0.0.0.0", "--port", "8001", "--metrics-port", "8002"]
+# --require-models 1: a container with nothing mounted at /models is unhealthy.
+CMD ["serve", "--repository", "/models", "--host", "0.0.0.0", "--port", "8001", "--metrics-port", "8002", "--require-models", "1"]

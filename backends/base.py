@@ -5,7 +5,9 @@ A backend object serves one variant (one model file). The gateway calls, in orde
 1. ``load(path, options)`` once, from a worker thread: read the model, return what the file
    says about its signature;
 2. ``infer(inputs, outputs)`` many times, from the variant's own worker threads (up to
-   ``options.instances`` calls at once), never from the event loop;
+   ``options.instances`` calls at once) or, for a single-instance CPU variant whose
+   execution on the request is expected to be cheap and whose class allows it
+   (``may_run_inline``), from the event-loop thread itself (``server/scheduler.py``);
 3. ``unload()`` once, after the last ``infer`` has returned.
 
 Backends never see protobuf, gRPC metadata or asyncio: tensors go in and out as
@@ -149,9 +151,22 @@ class Backend(abc.ABC):
         already validated against it (datatype, shape). ``outputs`` names the outputs wanted
         (None: all); a backend may return more, the gateway filters.
 
-        Called from a worker thread, possibly concurrently up to ``options.instances``.
+        Called from a worker thread, possibly concurrently up to ``options.instances``, or
+        from the event-loop thread when the execution is cheap (see ``may_run_inline``).
         Raises BackendError on a failure in the framework.
         """
 
     def unload(self) -> None:  # noqa: B027 - optional hook
         """Release the model. Called once, after the last ``infer`` has returned."""
+
+
+def utf8_strings(name: str, array: np.ndarray, framework: str) -> list[str]:
+    """A BYTES tensor's elements as ``str``, for frameworks whose string tensors hold text
+    (ONNX Runtime, TorchScript). Raises BackendInputError naming the input when an element
+    is not UTF-8: the caller's request is what the framework cannot take."""
+    try:
+        return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in array.flat]
+    except UnicodeDecodeError as exc:
+        raise BackendInputError(
+            f"input {name!r}: {framework} strings must be valid UTF-8 ({exc})"
+        ) from None

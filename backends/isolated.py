@@ -10,7 +10,8 @@ child process, so a framework that crashes - a segfault, an abort, the OOM kille
   ``BackendUnreachable`` (UNAVAILABLE to the caller; routing's fallback treats it as
   retryable), and the gateway keeps serving everything else;
 - the worker is restarted with exponential backoff (0.5 s, 1 s, 2 s ... up to 30 s; back to
-  0.5 s once a worker has lived 30 s), and the model is loaded again in the new worker.
+  0.5 s once a worker has served 60 s: tensorgate/backoff.py, shared with `serve --workers`),
+  and the model is loaded again in the new worker.
 
 It is crash isolation, not a security boundary: the worker runs with the gateway's user and
 environment, and the two trust each other's messages.
@@ -47,6 +48,8 @@ from pathlib import Path
 from typing import IO, Any, ClassVar
 
 import numpy as np
+
+from tensorgate.backoff import RestartBackoff
 
 from .base import (
     Backend,
@@ -253,11 +256,6 @@ class IsolatedBackend(Backend):
     may_run_inline: ClassVar[bool] = False  # its calls wait on another process
     platform: ClassVar[str] = ""
 
-    #: Restart delays: the first, the cap, and how long a worker must live for the delay to
-    #: start again from the first.
-    BACKOFF_INITIAL = 0.5
-    BACKOFF_MAX = 30.0
-    STABLE_AFTER = 30.0
     #: How long unload waits for the worker to exit before killing it.
     STOP_TIMEOUT = 10.0
 
@@ -273,7 +271,7 @@ class IsolatedBackend(Backend):
         self._restarting = False  # a restart thread owns bringing a worker back
         self._closed = threading.Event()
         self._restarter: threading.Thread | None = None
-        self._backoff = self.BACKOFF_INITIAL
+        self.backoff = RestartBackoff()  # delays between restarts (tensorgate/backoff.py)
         self._retry_at = 0.0
         self._down = ""  # why the worker is down, while it is
         self.restarts = 0
@@ -350,6 +348,7 @@ class IsolatedBackend(Backend):
         except BaseException:
             worker.stop(self.STOP_TIMEOUT)
             raise
+        self.backoff.started()
         return worker, signature
 
     def _on_death(self, worker: _Worker) -> None:
@@ -361,8 +360,6 @@ class IsolatedBackend(Backend):
             self._down = worker.death
             if self._closed.is_set() or not self._serving:
                 return
-            if time.monotonic() - worker.started >= self.STABLE_AFTER:
-                self._backoff = self.BACKOFF_INITIAL
             if self._restarting:
                 return
             self._restarting = True
@@ -375,8 +372,7 @@ class IsolatedBackend(Backend):
     def _restart(self) -> None:
         """The restart thread: start workers, with growing delays, until one loads."""
         while not self._closed.is_set():
-            delay = self._backoff
-            self._backoff = min(self._backoff * 2, self.BACKOFF_MAX)
+            delay = self.backoff.delay()
             self._retry_at = time.monotonic() + delay
             if self._closed.wait(delay):
                 break

@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from tensorgate.datatypes import by_name
+
 from .base import (
     Backend,
     BackendError,
@@ -23,8 +25,8 @@ from .base import (
     BackendUnavailable,
     Signature,
     TensorSpec,
+    utf8_strings,
 )
-from .datatypes import by_name, utf8_strings
 
 logger = logging.getLogger(__name__)
 

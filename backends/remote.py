@@ -29,18 +29,19 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
 import grpc
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tensorgate import codec
+from tensorgate.limits import MAX_MESSAGE_BYTES
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
-from tensorgate.server import codec
+from tensorgate.tomlconfig import TomlError, load_toml
 
 from .base import (
     Backend,
@@ -56,7 +57,6 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "remote.toml"
 #: Same default as the server's --max-message-bytes: what the front accepts, it can forward.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # gRPC's default reconnect backoff grows to 120 s, so a back tier that was down for a while
 # would stay unused for up to two minutes after it returned. Cap it at a few seconds.
 _RECONNECT_BACKOFF_MS = (
@@ -101,32 +101,15 @@ class RemoteConfig(BaseModel):
         return v.strip()
 
 
-def _describe(err: Any) -> str:
-    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        return (
-            f"field '{loc}': unknown field; the fields are {', '.join(RemoteConfig.model_fields)}"
-        )
-    if err["type"] == "missing":
-        return f"field '{loc}': missing; add it, e.g. {loc} = {_EXAMPLE[loc]}"
-    return f"field '{loc}': {err['msg']}"
-
-
 _EXAMPLE = {"target": '"host:8001"', "model": '"name-of-the-model-there"'}
 
 
 def read_config(path: Path) -> RemoteConfig:
     """Read and check ``remote.toml``. Raises BackendError naming the file and field."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise BackendError(f"{path}: not valid TOML: {e}") from None
-    except OSError as e:
-        raise BackendError(f"{path}: cannot be read: {e}") from None
-    try:
-        config = RemoteConfig.model_validate(data)
-    except ValidationError as e:
-        raise BackendError(f"{path}: " + "; ".join(_describe(err) for err in e.errors())) from None
+        config = load_toml(path, RemoteConfig, examples=_EXAMPLE)
+    except TomlError as e:
+        raise BackendError(str(e)) from None
     files = {"ca_file": config.ca_file, "cert_file": config.cert_file, "key_file": config.key_file}
     given = [name for name, value in files.items() if value]
     if given and not config.tls:

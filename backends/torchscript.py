@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from tensorgate.datatypes import by_name
+
 from .base import (
     Backend,
     BackendError,
@@ -26,8 +28,8 @@ from .base import (
     BackendUnavailable,
     Signature,
     TensorSpec,
+    utf8_strings,
 )
-from .datatypes import by_name, utf8_strings
 
 logger = logging.getLogger(__name__)
 

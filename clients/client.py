@@ -29,9 +29,10 @@ import numpy as np
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from tensorgate import codec
+from tensorgate.limits import MAX_MESSAGE_BYTES
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
-from tensorgate.server import codec
 
 from .errors import InferenceError
 from .stream import StreamMux, ThreadedStreamMux
@@ -292,7 +293,7 @@ class Client(_Calls):
         target: str = "127.0.0.1:8001",
         *,
         metadata: Mapping[str, str] | None = None,
-        max_message_bytes: int = 64 * 1024 * 1024,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
         tls: bool = False,
         tls_ca: PemSource | None = None,
         tls_cert: PemSource | None = None,

@@ -48,8 +48,8 @@ from common import (  # noqa: E402 - loadtest/common.py, beside this script
     write_results,
 )
 
+from tensorgate import codec  # noqa: E402
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
-from tensorgate.server import codec  # noqa: E402
 from tensorgate.server.demo import MLP_TENSORS, build_mlp_onnx, mlp_weights  # noqa: E402
 from tests.serverproc import ServerProcess  # noqa: E402
 

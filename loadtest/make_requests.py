@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from google.protobuf import json_format
 
+from tensorgate import codec
 from tensorgate.protos import grpc_service_pb2 as pb
-from tensorgate.server import codec
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"

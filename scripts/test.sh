@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
 .venv/bin/ruff check .
+.venv/bin/lint-imports --no-cache  # the layers declared in pyproject.toml
 .venv/bin/python protos/generate.py --check
 export TF_CPP_MIN_LOG_LEVEL=2
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -8,24 +8,21 @@ model is reloaded or the server restarts; config.toml is the source of truth.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
+from tensorgate.errors import ConfigError
 from tensorgate.protos import admin_pb2 as apb
 from tensorgate.protos import admin_pb2_grpc as apb_grpc
 
-from .errors import ConfigError
-from .repository import Model
+from .repository import Model, Repository
 from .router import (
     RouteError,
     RoutePolicy,
+    Router,
     RouteState,
     ShadowPolicy,
     make_policy,
     validate_policy,
 )
-
-if TYPE_CHECKING:
-    from .app import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +133,7 @@ def model_route(model: Model, state: RouteState) -> apb.ModelRoute:
             served=counts.served,
             served_as_fallback=counts.as_fallback,
             failed=counts.failed,
+            version=int(model.alias(v.name) or 0),
         )
     for (primary, shadow), s in sorted(state.shadow_stats.items()):
         route.shadow_comparisons.add(
@@ -152,10 +150,9 @@ def model_route(model: Model, state: RouteState) -> apb.ModelRoute:
 
 
 class RoutingAdminServicer(apb_grpc.RoutingAdminServicer):
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-        self.repository = gateway.repository
-        self.router = gateway.router
+    def __init__(self, repository: Repository, router: Router) -> None:
+        self.repository = repository
+        self.router = router
 
     async def GetRoutes(self, request, context):
         if request.model:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-from .errors import Overloaded, Unavailable
+from tensorgate.errors import Overloaded, Unavailable
 
 DRAINING_MESSAGE = "server is draining (shutting down); retry on another replica"
 
@@ -28,13 +26,16 @@ class Admission:
         self.max_inflight = max_inflight
         self.inflight = 0
         self.draining = False
+        # The drain's last phase: calls that arrive are held until the gRPC server has
+        # begun to stop (``release_held``), then refused (see ``Gateway.stop``).
+        self.holding = False
+        self._released = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
 
-    @contextmanager
-    def admit(self) -> Iterator[None]:
-        """Hold one in-flight slot for the body. Raises Unavailable while draining and
-        Overloaded when ``max_inflight`` requests are already in flight."""
+    def enter(self) -> None:
+        """Take one in-flight slot (give it back with ``leave``). Raises Unavailable while
+        draining and Overloaded when ``max_inflight`` requests are already in flight."""
         if self.draining:
             raise Unavailable(DRAINING_MESSAGE)
         if self.max_inflight is not None and self.inflight >= self.max_inflight:
@@ -44,17 +45,27 @@ class Admission:
             )
         self.inflight += 1
         self._idle.clear()
-        try:
-            yield
-        finally:
-            self.inflight -= 1
-            if self.inflight == 0:
-                self._idle.set()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
 
     def start_draining(self) -> int:
         """Refuse every request from now on; returns how many are in flight."""
         self.draining = True
         return self.inflight
+
+    def hold_arrivals(self) -> None:
+        """From now on, calls wait in ``held`` before they are refused."""
+        self.holding = True
+
+    def release_held(self) -> None:
+        self._released.set()
+
+    async def held(self) -> None:
+        """Wait until ``release_held`` (called once the server stops taking calls)."""
+        await self._released.wait()
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight, at most ``timeout`` seconds; True if idle."""

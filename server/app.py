@@ -9,74 +9,41 @@ import json
 import logging
 import signal
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import start_http_server
 
-from tensorgate.protos import admin_pb2_grpc
+from tensorgate.protos import admin_pb2, admin_pb2_grpc
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 
-from . import codec
 from .admin import ADMIN_SERVICE, RoutingAdminServicer
 from .admission import Admission
 from .auth import AuthInterceptor, TokenPolicy
-from .interceptors import ErrorInterceptor
+from .interceptors import map_errors
 from .metrics import Metrics, Telemetry
 from .pipeline import Pipeline
 from .polling import RepositoryPoller
+from .reflection import MethodAwareReflectionServicer
 from .repository import Repository
 from .router import Router
 from .servicer import InferenceServicer
+from .settings import ServerSettings
 from .statistics import Statistics
+from .writelock import wait_until_written
 
 log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
-#: Seconds the drain keeps refusing new calls with UNAVAILABLE after the last accepted one
-#: finished, before the gRPC server stops.
+#: Seconds the drain holds new calls after the last accepted one finished, before the gRPC
+#: server stops (then they are refused with UNAVAILABLE).
 DRAIN_LINGER = 0.5
-# Messages large enough for a batch of images; refused with RESOURCE_EXHAUSTED beyond.
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-@dataclass
-class ServerSettings:
-    repository: Path
-    host: str = "127.0.0.1"
-    port: int = 8001
-    metrics_port: int | None = 8002  # None: no metrics endpoint
-    metrics_host: str | None = None  # default: same as host
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    drain_timeout: float = 30.0
-    port_file: Path | None = None
-    # Reliability and limits (docs/reliability.md).
-    max_inflight: int | None = None  # inference requests in flight, server-wide
-    max_tensor_elements: int = codec.MAX_ELEMENTS
-    poll_interval: float | None = None  # seconds between repository polls; None: no polling
-    # Security (docs/security.md): TLS (mutual when a client CA is given) and bearer tokens.
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    auth_token: str | None = None
-    admin_token: str | None = None
-    # Set by the --workers supervisor (server/workers.py): share the port with sibling
-    # worker processes (SO_REUSEPORT), and this worker's index, sent as trailing metadata.
-    reuse_port: bool = False
-    worker_index: int | None = None
-
-    def __repr__(self) -> str:  # never print the tokens
-        hidden = {"auth_token", "admin_token"}
-        fields = ", ".join(
-            f"{k}={'<set>' if k in hidden and v is not None else repr(v)}"
-            for k, v in self.__dict__.items()
-        )
-        return f"ServerSettings({fields})"
+#: Seconds between the start of the gRPC server's stop (GOAWAY sent, port closed) and the
+#: refusal of the calls held meanwhile.
+STOP_SETTLE = 0.05
 
 
 class Gateway:
@@ -91,7 +58,8 @@ class Gateway:
         self.router = Router(
             on_circuit_change=lambda model, variant, backend, state: circuit.labels(
                 model, variant, backend
-            ).set(state)
+            ).set(state),
+            metrics=self.metrics,
         )
         self.admission = Admission(settings.max_inflight)
         self.pipeline = Pipeline(
@@ -99,7 +67,6 @@ class Gateway:
             self.router,
             Telemetry(self.metrics, self.statistics),
             admission=self.admission,
-            max_tensor_elements=settings.max_tensor_elements,
         )
         self.health = health.aio.HealthServicer()
         self.ready = False
@@ -116,6 +83,7 @@ class Gateway:
             else None
         )
         self._poll_task: asyncio.Task[None] | None = None
+        self._enough: bool | None = None  # require_models met, as last reported
 
     async def start(self) -> None:
         s = self.settings
@@ -124,14 +92,32 @@ class Gateway:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 1 if s.reuse_port else 0),
         ]
-        # ErrorInterceptor first (outermost): it turns the auth refusals into statuses too.
-        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+        # Errors become statuses inside each servicer method (map_errors); the token check
+        # is the only interceptor, and only when a token is set.
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         tokens = TokenPolicy(s.auth_token, s.admin_token)
         if tokens.enabled:
             interceptors.append(AuthInterceptor(tokens))
         server = grpc.aio.server(interceptors=interceptors, options=options)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self), server)
-        admin_pb2_grpc.add_RoutingAdminServicer_to_server(RoutingAdminServicer(self), server)
+        inference = InferenceServicer(
+            self.repository,
+            self.pipeline,
+            self.statistics,
+            is_ready=lambda: self.ready,
+            models_changed=self.model_health_changed,
+            max_tensor_elements=s.max_tensor_elements,
+            worker_index=s.worker_index,
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            map_errors(inference, pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]), server
+        )
+        admin_pb2_grpc.add_RoutingAdminServicer_to_server(
+            map_errors(
+                RoutingAdminServicer(self.repository, self.router),
+                admin_pb2.DESCRIPTOR.services_by_name["RoutingAdmin"],
+            ),
+            server,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self._add_reflection(server)
         credentials = self._tls_credentials()
@@ -150,12 +136,12 @@ class Gateway:
             )
             self.metrics_port = self._metrics_server.server_port
         started = time.perf_counter()
+        await wait_until_written(self.repository.root)  # health NOT_SERVING meanwhile
         if self._poller is not None:
             self._poller.prime()  # changes made while loading are picked up by the first poll
         await self.repository.load_all()
         self.ready = True
         await self.model_health_changed_async()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self._poller is not None:
             self._poll_task = asyncio.create_task(self._poller.run(), name="repository-poll")
         log.info(
@@ -200,7 +186,7 @@ class Gateway:
             reflection.SERVICE_NAME,
             REFLECTION_V1,
         )
-        servicer = reflection.aio.ReflectionServicer(names)
+        servicer = MethodAwareReflectionServicer(names)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
         # grpc.reflection.v1 has the same messages as v1alpha under another package name, so
         # the same servicer answers both (grpcurl asks v1 first, ghz v1alpha).
@@ -224,7 +210,8 @@ class Gateway:
         await self.health.set(INFERENCE_SERVICE, status)
 
     async def model_health_changed_async(self) -> None:
-        """Per-model health entries: a model name is SERVING while it has a ready variant."""
+        """Per-model health entries: a model name is SERVING while it has a ready variant.
+        The server's own entry is SERVING once started, while ``require_models`` are ready."""
         for name, model in self.repository.models.items():
             await self.health.set(
                 name,
@@ -232,6 +219,23 @@ class Gateway:
                 if model.ready and not self.draining
                 else health_pb2.HealthCheckResponse.NOT_SERVING,
             )
+        if not self.ready or self.draining:
+            return
+        ready = sum(m.ready for m in self.repository.models.values())
+        enough = ready >= self.settings.require_models
+        if not enough and self._enough is not False:
+            log.error(
+                "%d model(s) ready, fewer than --require-models %d: health NOT_SERVING until "
+                "enough are loaded (RepositoryModelLoad, or --poll-interval)",
+                ready,
+                self.settings.require_models,
+            )
+        self._enough = enough
+        await self._set_health(
+            health_pb2.HealthCheckResponse.SERVING
+            if enough
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
 
     def model_health_changed(self) -> None:
         asyncio.get_running_loop().create_task(self.model_health_changed_async())
@@ -258,13 +262,23 @@ class Gateway:
                 self.admission.inflight,
             )
         else:
-            # A client that just got its reply sends its next call at once. Keep answering
-            # it "draining" (UNAVAILABLE, retry elsewhere) for a moment: a call that reaches
-            # a stopping gRPC server is cut off with CANCELLED, which clients do not retry.
+            # Callers that get "draining" retry at once, so gRPC's core always holds a few
+            # calls it has not handed to us yet, and stopping the server cancels those
+            # (CANCELLED, which clients do not retry). So for a moment new calls are held
+            # instead: each caller's latest call then waits in a handler, none in the core.
+            self.admission.hold_arrivals()
             await asyncio.sleep(min(DRAIN_LINGER, max(0.0, until - time.monotonic())))
         if self._server is not None:
-            # Other calls (metadata, repository, streams left open) get what time is left.
-            await self._server.stop(max(0.0, until - time.monotonic()))
+            # Stopping sends GOAWAY and closes the port: callers' next calls are refused
+            # with UNAVAILABLE by their own channel. Then the held calls are answered
+            # "draining", and other calls (metadata, repository, open streams) get what
+            # time is left.
+            stopping = asyncio.create_task(self._server.stop(max(0.0, until - time.monotonic())))
+            await asyncio.sleep(STOP_SETTLE)
+            self.admission.release_held()
+            await stopping
+        else:
+            self.admission.release_held()
         await self.repository.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
@@ -282,7 +296,11 @@ async def serve(settings: ServerSettings) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await gateway.start()
+    try:
+        await gateway.start()
+    except BaseException:  # e.g. an interrupted repository write: close what did start
+        await gateway.stop(grace=0)
+        raise
     await stop.wait()
     log.info("signal received: draining (up to %.0f s)", settings.drain_timeout)
     await gateway.stop()

@@ -29,10 +29,11 @@ from typing import Any
 
 import grpc
 
+from tensorgate.errors import TensorgateError
 from tensorgate.protos import admin_pb2
 from tensorgate.protos import grpc_service_pb2 as pb
 
-from .errors import TensorgateError
+from .interceptors import status_of
 
 INFERENCE_TOKEN_ENV = "TENSORGATE_AUTH_TOKEN"
 ADMIN_TOKEN_ENV = "TENSORGATE_ADMIN_TOKEN"
@@ -118,14 +119,15 @@ def _matches(presented: str, expected: str) -> bool:
 
 
 def _refusal(handler: grpc.RpcMethodHandler, error: Unauthenticated) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that raises ``error`` (the error interceptor
-    turns it into the status). It takes the request undecoded: no work for a stranger."""
+    """A handler of the same kind as ``handler`` that refuses with ``error``'s status. It
+    takes the request undecoded: no work for a stranger."""
+    status = status_of(error, "auth")
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        raise error
+        await context.abort(*status)
 
     async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        raise error
+        await context.abort(*status)
         yield  # an async generator, as a streaming handler must be
 
     serializer = handler.response_serializer
@@ -141,7 +143,7 @@ def _refusal(handler: grpc.RpcMethodHandler, error: Unauthenticated) -> grpc.Rpc
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without the token their RPC needs (see the module docstring).
 
-    Install it after ``ErrorInterceptor`` so that its refusals become statuses there.
+    Installed only when a token is configured: without one, calls pay nothing for it.
     """
 
     def __init__(self, policy: TokenPolicy) -> None:

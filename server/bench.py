@@ -249,33 +249,69 @@ def render_csv(s: dict) -> str:
 @click.option("--url", default="127.0.0.1:8001", show_default=True, help="Server address.")
 @click.option("-c", "--concurrency", default=8, show_default=True, help="Concurrent callers.")
 @click.option("-n", "--total", type=int, default=None, help="Requests in total.")
-@click.option("-z", "--duration", type=float, default=None,
-              help="Seconds to run (default 10 when -n is not given).")
+@click.option(
+    "-z",
+    "--duration",
+    type=float,
+    default=None,
+    help="Seconds to run (default 10 when -n is not given).",
+)
 @click.option("--rps", type=float, default=None, help="Open-loop rate limit (requests/s).")
 @click.option("--version", "-v", default=None, help="Pin a variant (model_version).")
-@click.option("--sticky-key", default=None,
-              help="Send this request parameter with --sticky-keys distinct values.")
+@click.option(
+    "--sticky-key",
+    default=None,
+    help="Send this request parameter with --sticky-keys distinct values.",
+)
 @click.option("--sticky-keys", default=100, show_default=True, help="Distinct sticky values.")
-@click.option("--batch", "-b", default=1, show_default=True,
-              help="Rows per request (replaces -1 in the first dimension).")
-@click.option("--input", "-i", "inputs", multiple=True, metavar="NAME=FILE.npy|JSON",
-              help="Input data; inputs not given are random.")
+@click.option(
+    "--batch",
+    "-b",
+    default=1,
+    show_default=True,
+    help="Rows per request (replaces -1 in the first dimension).",
+)
+@click.option(
+    "--input",
+    "-i",
+    "inputs",
+    multiple=True,
+    metavar="NAME=FILE.npy|JSON",
+    help="Input data; inputs not given are random.",
+)
 @click.option("--connections", default=1, show_default=True, help="gRPC channels.")
 @click.option("--stream", is_flag=True, help="Send over ModelStreamInfer streams.")
 @click.option("--timeout", default=30.0, show_default=True, help="Per-call deadline, seconds.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "csv"]), default="text")
 @client_security_options
-def bench(model: str, url: str, concurrency: int, total: int | None, duration: float | None,
-          rps: float | None, version: str | None, sticky_key: str | None, sticky_keys: int,
-          batch: int, inputs: tuple[str, ...], connections: int, stream: bool, timeout: float,
-          fmt: str, tls: bool, tls_ca: Path | None, tls_cert: Path | None,
-          tls_key: Path | None, token: str | None) -> None:
+def bench(
+    model: str,
+    url: str,
+    concurrency: int,
+    total: int | None,
+    duration: float | None,
+    rps: float | None,
+    version: str | None,
+    sticky_key: str | None,
+    sticky_keys: int,
+    batch: int,
+    inputs: tuple[str, ...],
+    connections: int,
+    stream: bool,
+    timeout: float,
+    fmt: str,
+    tls: bool,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    token: str | None,
+) -> None:
     """Load-test MODEL and print throughput, latency percentiles and a per-variant split."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from tensorgate import codec
     from tensorgate.clients import Client, InferenceError
     from tensorgate.clients.client import auth_metadata, tls_credentials
-    from tensorgate.server import codec
 
     from .cli import _parse_input, _random_input
 

@@ -13,9 +13,13 @@ from pathlib import Path
 import click
 import numpy as np
 
-from tensorgate.backends.datatypes import by_name
+from tensorgate.datatypes import by_name
+from tensorgate.limits import MAX_MESSAGE_BYTES
 
 from .cli_options import client_security, client_security_options, client_tls_options
+
+#: Where `serve` writes its port file and `health` reads it when no flag says (docs/deploy.md).
+PORT_FILE_ENV = "TENSORGATE_PORT_FILE"
 
 
 def default_demo_dir() -> Path:
@@ -62,7 +66,7 @@ def main() -> None:
 )
 @click.option(
     "--max-message-bytes",
-    default=64 * 1024 * 1024,
+    default=MAX_MESSAGE_BYTES,
     show_default=True,
     type=int,
     help="Largest gRPC message accepted or sent.",
@@ -118,7 +122,17 @@ def main() -> None:
 @click.option(
     "--port-file",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Write {'grpc_port', 'metrics_port'} as JSON here once serving.",
+    envvar=PORT_FILE_ENV,
+    help="Write {'grpc_port', 'metrics_port'} as JSON here once serving (`tensorgate "
+    f"health` reads it). Default: ${PORT_FILE_ENV} when set (the image sets it).",
+)
+@click.option(
+    "--require-models",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Report health NOT_SERVING while fewer than N models are ready (at start-up and "
+    "after unloads). 0: an empty repository is healthy.",
 )
 @click.option(
     "--workers",
@@ -152,6 +166,7 @@ def serve(
     auth_token_file: Path | None,
     admin_token_file: Path | None,
     port_file: Path | None,
+    require_models: int,
     workers: int,
     log_level: str,
 ) -> None:
@@ -160,15 +175,13 @@ def serve(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from .app import ServerSettings
     from .app import serve as run
+    from .settings import ServerSettings
 
     if repository is None:
-        from .demo import write_demo_repository
-
         repository = default_demo_dir()
         click.echo(f"no --repository given: serving the demo repository in {repository}", err=True)
-        write_demo_repository(repository)
+        _write_demo(repository)
     if not repository.is_dir():
         raise click.BadParameter(f"{repository} is not a directory", param_hint="--repository")
     if (tls_cert is None) != (tls_key is None):
@@ -199,6 +212,7 @@ def serve(
         auth_token=auth_token,
         admin_token=admin_token,
         port_file=port_file,
+        require_models=require_models,
     )
     if workers == 0:
         from .workers import available_cores
@@ -208,7 +222,12 @@ def serve(
         from .workers import Supervisor
 
         sys.exit(Supervisor(settings, workers, log_level).run())
-    asyncio.run(run(settings))
+    from tensorgate.errors import TensorgateError
+
+    try:
+        asyncio.run(run(settings))
+    except TensorgateError as e:  # the repository cannot be served as it is (e.g. half-written)
+        raise click.ClickException(str(e)) from None
 
 
 @main.command()
@@ -217,12 +236,19 @@ def demo(directory: Path) -> None:
     """Write the demo model repository to DIRECTORY (models are generated, not downloaded)."""
     logging.basicConfig(level="INFO", format="%(levelname)s %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from .demo import write_demo_repository
-
-    write_demo_repository(directory)
+    _write_demo(directory)
     for p in sorted(directory.rglob("*")):
         if p.is_file() and "variables" not in p.parts and p.name != ".complete":
             click.echo(p.relative_to(directory))
+
+
+def _write_demo(directory: Path) -> None:
+    from .demo import write_demo_repository
+
+    try:
+        write_demo_repository(directory)
+    except OSError as e:  # the message says what is wrong with DIRECTORY
+        raise click.ClickException(e.strerror or str(e)) from None
 
 
 def _parse_input(spec: str, meta: dict[str, dict]) -> tuple[str, np.ndarray]:
@@ -349,10 +375,19 @@ def infer(
 
 
 @main.command()
-@click.option("--metrics-url", default="http://127.0.0.1:8002/metrics", show_default=True,
-              help="The gateway's Prometheus endpoint.")
-@click.option("--interval", default=2.0, show_default=True, type=float,
-              help="Seconds between the two scrapes each figure is computed over.")
+@click.option(
+    "--metrics-url",
+    default="http://127.0.0.1:8002/metrics",
+    show_default=True,
+    help="The gateway's Prometheus endpoint.",
+)
+@click.option(
+    "--interval",
+    default=2.0,
+    show_default=True,
+    type=float,
+    help="Seconds between the two scrapes each figure is computed over.",
+)
 @click.option("--once", is_flag=True, help="Print one table and exit (no live view).")
 @click.option("--json", "as_json", is_flag=True, help="With --once: print JSON rows.")
 def top(metrics_url: str, interval: float, once: bool, as_json: bool) -> None:
@@ -390,7 +425,18 @@ def top(metrics_url: str, interval: float, once: bool, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--url", default="127.0.0.1:8001", show_default=True, help="Server address.")
+@click.option(
+    "--url",
+    default=None,
+    help="Server address. Default: 127.0.0.1 on the port in --port-file, else 127.0.0.1:8001.",
+)
+@click.option(
+    "--port-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar=PORT_FILE_ENV,
+    help="The port file `serve --port-file` wrote: ask the port the server serves on. "
+    f"Default: ${PORT_FILE_ENV} when set.",
+)
 @click.option(
     "--service",
     default="",
@@ -400,7 +446,8 @@ def top(metrics_url: str, interval: float, once: bool, as_json: bool) -> None:
 @click.option("--timeout", default=3.0, show_default=True, type=float, help="Deadline, seconds.")
 @client_tls_options
 def health(
-    url: str,
+    url: str | None,
+    port_file: Path | None,
     service: str,
     timeout: float,
     tls: bool,
@@ -410,13 +457,16 @@ def health(
 ) -> None:
     """Ask a server's grpc.health.v1 service; exit 0 when SERVING, 1 otherwise.
 
-    The container HEALTHCHECK runs this; Kubernetes probes ask the same service natively.
+    The container HEALTHCHECK runs this (with the image's $TENSORGATE_PORT_FILE, so it
+    follows any --port); Kubernetes probes ask the same service natively.
     """
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from tensorgate.clients.client import tls_credentials
 
+    if url is None:
+        url = f"127.0.0.1:{_served_port(port_file) if port_file is not None else 8001}"
     request = health_pb2.HealthCheckRequest(service=service)
     if tls or tls_ca or tls_cert or tls_key:
         channel = grpc.secure_channel(url, tls_credentials(tls_ca, tls_cert, tls_key))
@@ -430,6 +480,17 @@ def health(
             sys.exit(1)
     click.echo(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
     sys.exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
+
+
+def _served_port(port_file: Path) -> int:
+    """The gRPC port in a server's port file; exit 1 (unhealthy) while there is none."""
+    try:
+        return int(json.loads(port_file.read_text())["grpc_port"])
+    except FileNotFoundError:
+        click.echo(f"NOT_STARTED: no port file {port_file} yet (the server writes it once serving)")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        click.echo(f"UNKNOWN: cannot read the gRPC port from {port_file}: {e}")
+    sys.exit(1)
 
 
 from .bench import bench  # noqa: E402 - the load generator lives in its own module

@@ -9,11 +9,11 @@ inside the builders; a missing one only drops its variant.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from tensorgate.backends.base import BackendOptions
+
+from . import writelock
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +49,27 @@ datatype = "FP32"
 shape = [-1, 10]
 """
 
-SCORER_CONFIG = (
-    "# Core model: the same MLP in three frameworks. TorchScript carries no tensor names,\n"
-    "# so they are given here; the other variants read theirs from the model files.\n"
-    "max_batch_size = 0\n"
-    'default_variant = "torch"\n'
-    "\n" + MLP_TENSORS
-)
+#: The integer versions the scorer's variants also answer to, so that Triton's clients,
+#: which parse versions as integers, can pin them (``perf_analyzer -m scorer -x 3``).
+SCORER_VERSIONS = {"torch": 1, "tf": 2, "onnx": 3}
+
+
+def scorer_config(variants: tuple[str, ...] = tuple(SCORER_VERSIONS)) -> str:
+    """The scorer's config.toml for the variants written (a framework may be missing)."""
+    text = (
+        "# Core model: the same MLP in three frameworks. TorchScript carries no tensor names,\n"
+        "# so they are given here; the other variants read theirs from the model files.\n"
+        "max_batch_size = 0\n"
+        + ('default_variant = "torch"\n' if "torch" in variants else "")
+        + "\n"
+        + MLP_TENSORS
+    )
+    for name in variants:
+        text += f"\n[variants.{name}]\nversion = {SCORER_VERSIONS[name]}\n"
+    return text
+
+
+SCORER_CONFIG = scorer_config()
 
 _COMPLETE = ".complete"
 
@@ -398,47 +414,99 @@ def import_tensorflow() -> Any:
 def write_demo_repository(root: Path) -> Path:
     """Write the demo model repository at ``root`` and return ``root``.
 
-    Idempotent: returns at once when ``root/.complete`` exists. The repository is built in a
-    sibling temporary directory and renamed into place, so a server never sees half of it.
-    ``root`` may be absent or an empty directory; anything else is refused. A variant whose
-    framework is not installed is skipped with a warning.
+    Idempotent: returns at once when ``root/.complete`` exists. ``root`` may be absent or an
+    empty directory (``lost+found`` aside), a mount point whose parent is read-only
+    included; anything else is refused. The files are written in place under the
+    repository's write lock (``server/writelock.py``), so a server never reads half of
+    them, and a second writer waits for the first. A write that was interrupted (the
+    process killed) is cleared and done again. Directories are made 0755 and files 0644
+    whatever the umask: the repository is meant to be served by other uids. A variant
+    whose framework is not installed is skipped with a warning.
     """
     root = Path(root)
     if (root / _COMPLETE).exists():
         return root
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise _occupied(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
+    created = not root.exists()
+    foreign: list[str] = []
     try:
-        _write_demo(staging)
-        (staging / _COMPLETE).write_text("tensorgate demo repository\n")
-        try:
-            # rename() atomically replaces an absent or empty directory, nothing else.
-            staging.rename(root)
-        except OSError as exc:
-            if (root / _COMPLETE).exists():  # another process finished first
-                return root
-            raise _occupied(root) from exc
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    logger.info("wrote the demo model repository to %s", root)
+        root.mkdir(parents=True, exist_ok=True)
+        with writelock.holding(root) as interrupted:
+            if not (root / _COMPLETE).exists():  # else another writer finished meanwhile
+                foreign = _foreign_entries(root, interrupted)
+                if not foreign:
+                    if interrupted:
+                        logger.warning("clearing the interrupted demo write in %s", root)
+                        _clear_demo(root)
+                    _write_demo(root)
+                    _make_readable(root, include_root=created)
+                    complete = root / _COMPLETE
+                    complete.write_text("tensorgate demo repository\n")
+                    complete.chmod(0o644)
+                    logger.info("wrote the demo model repository to %s", root)
+    except OSError as exc:
+        raise _unwritable(root, exc) from exc
+    if foreign:
+        raise FileExistsError(
+            f"cannot write the demo repository to {root}: it holds other files "
+            f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}) and no complete "
+            "demo; give an empty or absent directory, or choose another path"
+        )
     return root
 
 
-def _occupied(root: Path) -> FileExistsError:
-    return FileExistsError(
-        f"cannot write the demo repository to {root}: it exists and is neither empty nor a "
-        "complete demo; remove it or choose another path"
+def _unwritable(root: Path, exc: OSError) -> OSError:
+    where = f": {exc.filename}" if exc.filename else ""
+    message = f"cannot write the demo repository to {root}: {exc.strerror or exc}{where}"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        message += (
+            f"; give a directory that uid {os.getuid()} can write, or an absent one whose "
+            "parent it can write"
+        )
+    return OSError(exc.errno, message)  # the subclass for the errno: PermissionError, ...
+
+
+#: What the demo writes at the top of its directory (besides ``.complete``).
+_DEMO_ENTRIES = ("scorer", "detector")
+
+
+def _foreign_entries(root: Path, interrupted: bool) -> list[str]:
+    """Entries of ``root`` that the demo writer must not touch: everything but the lock
+    files and ``lost+found`` (a fresh ext4 volume's), and after an interrupted write, but
+    what that write left."""
+    ours = {_COMPLETE, "lost+found", *(_DEMO_ENTRIES if interrupted else ())}
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if p.name not in ours and not p.name.startswith(writelock.LOCK_FILE)
     )
+
+
+def _clear_demo(root: Path) -> None:
+    for name in _DEMO_ENTRIES:
+        path = root / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _make_readable(root: Path, include_root: bool) -> None:
+    """Directories 0755, files 0644, below ``root`` (and ``root`` itself when this writer
+    created it: an existing directory's mode, a mount point's say, is its owner's)."""
+    if include_root:
+        root.chmod(0o755)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o755)
+        for name in filenames:
+            if not name.startswith(writelock.LOCK_FILE):
+                os.chmod(os.path.join(dirpath, name), 0o644)
 
 
 def _write_demo(root: Path) -> None:
     weights = mlp_weights()
     scorer = root / "scorer"
     scorer.mkdir(parents=True)
-    (scorer / "config.toml").write_text(SCORER_CONFIG)
     builders: list[tuple[str, Callable[[], Path]]] = [
         ("scorer/torch", lambda: build_mlp_torchscript(scorer / "torch" / "model.pt", weights)),
         (
@@ -457,7 +525,5 @@ def _write_demo(root: Path) -> None:
         except ImportError as exc:
             logger.warning("demo variant %s skipped: %s is not installed", variant, exc.name)
             shutil.rmtree(root / variant, ignore_errors=True)
-    if not (scorer / "torch").exists():
-        # Without PyTorch there is no "torch" variant to be the default.
-        config = scorer / "config.toml"
-        config.write_text(config.read_text().replace('default_variant = "torch"\n', ""))
+    written = tuple(name for name in SCORER_VERSIONS if (scorer / name).exists())
+    (scorer / "config.toml").write_text(scorer_config(written))

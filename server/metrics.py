@@ -171,6 +171,20 @@ class Trace:
     timings: Timings = field(default_factory=Timings)
     # (from variant, to variant, reason) for each hand-over to a fallback variant.
     fallbacks: list[tuple[str, str, str]] = field(default_factory=list)
+    _encode_start: float = 0.0
+
+    def decoded(self) -> None:
+        """The request is decoded: the time so far was decode."""
+        self.decode = time.perf_counter() - self.start
+
+    def encoding(self) -> None:
+        """The reply's encoding starts now."""
+        self._encode_start = time.perf_counter()
+
+    def finished(self) -> None:
+        """The reply is encoded: the call ends now."""
+        self.end = time.perf_counter()
+        self.encode = self.end - self._encode_start if self._encode_start else 0.0
 
     @property
     def labels(self) -> tuple[str, str, str]:

@@ -8,6 +8,7 @@ loaded half-written. Loads go through ``Repository.load`` like the RPCs do: the 
 is built before it replaces the old one, and new files that fail keep the old version
 serving (RepositoryIndex says why). A model unloaded by RPC stays unloaded until its files
 change. Hidden files and directories (``.name``) are ignored, like editors' swap files.
+While a writer holds the repository's write lock (``writelock.py``) no round runs.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from .errors import TensorgateError
-from .repository import Repository
+from tensorgate.errors import TensorgateError
+
+from .repository import Repository, walk_tree
+from .writelock import WriteState, write_state
 
 log = logging.getLogger(__name__)
 
@@ -31,24 +34,15 @@ def fingerprint(directory: Path, root: Path) -> Fingerprint:
     """(relative path, symlink target or "", size, mtime in ns) of every file and directory
     under ``directory``, following symlinks only while they stay inside ``root``."""
     entries: list[tuple[str, str, int, int]] = []
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen or not Path(real).is_relative_to(root):
-            dirnames[:] = []
+    for path in walk_tree(directory, root):
+        target = os.readlink(path) if os.path.islink(path) else ""
+        try:
+            st = os.stat(path)
+        except OSError:  # a dangling symlink, or removed while we looked
+            entries.append((os.path.relpath(path, directory), target, -1, -1))
             continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in [*dirnames, *sorted(f for f in filenames if not f.startswith("."))]:
-            path = os.path.join(dirpath, name)
-            target = os.readlink(path) if os.path.islink(path) else ""
-            try:
-                st = os.stat(path)
-            except OSError:  # a dangling symlink, or removed while we looked
-                entries.append((os.path.relpath(path, directory), target, -1, -1))
-                continue
-            size = st.st_size if not os.path.isdir(path) else 0
-            entries.append((os.path.relpath(path, directory), target, size, st.st_mtime_ns))
+        size = st.st_size if not os.path.isdir(path) else 0
+        entries.append((os.path.relpath(path, directory), target, size, st.st_mtime_ns))
     return tuple(entries)
 
 
@@ -87,6 +81,10 @@ class RepositoryPoller:
         pending: dict[str, Fingerprint | None] = {}  # seen changed once, waiting to settle
         while True:
             await asyncio.sleep(self.interval)
+            state = write_state(self.repository.root)
+            if state is not WriteState.NONE:  # half-written files: look again when whole
+                log.debug("poll: skipped, the repository's write lock says %s", state)
+                continue
             try:
                 current = await asyncio.to_thread(self.snapshot)
             except TensorgateError as e:  # the repository directory itself went away

@@ -29,13 +29,22 @@ from tensorgate.backends import (
     detect,
 )
 from tensorgate.backends.isolated import IsolatedBackend
+from tensorgate.errors import (
+    ConfigError,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    TensorgateError,
+)
 
 from .config import ModelConfig, load_model_config
-from .errors import ConfigError, InvalidInput, ModelNotFound, TensorgateError
 from .metrics import Metrics
-from .router import RouteError, RoutePolicy, RouteState, policy_from_config, validate_policy
+from .router import RouteError, RoutePolicy, policy_from_config, validate_policy
 from .scheduler import BatchPolicy, Scheduler
 from .signature import ModelSignature, merge_signatures
+from .statistics import NAMED_VARIANTS_VERSION
+from .warmup import warm_up, warmup_inputs
+from .writelock import check_not_written
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +61,12 @@ class State(StrEnum):
     READY = "READY"
     UNAVAILABLE = "UNAVAILABLE"
     LOADING = "LOADING"
+
+
+def is_version(name: str) -> bool:
+    """Whether a variant name (or a ``model_version``) is an integer version: "3" is, "onnx"
+    is not. Triton's clients parse versions as integers."""
+    return name.isdigit()
 
 
 @dataclass
@@ -74,7 +89,7 @@ class Variant:
 
     @property
     def is_version(self) -> bool:
-        return self.name.isdigit()
+        return is_version(self.name)
 
 
 @dataclass
@@ -88,7 +103,8 @@ class Model:
     signature: ModelSignature | None = None
     reason: str = ""  # why the model as a whole failed
     policy: RoutePolicy = field(default_factory=RoutePolicy)  # [routing], validated
-    routing: RouteState | None = None  # live routing state (router.Router.state)
+    # Integer model_versions of named variants ([variants.NAME] version = N): "3" -> "onnx".
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
@@ -96,6 +112,42 @@ class Model:
 
     def ready_variants(self) -> Iterator[Variant]:
         return (v for v in self.variants.values() if v.ready)
+
+    def alias(self, variant: str) -> str | None:
+        """The integer version a named variant also answers to, if config.toml gives one."""
+        return next((a for a, v in self.aliases.items() if v == variant), None)
+
+    def pinnable_versions(self) -> list[str]:
+        """Every ``model_version`` that pins a ready variant: names, then integer aliases."""
+        return [name for v in self.ready_variants() for name in self.versions(v.name)]
+
+    def integer_versions(self, variant: Variant | None = None) -> list[int]:
+        """The integer versions (directories and aliases) a Triton client may pin: of
+        ``variant``, or of every ready variant."""
+        served = [variant] if variant is not None else list(self.ready_variants())
+        return [int(n) for v in served for n in self.versions(v.name) if is_version(n)]
+
+    def statistics_versions(self) -> dict[str, tuple[str, ...]]:
+        """What an unpinned ModelStatistics lists, {version: the variants it sums}: integer
+        versions and aliased variants (under their integer) one by one, and the other
+        named variants together under version "0" (Triton's clients parse versions as
+        integers)."""
+        versions: dict[str, tuple[str, ...]] = {}
+        named: list[str] = []
+        for name in self.variants:
+            alias = name if is_version(name) else self.alias(name)
+            if alias is None:
+                named.append(name)
+            else:
+                versions[alias] = (name,)
+        if named:
+            versions[NAMED_VARIANTS_VERSION] = tuple(named)
+        return versions
+
+    def versions(self, variant: str) -> list[str]:
+        """Every ``model_version`` that pins ``variant``: its name, then its alias."""
+        alias = self.alias(variant)
+        return [variant] if alias is None else [variant, alias]
 
     def default_variant(self) -> Variant | None:
         """Where an unpinned request goes while no routing is configured: the config's
@@ -106,6 +158,21 @@ class Model:
             if v is not None and v.ready:
                 return v
         return next(self.ready_variants(), None)
+
+    @property
+    def shadow_limit(self) -> int:
+        """Mirrored requests a shadow variant may hold at once: half its queue, so that
+        mirrors can never crowd out the requests it serves itself."""
+        return self.config.instances.max_queue_size // 2
+
+    def variant(self, version: str) -> Variant:
+        """The variant a request's ``model_version`` pins: the variant of that name, or the
+        one whose ``[variants.NAME] version`` is that integer. The one place an alias is
+        resolved. Raises ModelNotFound when neither exists."""
+        v = self.variants.get(version) or self.variants.get(self.aliases.get(version, ""))
+        if v is None:
+            raise ModelNotFound(self.name, version)
+        return v
 
     @property
     def platform(self) -> str:
@@ -119,6 +186,13 @@ class Model:
         return v.backend_name if v is not None else ""
 
 
+def _setting(config: ModelConfig, variant: str, attr: str):
+    """A variant's setting: its ``[variants.NAME]`` value over the model-wide one."""
+    vcfg = config.variants.get(variant)
+    value = getattr(vcfg, attr) if vcfg is not None else None
+    return value if value is not None else getattr(config, attr)
+
+
 def _batch_policy(config: ModelConfig) -> BatchPolicy | None:
     b = config.batching
     if b is None:
@@ -130,10 +204,58 @@ def _batch_policy(config: ModelConfig) -> BatchPolicy | None:
     )
 
 
+def _aliases(model: Model, names: list[str]) -> dict[str, str]:
+    """``{"3": "onnx"}`` from the ``[variants.NAME] version = N`` fields. Raises ConfigError
+    naming both variants when a version is given twice or is a variant directory's name."""
+    where = model.directory / "config.toml"
+    aliases: dict[str, str] = {}
+    for vname, vcfg in model.config.variants.items():
+        if vcfg.version is None:
+            continue
+        alias = str(vcfg.version)
+        if is_version(vname):
+            raise ConfigError(
+                f"{where}: field 'variants.{vname}.version': variant '{vname}' is an integer "
+                "version already; only named variants take a version, remove the field"
+            )
+        if alias in names:
+            raise ConfigError(
+                f"{where}: field 'variants.{vname}.version': version {alias} of variant "
+                f"'{vname}' is also variant directory '{alias}' ({model.name}/{alias}/); give "
+                f"'{vname}' another version or rename the directory"
+            )
+        if alias in aliases:
+            raise ConfigError(
+                f"{where}: field 'variants.{vname}.version': version {alias} is given to both "
+                f"variant '{aliases[alias]}' and variant '{vname}'; give each its own version"
+            )
+        aliases[alias] = vname
+    return aliases
+
+
 def variant_order(names: list[str]) -> list[str]:
     """Integer versions newest first, then other names alphabetically."""
-    versions = sorted((n for n in names if n.isdigit()), key=int, reverse=True)
-    return versions + sorted(n for n in names if not n.isdigit())
+    versions = sorted((n for n in names if is_version(n)), key=int, reverse=True)
+    return versions + sorted(n for n in names if not is_version(n))
+
+
+def walk_tree(directory: Path, root: Path, *, hidden: bool = False) -> Iterator[str]:
+    """Every directory and file under ``directory``, in sorted order, following symlinks:
+    each real directory is entered once (link cycles end), and never one outside ``root``
+    (it is listed, not entered). Names starting with "." are left out unless ``hidden``.
+    The one walk of a model's files: for escaping symlinks (``outside_root``) and for the
+    poller's change detection (``polling.fingerprint``)."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen or not Path(real).is_relative_to(root):
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if hidden or not d.startswith("."))
+        files = sorted(f for f in filenames if hidden or not f.startswith("."))
+        for name in (*dirnames, *files):
+            yield os.path.join(dirpath, name)
 
 
 def check_model_name(name: str) -> str:
@@ -153,12 +275,19 @@ class Repository:
         self.root = root.resolve()
         self.metrics = metrics
         self.models: dict[str, Model] = {}
+        # Models on disk being loaded for the first time: asked for, they answer
+        # UNAVAILABLE "loading" (retry), not NOT_FOUND (a model that does not exist).
+        self.loading: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
 
     # -- lookup -------------------------------------------------------------------------
     def get(self, name: str) -> Model:
+        """The loaded model ``name``. Raises ModelNotFound, or ModelNotReady while a model
+        of that name is being loaded for the first time."""
         model = self.models.get(name)
         if model is None:
+            if name in self.loading:
+                raise ModelNotReady(f"model '{name}' is loading; retry shortly")
             raise ModelNotFound(name)
         return model
 
@@ -183,38 +312,39 @@ class Repository:
     def outside_root(self, directory: Path) -> Path | None:
         """The first file or directory under ``directory`` that resolves outside the root
         (a symlink escaping it), or None. Symlinks that stay inside the root are fine."""
-        seen: set[str] = set()
-        for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-            real = os.path.realpath(dirpath)
-            if not Path(real).is_relative_to(self.root):
-                return Path(dirpath)
-            if real in seen:  # a link cycle, or two links to one directory
-                dirnames[:] = []
-                continue
-            seen.add(real)
-            for f in filenames:
-                if not Path(os.path.realpath(os.path.join(dirpath, f))).is_relative_to(self.root):
-                    return Path(dirpath, f)
+        for path in walk_tree(directory, self.root, hidden=True):
+            if not Path(os.path.realpath(path)).is_relative_to(self.root):
+                return Path(path)
         return None
 
     # -- load / unload ------------------------------------------------------------------
     async def load_all(self) -> None:
-        for name in self.scan():
+        names = self.scan()
+        self.loading.update(names)
+        for name in names:
             try:
                 await self.load(name)
             except TensorgateError as e:  # e.g. a directory linked from outside the root
                 log.error("model %s: %s", name, e)
                 self.models[name] = Model(name, self.root / name, reason=str(e))
+            finally:
+                self.loading.discard(name)
 
     async def load(self, name: str) -> Model:
         """(Re)load model ``name`` from disk. Failures are recorded on the model (not raised)
         unless the directory does not exist. The previous version keeps serving until the
         new one is ready; if the new one fails entirely, the old one stays."""
         directory = self.model_dir(name)
+        check_not_written(self.root)  # a writer holds the repository: half its files
         if not directory.is_dir():
             raise ModelNotFound(name)
         async with self._locks.setdefault(name, asyncio.Lock()):
-            model = await self._build(name, directory)
+            if name not in self.models:
+                self.loading.add(name)
+            try:
+                model = await self._build(name, directory)
+            finally:
+                self.loading.discard(name)
             old = self.models.get(name)
             # A reload must not lose what serves: if the new files fail as a whole, or fail
             # for a variant that serves now, the loaded version stays, and says why.
@@ -233,9 +363,6 @@ class Repository:
                 raise ReloadRefused(
                     f"model '{name}' was not reloaded, the loaded version keeps serving: {why}"
                 )
-            for v in model.variants.values():
-                if v.scheduler is not None:
-                    v.scheduler.start()
             self.models[name] = model
             self._export_ready(model)
             if old is not None:
@@ -261,19 +388,26 @@ class Repository:
             v.reason = v.reason or "unloaded"
         in_process = False
         for v in model.variants.values():
-            if v.scheduler is not None:
-                await v.scheduler.close()
-            if v.backend is not None:
-                backend, v.backend = v.backend, None
-                await asyncio.to_thread(backend.unload)
-                in_process |= not isinstance(backend, IsolatedBackend)
-                del backend
+            in_process |= await self._stop(v)
         if in_process and collect:
             # A loaded SavedModel is a web of reference cycles that only a full collection
             # frees; left to the automatic one, RSS climbed ~120 KiB per reload, in a
             # sawtooth (docs/reliability.md). One pause per unload (~150 ms with TensorFlow
             # and torch imported, a few ms without) keeps it flat.
             await asyncio.to_thread(gc.collect)
+
+    @staticmethod
+    async def _stop(v: Variant) -> bool:
+        """Stop a variant's scheduler and unload its backend. Returns whether the backend
+        ran in this process (its memory is ours to collect)."""
+        if v.scheduler is not None:
+            scheduler, v.scheduler = v.scheduler, None
+            await scheduler.close()
+        if v.backend is None:
+            return False
+        backend, v.backend = v.backend, None
+        await asyncio.to_thread(backend.unload)
+        return not isinstance(backend, IsolatedBackend)
 
     def _export_ready(self, model: Model, gone: bool = False) -> None:
         for v in model.variants.values():
@@ -306,10 +440,14 @@ class Repository:
         if not signatures:
             model.reason = model.reason or "no variant could be loaded"
             return model
+        warmup = model.config.warmup
+        samples = None
         try:
             model.signature, bound = merge_signatures(name, model.config, signatures)
             for vname, sig in bound.items():
                 model.variants[vname].backend.bind(sig)  # type: ignore[union-attr]
+            if warmup is not None and warmup.requests > 0:
+                samples = warmup_inputs(name, directory, warmup, model.signature)
         except (TensorgateError, BackendError) as e:
             model.reason = str(e)
             log.error("%s", e)
@@ -327,7 +465,23 @@ class Repository:
                 max_queue_size=model.config.instances.max_queue_size,
                 batching=_batch_policy(model.config),
                 on_queue_change=self.metrics.queued.labels(name, vname, v.backend_name).set,
+                # A GPU execution waits on its device: never on the event loop.
+                may_inline=_setting(model.config, vname, "device") == "cpu",
             )
+            v.scheduler.start()
+            if samples is not None:
+                assert warmup is not None
+                try:
+                    await warm_up(v.scheduler, samples, warmup.requests)
+                except TensorgateError as e:
+                    v.state = State.UNAVAILABLE
+                    v.reason = (
+                        f"warmup failed ({warmup.requests} request(s) of {warmup.data} data, "
+                        f"batch_size {warmup.batch_size}): {e}"
+                    )
+                    log.error("model %s variant %s: %s", name, vname, v.reason)
+                    await self._stop(v)
+                    continue
             v.state = State.READY
         log.info(
             "model %s ready: %s",
@@ -354,6 +508,7 @@ class Repository:
                 f"{model.directory / 'config.toml'}: field 'default_variant': no variant "
                 f"'{cfg.default_variant}'; variants are {sorted(names)}"
             )
+        model.aliases = _aliases(model, names)
         try:
             model.policy = validate_policy(policy_from_config(cfg.routing), names)
         except RouteError as e:
@@ -410,11 +565,9 @@ class Repository:
     def _load_variant(self, model: Model, v: Variant) -> Signature:
         """Runs in a worker thread."""
         cfg = model.config
-        vcfg = cfg.variants.get(v.name)
 
-        def pick(attr: str):  # variant setting over model-wide setting
-            value = getattr(vcfg, attr) if vcfg is not None else None
-            return value if value is not None else getattr(cfg, attr)
+        def pick(attr: str):
+            return _setting(cfg, v.name, attr)
 
         if v.state is State.UNAVAILABLE:  # nothing to load (reason already recorded)
             raise BackendError(v.reason)

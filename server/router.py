@@ -18,32 +18,52 @@ unit-tested without a server (``tests/test_routing.py``):
 - **Shadow**: a fraction of requests is mirrored to other variants after the reply, and the
   outputs compared (``compare_outputs``).
 
-The pipeline executes a ``Plan``; this module decides it. Run-time state (the current
-policy, breakers, counters) lives in a ``RouteState`` on each loaded model, touched only
-from the event loop.
+``Router.infer`` owns a request's whole route: it plans it under one policy snapshot, runs
+the attempts through the variants' schedulers, and mirrors it to shadows after the reply.
+Run-time state (the current policy, breakers, counters) is the router's own: a
+``RouteState`` per loaded model, touched only from the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import math
 import random
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-from .errors import ModelNotFound, ModelNotReady
-from .types import InferenceRequest
+from tensorgate.errors import (
+    BackendFailed,
+    DeadlineExceeded,
+    ModelNotReady,
+    Overloaded,
+    TensorgateError,
+    Unavailable,
+)
+from tensorgate.inference import InferenceRequest
 
-if TYPE_CHECKING:
-    from .config import RoutingConfig
-    from .repository import Model
+from .config import RoutingConfig
+from .metrics import Metrics
+from .scheduler import Retired, Timings
+
+log = logging.getLogger(__name__)
+
+#: Mirrored requests in flight per shadow variant, at most (and at most half its queue).
+SHADOW_MAX_INFLIGHT = 32
+#: Outputs larger than this (elements) are compared off the event loop.
+SHADOW_INLINE_ELEMENTS = 1 << 16
+#: A shadow whose worst difference grows beyond this is logged as a warning.
+SHADOW_LOG_ABOVE = 1e-4
 
 DEFAULT_BREAKER_FAILURES = 5
 DEFAULT_BREAKER_COOLDOWN_S = 10.0
@@ -445,17 +465,15 @@ class ShadowStats:
 
 class RouteState:
     """The live routing of one loaded model: its policy (replaced whole by the admin API),
-    a breaker and counters per variant. A reload builds a new one from config.toml."""
+    a breaker and counters per variant. A reload starts a new one from config.toml."""
 
     def __init__(
         self,
-        model: str,
         variants: Iterable[str],
         policy: RoutePolicy,
         clock: Callable[[], float] = time.monotonic,
         on_circuit_change: Callable[[str, CircuitState], None] | None = None,
     ) -> None:
-        self.model = model
         self.policy = policy
         self.overridden = False  # changed at run time since the model loaded
         self.breakers: dict[str, CircuitBreaker] = {}
@@ -472,7 +490,8 @@ class RouteState:
         self.shadow_inflight: dict[str, int] = {}
 
     def set_policy(self, policy: RoutePolicy) -> None:
-        """Swap in a validated policy. Requests already routed keep their plan."""
+        """Swap in a validated policy. Requests already routed finish under the one they
+        were planned with (``Plan.policy``)."""
         self.policy = policy
         self.overridden = True
         for breaker in self.breakers.values():
@@ -487,13 +506,70 @@ def _bind(fn: Callable[[str, CircuitState], None], variant: str) -> Callable[[Ci
     return lambda state: fn(variant, state)
 
 
+# --- what the router routes over ----------------------------------------------------------
+
+
+class Submit(Protocol):
+    """A variant's scheduler, as the router uses it (``scheduler.Scheduler``)."""
+
+    def submit(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None,
+        deadline: float | None,
+        timings: Timings,
+    ) -> Awaitable[dict[str, np.ndarray]]: ...
+
+
+class RoutedVariant(Protocol):
+    """What the router reads of one variant (``repository.Variant``)."""
+
+    name: str
+    backend_name: str
+    reason: str
+    scheduler: Submit | None
+
+    @property
+    def ready(self) -> bool: ...
+
+
+class RoutedModel(Protocol):
+    """What the router reads of one loaded model (``repository.Model``). A reload makes a
+    new object, and with it new route state."""
+
+    name: str
+    policy: RoutePolicy  # from config.toml, validated at load
+
+    @property
+    def variants(self) -> Mapping[str, RoutedVariant]: ...
+
+    @property
+    def shadow_limit(self) -> int: ...
+
+    def default_variant(self) -> RoutedVariant | None: ...
+
+    # The variant a model_version pins (its name or integer alias); raises ModelNotFound.
+    def variant(self, version: str) -> RoutedVariant: ...
+
+
+class Attempts(Protocol):
+    """Where the router records what a request went through (``metrics.Trace``)."""
+
+    variant: str
+    backend: str
+    timings: Timings
+    fallbacks: list[tuple[str, str, str]]
+
+
 @dataclass(frozen=True)
 class Plan:
-    """Where one request goes: ``primary`` first, then ``fallbacks`` in order."""
+    """Where one request goes: ``primary`` first, then ``fallbacks`` in order, all under
+    the one ``policy`` it was planned with."""
 
     primary: str
     fallbacks: tuple[str, ...] = ()
     pinned: bool = False
+    policy: RoutePolicy = field(default_factory=RoutePolicy)
 
     @property
     def candidates(self) -> tuple[str, ...]:
@@ -501,45 +577,58 @@ class Plan:
 
 
 class Router:
-    """Plans requests and picks shadows. ``rng`` and ``clock`` are injected so that tests
-    can make every decision deterministic; ``on_circuit_change(model, variant, backend,
-    state)`` is told of every breaker transition (the gateway exports it as a metric)."""
+    """Routes requests: plans them, runs the plan's attempts through the variants'
+    schedulers (fallback, circuit breakers, attempt timeouts), and mirrors them to shadows.
+
+    ``rng`` and ``clock`` are injected so that tests can make every decision deterministic;
+    ``on_circuit_change(model, variant, backend, state)`` is told of every breaker
+    transition, and ``metrics`` receives the shadow comparisons (both exported by the
+    gateway). Route state is the router's own, one ``RouteState`` per loaded model; it is
+    touched only from the event loop.
+    """
 
     def __init__(
         self,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_circuit_change: Callable[[str, str, str, CircuitState], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._rng = rng if rng is not None else random.Random()
         self._clock = clock
         self._on_circuit_change = on_circuit_change
+        self._metrics = metrics
+        # model name -> (the loaded model object, its state). A reload replaces the object,
+        # so its state starts afresh from the new config.toml.
+        self._states: dict[str, tuple[weakref.ref[RoutedModel], RouteState]] = {}
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
 
-    def state(self, model: Model) -> RouteState:
+    def state(self, model: RoutedModel) -> RouteState:
         """The model's routing state, created from its config on first use."""
-        if model.routing is None:
-            notify = self._on_circuit_change
-            backends = {v.name: v.backend_name for v in model.variants.values()}
+        entry = self._states.get(model.name)
+        if entry is not None and entry[0]() is model:
+            return entry[1]
+        notify = self._on_circuit_change
+        backends = {v.name: v.backend_name for v in model.variants.values()}
+        name = model.name
 
-            def changed(variant: str, state: CircuitState) -> None:
-                if notify is not None:
-                    notify(model.name, variant, backends[variant], state)
+        def changed(variant: str, state: CircuitState) -> None:
+            if notify is not None:
+                notify(name, variant, backends[variant], state)
 
-            model.routing = RouteState(
-                model.name, list(model.variants), model.policy, self._clock, changed
-            )
-            for name in model.variants:
-                changed(name, CircuitState.CLOSED)
-        return model.routing
+        state = RouteState(list(model.variants), model.policy, self._clock, changed)
+        self._states[name] = (weakref.ref(model), state)
+        for variant in model.variants:
+            changed(variant, CircuitState.CLOSED)
+        return state
 
-    def plan(self, model: Model, request: InferenceRequest) -> Plan:
-        """Where ``request`` goes. Raises ModelNotFound for an unknown pinned version and
-        ModelNotReady when the model has no weights and no ready variant."""
-        if request.version:
-            if request.version not in model.variants:
-                raise ModelNotFound(model.name, request.version)
-            return Plan(request.version, (), pinned=True)
+    def plan(self, model: RoutedModel, request: InferenceRequest) -> Plan:
+        """Where ``request`` goes, under the model's current policy. Raises ModelNotFound
+        for an unknown pinned version and ModelNotReady when the model has no weights and
+        no ready variant."""
         policy = self.state(model).policy
+        if request.version:
+            return Plan(model.variant(request.version).name, (), pinned=True, policy=policy)
         if policy.weighted:
             key = routing_key(request, policy.sticky_key)
             primary = choose_variant(policy.weights, key, self._rng, salt=model.name)
@@ -548,7 +637,7 @@ class Router:
             if default is None:
                 raise ModelNotReady(f"model '{model.name}' has no ready variant")
             primary = default.name
-        return Plan(primary, policy.fallbacks_for(primary))
+        return Plan(primary, policy.fallbacks_for(primary), policy=policy)
 
     def shadows(self, policy: RoutePolicy, served: str) -> tuple[str, ...]:
         """The variants to mirror a request served by ``served`` to: all of the policy's
@@ -558,6 +647,207 @@ class Router:
         if shadow is None or shadow.fraction <= 0 or self._rng.random() >= shadow.fraction:
             return ()
         return tuple(v for v in shadow.variants if v != served)
+
+    async def infer(
+        self,
+        model: RoutedModel,
+        request: InferenceRequest,
+        inputs: Mapping[str, np.ndarray],
+        wanted: Sequence[str] | None,
+        deadline: float | None,
+        attempts: Attempts,
+    ) -> tuple[str, dict[str, np.ndarray]]:
+        """Serve validated ``inputs``: plan, try the plan's variants in order until one
+        answers, then mirror to shadows. Returns (the variant that served, its outputs).
+
+        ``attempts`` names the last variant tried and records each hand-over. Raises the
+        last variant's error (its message lists what happened before), DeadlineExceeded
+        when no time is left to fall back, ModelNotFound / ModelNotReady from planning, and
+        ``Retired`` untouched (the model was unloaded or replaced under the request).
+        Invalid input, cancellation and an expired deadline are never retried."""
+        plan = self.plan(model, request)
+        state = self.state(model)
+        candidates = plan.candidates
+        earlier: list[str] = []
+        for i, name in enumerate(candidates):
+            last = i == len(candidates) - 1
+            variant = model.variants[name]
+            attempts.variant, attempts.backend = name, variant.backend_name
+            breaker = state.breakers[name]
+            error: TensorgateError
+            scheduler = variant.scheduler
+            if not variant.ready or scheduler is None:
+                reason = "not_ready"
+                error = ModelNotReady(
+                    f"model '{model.name}' version '{name}' is not ready: "
+                    f"{variant.reason or 'not loaded'}"
+                )
+            elif not last and not breaker.allow():
+                # An open circuit only diverts traffic when there is somewhere to go: the
+                # last candidate is always tried, since a likely failure beats a certain one.
+                reason = "circuit_open"
+                error = Unavailable(
+                    f"variant {model.name}/{name}: circuit open after "
+                    f"{breaker.consecutive_failures} consecutive failures, next probe in "
+                    f"{breaker.retry_in():.1f} s"
+                )
+            else:
+                asked = not last  # allow() was called: an outcome must be reported
+                if i > 0 and deadline is not None and time.monotonic() >= deadline:
+                    if asked:
+                        breaker.release()
+                    raise DeadlineExceeded(
+                        f"model '{model.name}': the deadline passed before fallback variant "
+                        f"'{name}' could be tried; {'; '.join(earlier)}"
+                    )
+                attempt = scheduler.submit(inputs, wanted, deadline, attempts.timings)
+                limit = None if last else plan.policy.attempt_timeout_s
+                try:
+                    outputs = await (
+                        asyncio.wait_for(attempt, limit) if limit is not None else attempt
+                    )
+                except TimeoutError:
+                    # Only our own attempt limit raises this: the caller's deadline is the
+                    # scheduler's (DeadlineExceeded). Cancelling the attempt frees its queue
+                    # slot, or lets its result be dropped if it is computing.
+                    breaker.failure()
+                    state.counts[name].failed += 1
+                    reason = "timeout"
+                    error = Unavailable(
+                        f"variant {model.name}/{name} did not answer within the "
+                        f"{limit * 1e3:g} ms attempt timeout"
+                    )
+                except (BackendFailed, Unavailable) as e:
+                    if isinstance(e, Retired):
+                        if asked:
+                            breaker.release()
+                        raise
+                    breaker.failure()
+                    state.counts[name].failed += 1
+                    reason, error = ("error" if isinstance(e, BackendFailed) else "unavailable"), e
+                except Overloaded as e:
+                    # A full queue says nothing about the variant's health: spill over to
+                    # the fallback without counting a failure.
+                    if asked:
+                        breaker.release()
+                    reason, error = "overloaded", e
+                except BaseException:
+                    if asked:
+                        breaker.release()
+                    raise
+                else:
+                    breaker.success()
+                    counts = state.counts[name]
+                    counts.served += 1
+                    counts.as_fallback += i > 0
+                    shadows = self.shadows(plan.policy, name)
+                    if shadows:
+                        self._mirror(model, state, name, shadows, inputs, wanted, outputs)
+                    return name, outputs
+            if last:
+                if earlier:
+                    error.args = (f"{error}; before that: {'; '.join(earlier)}",)
+                raise error
+            attempts.fallbacks.append((name, candidates[i + 1], reason))
+            earlier.append(f"{name}: {reason}: {error}")
+        raise AssertionError("unreachable")
+
+    # -- shadows -----------------------------------------------------------------------------
+    def _mirror(
+        self,
+        model: RoutedModel,
+        state: RouteState,
+        served: str,
+        shadows: tuple[str, ...],
+        inputs: Mapping[str, np.ndarray],
+        wanted: Sequence[str] | None,
+        outputs: dict[str, np.ndarray],
+    ) -> None:
+        """Send the request to each shadow variant in the background, after the reply."""
+        for name in shadows:
+            task = asyncio.create_task(
+                self._shadow(model, state, served, name, inputs, wanted, outputs),
+                name=f"shadow-{model.name}-{name}",
+            )
+            self._shadow_tasks.add(task)  # keep a reference until it finishes
+            task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow(
+        self,
+        model: RoutedModel,
+        state: RouteState,
+        served: str,
+        name: str,
+        inputs: Mapping[str, np.ndarray],
+        wanted: Sequence[str] | None,
+        outputs: dict[str, np.ndarray],
+    ) -> None:
+        """Run one mirrored request and compare; never raises (no caller is waiting)."""
+        stats = state.shadow(served, name)
+        m = self._metrics
+        labels = (model.name, served, name)
+        variant = model.variants.get(name)
+        # Mirrors may take at most half of the shadow's queue, so that they can never
+        # crowd out the requests that variant serves itself.
+        limit = max(1, min(SHADOW_MAX_INFLIGHT, model.shadow_limit))
+        scheduler = variant.scheduler if variant is not None else None
+        if (
+            variant is None
+            or scheduler is None
+            or not variant.ready
+            or state.shadow_inflight.get(name, 0) >= limit
+        ):
+            stats.dropped += 1
+            if m is not None:
+                m.shadow_requests.labels(*labels, "dropped").inc()
+            return
+        state.shadow_inflight[name] = state.shadow_inflight.get(name, 0) + 1
+        try:
+            result = await scheduler.submit(inputs, wanted, None, Timings())
+            if sum(a.size for a in outputs.values()) > SHADOW_INLINE_ELEMENTS:
+                divergence = await asyncio.to_thread(compare_outputs, outputs, result)
+            else:
+                divergence = compare_outputs(outputs, result)
+        except (Overloaded, Unavailable):
+            stats.dropped += 1
+            if m is not None:
+                m.shadow_requests.labels(*labels, "dropped").inc()
+            return
+        except Exception as e:
+            stats.failed += 1
+            if m is not None:
+                m.shadow_requests.labels(*labels, "failed").inc()
+            log.debug("shadow %s/%s failed: %s", model.name, name, e)
+            return
+        finally:
+            state.shadow_inflight[name] -= 1
+        diff = divergence.max_abs_diff
+        stats.compared += 1
+        stats.argmax_rows += divergence.argmax_rows
+        stats.argmax_agree += divergence.argmax_agree
+        if m is not None:
+            m.shadow_requests.labels(*labels, "compared").inc()
+            m.shadow_max_abs_diff.labels(*labels).observe(diff)
+            if divergence.argmax_rows:
+                m.shadow_argmax_agreement.labels(*labels, "true").inc(divergence.argmax_agree)
+                m.shadow_argmax_agreement.labels(*labels, "false").inc(
+                    divergence.argmax_rows - divergence.argmax_agree
+                )
+        if diff > stats.worst_abs_diff:
+            stats.worst_abs_diff = diff
+            # Logged only when a pair's worst case grows, so the log stays short.
+            log.log(
+                logging.WARNING if diff > SHADOW_LOG_ABOVE else logging.DEBUG,
+                "shadow %s/%s differs from %s by up to %.3g (output '%s', arg-max agrees on "
+                "%d of %d rows): the largest difference of this pair so far",
+                model.name,
+                name,
+                served,
+                diff,
+                divergence.output,
+                divergence.argmax_agree,
+                divergence.argmax_rows,
+            )
 
 
 # --- shadow comparison -----------------------------------------------------------------

@@ -94,7 +94,7 @@ def render(routes) -> list[object]:
                 circuit += f" ({v.consecutive_failures} failures, probe in {v.next_probe_s:.1f} s)"
             weight = spec.weights.get(v.name)
             table.add_row(
-                v.name,
+                f"{v.name} (version {v.version})" if v.version else v.name,
                 v.backend,
                 "yes" if v.ready else "[red]no[/red]",
                 "-" if weight is None else f"{weight:g}",

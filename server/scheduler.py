@@ -23,23 +23,26 @@ import numpy as np
 
 from tensorgate.backends import Backend, BackendError
 from tensorgate.backends.base import BackendInputError, BackendUnreachable
-
-from .errors import BackendFailed, DeadlineExceeded, InvalidInput, Overloaded, Unavailable
+from tensorgate.errors import BackendFailed, DeadlineExceeded, InvalidInput, Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
 
-#: A single-instance variant whose executions take less than this runs them on the event
-#: loop thread instead of its pool: handing a call to a thread and back costs more CPU and
-#: GIL hand-overs under load (~0.3 ms per request at c=32, docs/benchmarks.md) than such a
-#: model computes (the demo MLP in ONNX Runtime: ~20 us alone, ~50 us inside the server).
-INLINE_BELOW_S = 100e-6
-#: ... and goes back to its pool when they take more than this (hysteresis: no flapping).
-INLINE_ABOVE_S = 200e-6
-#: Executions per estimate of a variant's compute time: their 25th percentile, which the
-#: GIL waits that lengthen some of the pool's timings under load leave alone.
+
+class Retired(Unavailable):
+    """The variant was unloaded (or replaced by a reload) before the request reached it:
+    no verdict on its health. The pipeline retries once on the model now loaded."""
+
+
+#: A single-instance CPU variant runs an execution on the event loop thread instead of its
+#: pool when it is expected to cost less than this: handing a call to a thread and back
+#: costs more CPU and GIL hand-overs under load (~0.3-0.4 ms per request at c=32,
+#: docs/benchmarks.md) than such a model computes (the demo MLP in ONNX Runtime: ~20 us).
+#: It also bounds how long one execution may hold the loop, where every other RPC waits.
+INLINE_BUDGET_S = 150e-6
+#: Executions per update of a variant's cost estimate, and before the first one (those
+#: run in the pool).
 INLINE_WINDOW = 32
-#: An inline execution slower than this sends the variant back to its pool at once.
-INLINE_ABORT_S = 1e-3
+INLINE_FIRST = 8
 
 
 @dataclass
@@ -93,6 +96,7 @@ class Scheduler:
         max_queue_size: int = 1024,
         batching: BatchPolicy | None = None,
         on_queue_change: Callable[[int], None] | None = None,
+        may_inline: bool = True,
     ) -> None:
         self._backend = backend
         self._name = name
@@ -106,11 +110,16 @@ class Scheduler:
         self._on_queue_change = on_queue_change
         self._closed = False
         self._active = 0  # requests taken off the queue and not yet answered
-        # Run tiny executions on the loop (see INLINE_BELOW_S); more instances ask for
-        # executions in parallel, which only the pool gives.
-        self._may_inline = instances == 1 and backend.may_run_inline
-        self._inline = False
-        self._durations: list[float] = []
+        # Run cheap executions on the loop (see INLINE_BUDGET_S); more instances ask for
+        # executions in parallel, which only the pool gives; a GPU variant waits on its
+        # device, which the loop must not.
+        self._may_inline = may_inline and instances == 1 and backend.may_run_inline
+        # CPU seconds per input element of a typical execution (None: not measured yet).
+        # Thread CPU time, not wall time: preemption on a shared machine and waits for the
+        # GIL (up to the 5 ms switch interval in a pool thread under load) do not count,
+        # so one unlucky execution cannot flip the variant between the loop and its pool.
+        self._cost_per_element: float | None = None
+        self._costs: list[float] = []
 
     def start(self) -> None:
         self._workers = [
@@ -133,13 +142,18 @@ class Scheduler:
         Unavailable (variant shutting down or unreachable), InvalidInput (the framework
         refused the input) or BackendFailed."""
         if self._closed:
-            raise Unavailable(f"variant {self._name} is unloading")
+            raise Retired(f"variant {self._name} is unloading")
         if len(self._pending) >= self._max_queue:
             raise Overloaded(
                 f"variant {self._name}: queue is full ({self._max_queue} requests waiting); "
                 "retry later or raise [instances] max_queue_size"
             )
-        if self._inline and self._batching is None and not self._pending and not self._active:
+        if (
+            self._batching is None
+            and not self._pending
+            and not self._active
+            and self._cheap(inputs)
+        ):
             return self._run_now(inputs, outputs, deadline, timings)
         loop = asyncio.get_running_loop()
         work = _Work(inputs, outputs, deadline, loop.create_future(), timings=timings)
@@ -243,19 +257,17 @@ class Scheduler:
             inputs = {
                 name: np.concatenate([w.inputs[name] for w in batch]) for name in first.inputs
             }
-        inline = self._inline
+        inline = self._cheap(inputs)
         # The batch is worth computing until its most patient caller's deadline.
         deadlines = [w.deadline for w in batch]
         deadline = None if None in deadlines else max(deadlines)  # type: ignore[type-var]
         try:
             if inline:
-                result, took = self._timed_infer(inputs, first.outputs, deadline)
+                result = self._timed_infer(inputs, first.outputs, deadline)
             else:
-                result, took = await loop.run_in_executor(
+                result = await loop.run_in_executor(
                     self._executor, self._timed_infer, inputs, first.outputs, deadline
                 )
-            if self._may_inline:
-                self._observe(took, inline)
             if len(batch) > 1:
                 parts = self._split(result, batch)
         except Exception as e:
@@ -288,12 +300,11 @@ class Scheduler:
         started = time.perf_counter()
         self._active += 1
         try:
-            result, took = self._timed_infer(inputs, outputs, deadline)
+            result = self._timed_infer(inputs, outputs, deadline)
         except Exception as e:
             raise self._error(e) from e
         finally:
             self._active -= 1
-        self._observe(took, True)
         timings.queue = started - enqueued  # the deadline check: never queued
         timings.compute = time.perf_counter() - started
         timings.execution_rows = 1
@@ -304,33 +315,44 @@ class Scheduler:
         inputs: Mapping[str, np.ndarray],
         outputs: Sequence[str] | None,
         deadline: float | None = None,
-    ) -> tuple[dict[str, np.ndarray], float]:
-        started = time.perf_counter()
+    ) -> dict[str, np.ndarray]:
+        """One backend execution, on whichever thread runs it; measures its CPU cost when
+        the variant may run on the loop."""
+        measure = self._may_inline
+        started = time.thread_time() if measure else 0.0
         if self._backend.accepts_deadline:
             result = self._backend.infer(inputs, outputs, deadline=deadline)  # type: ignore[call-arg]
         else:
             result = self._backend.infer(inputs, outputs)
-        return result, time.perf_counter() - started
+        if measure:
+            self._observe(time.thread_time() - started, inputs)
+        return result
 
-    def _observe(self, took: float, inline: bool) -> None:
-        """Decide, once per INLINE_WINDOW executions, whether to run on the loop."""
-        if inline and took > INLINE_ABORT_S:
-            self._inline = False
-            self._durations.clear()
-            return
-        self._durations.append(took)
-        if len(self._durations) >= INLINE_WINDOW:
-            typical = sorted(self._durations)[len(self._durations) // 4]
-            self._durations.clear()
-            inline = typical < (INLINE_ABOVE_S if self._inline else INLINE_BELOW_S)
-            if inline != self._inline:
+    def _cheap(self, inputs: Mapping[str, np.ndarray]) -> bool:
+        """Whether an execution on ``inputs`` may run on the loop: expected to cost less
+        than the inline budget, the typical cost per element times this request's
+        elements, so that a large request to a small model never holds the loop."""
+        per_element = self._cost_per_element
+        if per_element is None:
+            return False
+        return per_element * sum(a.size for a in inputs.values()) < INLINE_BUDGET_S
+
+    def _observe(self, cpu: float, inputs: Mapping[str, np.ndarray]) -> None:
+        """Record one execution's CPU cost; re-estimate from the 25th percentile of the
+        cost per element once per INLINE_WINDOW executions (the first after INLINE_FIRST).
+        Runs on the loop or a pool thread: the list swap and appends are atomic (GIL)."""
+        costs = self._costs
+        costs.append(cpu / max(1, sum(a.size for a in inputs.values())))
+        known = self._cost_per_element is not None
+        if len(costs) >= (INLINE_WINDOW if known else INLINE_FIRST):
+            self._costs = []
+            self._cost_per_element = sorted(costs)[len(costs) // 4]
+            if not known:
                 log.debug(
-                    "variant %s: executions take ~%.0f us: %s",
+                    "variant %s: ~%.3g us of CPU per input element",
                     self._name,
-                    typical * 1e6,
-                    "running them on the event loop" if inline else "back to its pool",
+                    self._cost_per_element * 1e6,
                 )
-            self._inline = inline
 
     def _split(
         self, result: dict[str, np.ndarray], batch: list[_Work]

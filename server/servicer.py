@@ -7,22 +7,24 @@ RPCs not overridden here answer UNIMPLEMENTED.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Callable, Iterator, Mapping
 
 import grpc
 
 import tensorgate
-from tensorgate.backends.datatypes import by_name
+from tensorgate import codec
+from tensorgate.datatypes import by_name
+from tensorgate.errors import InvalidInput, ModelNotFound, ModelNotReady, TensorgateError
+from tensorgate.limits import MAX_ELEMENTS
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 from tensorgate.protos import model_config_pb2 as mc
 
-from .errors import InvalidInput, ModelNotFound, ModelNotReady, TensorgateError
-from .repository import Model, State, check_model_name
-from .statistics import NAMED_VARIANTS_VERSION
-
-if TYPE_CHECKING:
-    from .app import Gateway
+from .interceptors import status_of
+from .pipeline import Pipeline
+from .repository import Model, Repository, State, Variant, check_model_name
+from .statistics import Statistics
 
 VARIANT_METADATA_KEY = "tensorgate-variant"
 #: With ``serve --workers N``: which worker process (0..N-1) answered, for load-spread checks.
@@ -35,26 +37,47 @@ TIMEOUT_PARAMETER = "timeout"
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-        self.repository = gateway.repository
-        index = gateway.settings.worker_index
-        self._worker_metadata = () if index is None else ((WORKER_METADATA_KEY, str(index)),)
+    """``is_ready`` answers ServerReady; ``models_changed`` is called after a repository
+    RPC loaded or unloaded a model (per-model health follows it)."""
+
+    def __init__(
+        self,
+        repository: Repository,
+        pipeline: Pipeline,
+        statistics: Statistics,
+        *,
+        is_ready: Callable[[], bool],
+        models_changed: Callable[[], None],
+        max_tensor_elements: int = MAX_ELEMENTS,
+        worker_index: int | None = None,
+    ) -> None:
+        self.repository = repository
+        self.pipeline = pipeline
+        self.statistics = statistics
+        self._is_ready = is_ready
+        self._models_changed = models_changed
+        self._max_elements = max_tensor_elements
+        self._worker_metadata = (
+            () if worker_index is None else ((WORKER_METADATA_KEY, str(worker_index)),)
+        )
 
     # -- health ---------------------------------------------------------------------------
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.gateway.ready)
+        return pb.ServerReadyResponse(ready=self._is_ready())
 
     async def ModelReady(self, request, context):
         model = self.repository.models.get(request.name)
         if model is None or not model.ready:
             return pb.ModelReadyResponse(ready=False)
         if request.version:
-            v = model.variants.get(request.version)
-            return pb.ModelReadyResponse(ready=v is not None and v.ready)
+            try:
+                variant = model.variant(request.version)
+            except ModelNotFound:
+                return pb.ModelReadyResponse(ready=False)
+            return pb.ModelReadyResponse(ready=variant.ready)
         return pb.ModelReadyResponse(ready=True)
 
     # -- metadata -------------------------------------------------------------------------
@@ -63,17 +86,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             name="tensorgate", version=tensorgate.__version__, extensions=EXTENSIONS
         )
 
-    def _ready_model(self, name: str, version: str) -> tuple[Model, str]:
+    def _ready_model(self, name: str, version: str) -> tuple[Model, Variant | None]:
+        """The model, and the variant ``version`` pins (None when it pins none)."""
         model = self.repository.get(name)
-        if version and version not in model.variants:
-            raise ModelNotFound(name, version)
+        variant = model.variant(version) if version else None
         if model.signature is None:
             raise ModelNotReady(f"model '{name}' is not ready: {model.reason}")
-        platform = model.variants[version].platform if version else model.platform
-        return model, platform
+        return model, variant
 
     async def ModelMetadata(self, request, context):
-        model, platform = self._ready_model(request.name, request.version)
+        model, variant = self._ready_model(request.name, request.version)
         sig = model.signature
         assert sig is not None
 
@@ -87,42 +109,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         return pb.ModelMetadataResponse(
             name=model.name,
-            versions=[v.name for v in model.variants.values() if v.ready],
-            platform=platform,
+            versions=model.pinnable_versions(),
+            platform=variant.platform if variant is not None else model.platform,
             inputs=meta(sig.inputs),
             outputs=meta(sig.outputs),
         )
 
     async def ModelConfig(self, request, context):
-        model, platform = self._ready_model(request.name, request.version)
+        model, variant = self._ready_model(request.name, request.version)
         sig = model.signature
         assert sig is not None
-        batched = sig.max_batch_size > 0
-
-        def dims(shape):
-            return list(shape[1:] if batched else shape)
-
+        integers = model.integer_versions(variant)
         config = mc.ModelConfig(
             name=model.name,
-            platform=platform,
-            backend=model.variants[request.version].backend_name
-            if request.version
-            else model.backend_name,
+            platform=variant.platform if variant is not None else model.platform,
+            backend=variant.backend_name if variant is not None else model.backend_name,
+            version_policy=mc.ModelVersionPolicy(
+                specific=mc.ModelVersionPolicy.Specific(versions=integers)
+            )
+            if integers
+            else None,
             max_batch_size=sig.max_batch_size,
             input=[
-                mc.ModelInput(
-                    name=s.name,
-                    data_type=mc.DataType.Value(by_name(s.datatype).triton),
-                    dims=dims(s.shape),
-                )
+                mc.ModelInput(name=s.name, data_type=_triton_type(s.datatype), dims=sig.dims(s))
                 for s in sig.inputs
             ],
             output=[
-                mc.ModelOutput(
-                    name=s.name,
-                    data_type=mc.DataType.Value(by_name(s.datatype).triton),
-                    dims=dims(s.shape),
-                )
+                mc.ModelOutput(name=s.name, data_type=_triton_type(s.datatype), dims=sig.dims(s))
                 for s in sig.outputs
             ],
             instance_group=[
@@ -140,47 +153,64 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request, context):
         if request.name:
             model = self.repository.get(request.name)
-            if request.version and request.version not in model.variants and (
-                request.version != NAMED_VARIANTS_VERSION or not _named(model.variants)
-            ):
-                raise ModelNotFound(request.name, request.version)
-            wanted = {model.name: [request.version] if request.version else _versions(model)}
+            versions = model.statistics_versions()
+            if request.version and request.version not in versions:
+                # Pinned by a name: answered under the name asked for.
+                versions = {request.version: (model.variant(request.version).name,)}
+            elif request.version:
+                versions = {request.version: versions[request.version]}
+            wanted = {model.name: versions}
         else:
-            wanted = {name: _versions(m) for name, m in self.repository.models.items()}
-        return self.gateway.statistics.report(wanted)
+            wanted = {name: m.statistics_versions() for name, m in self.repository.models.items()}
+        return self.statistics.report(wanted)
 
     # -- inference ------------------------------------------------------------------------
+    async def _infer(
+        self, msg: pb.ModelInferRequest, context: grpc.aio.ServicerContext, stream: bool = False
+    ) -> tuple[pb.ModelInferResponse, str]:
+        """One ModelInfer, unary or streamed: decode, serve, encode. Returns the reply and
+        the variant that served it."""
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        pipeline = self.pipeline
+        if pipeline.admission.holding:  # the drain's last moment: see Gateway.stop
+            await pipeline.admission.held()
+        with pipeline.call(msg.model_name) as trace:
+            if stream and TIMEOUT_PARAMETER in msg.parameters:
+                deadline = _stream_deadline(msg.parameters[TIMEOUT_PARAMETER], deadline)
+            request = codec.decode_request(msg, self._max_elements)
+            request.metadata = _CallMetadata(context)
+            trace.decoded()
+            response = await pipeline.infer(request, deadline, trace)
+            trace.encoding()
+            reply = codec.encode_response(response)
+        return reply, response.variant
+
     async def ModelInfer(self, request, context):
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        served = await self.gateway.pipeline.model_infer(
-            request, context.time_remaining(), metadata
-        )
-        context.set_trailing_metadata(
-            ((VARIANT_METADATA_KEY, served.variant), *self._worker_metadata)
-        )
-        return served.message
+        reply, variant = await self._infer(request, context)
+        context.set_trailing_metadata(((VARIANT_METADATA_KEY, variant), *self._worker_metadata))
+        return reply
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Bidirectional stream of ModelInfer requests (Triton's message types).
 
         Requests are served concurrently, up to ``STREAM_WINDOW`` at a time per stream, and
-        replies are sent as they complete; each carries the request's ``id``. A failed
-        request answers with ``error_message`` set and the stream goes on, as in Triton. A
-        request's ``timeout`` parameter (microseconds) is its deadline within the stream's.
+        replies are sent as they complete; each carries the request's ``id``. Every request
+        gets exactly one reply: a failed one answers with ``error_message`` ("CODE: message",
+        the status a unary call would get) and the stream goes on, as in Triton. A request's
+        ``timeout`` parameter (microseconds) is its deadline within the stream's.
         """
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         replies: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
-        pipeline = self.gateway.pipeline
 
         async def serve_one(request: pb.ModelInferRequest) -> None:
             try:
-                timeout = _stream_timeout(request, context.time_remaining())
-                served = await pipeline.model_infer(request, timeout, metadata)
-                reply = pb.ModelStreamInferResponse(infer_response=served.message)
-            except TensorgateError as e:
+                served, _ = await self._infer(request, context, stream=True)
+                reply = pb.ModelStreamInferResponse(infer_response=served)
+            except Exception as e:
+                code, message = status_of(e, "ModelStreamInfer")
                 reply = pb.ModelStreamInferResponse(
-                    error_message=f"{e.code.name}: {e}",
+                    error_message=f"{code.name}: {message}",
                     infer_response=pb.ModelInferResponse(
                         model_name=request.model_name,
                         model_version=request.model_version,
@@ -229,6 +259,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if request.ready and not v.ready:
                     continue
                 entries.append(Index(name=name, version=v.name, state=v.state, reason=v.reason))
+                alias = model.alias(v.name)
+                if alias is not None:  # listed under its integer too, for Triton's tools
+                    about = f"version {alias} of variant '{v.name}'"
+                    reason = f"{about}: {v.reason}" if v.reason else about
+                    entries.append(Index(name=name, version=alias, state=v.state, reason=reason))
         return pb.RepositoryIndexResponse(models=entries)
 
     async def RepositoryModelLoad(self, request, context):
@@ -239,45 +274,62 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"{v.name}: {v.reason}" for v in model.variants.values()
             )
             raise LoadFailed(f"failed to load model '{request.model_name}': {reasons}")
-        self.gateway.model_health_changed()
+        self._models_changed()
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
         check_model_name(request.model_name)
         await self.repository.unload(request.model_name)
-        self.gateway.model_health_changed()
+        self._models_changed()
         return pb.RepositoryModelUnloadResponse()
 
 
-def _stream_timeout(request: pb.ModelInferRequest, remaining: float | None) -> float | None:
-    """Seconds a stream request may take: its ``timeout`` parameter (microseconds; 0 or
-    absent: none), within what is left of the stream's own deadline."""
-    micros = 0
-    if TIMEOUT_PARAMETER in request.parameters:
-        param = request.parameters[TIMEOUT_PARAMETER]
-        choice = param.WhichOneof("parameter_choice")
-        if choice not in ("int64_param", "uint64_param"):
-            raise InvalidInput(
-                f"request parameter '{TIMEOUT_PARAMETER}' is the request's timeout in "
-                f"microseconds and must be int64_param or uint64_param, not {choice}"
-            )
-        micros = getattr(param, choice)
-    if micros <= 0:
-        return remaining
-    own = micros / 1e6
-    return own if remaining is None else min(own, remaining)
+class _CallMetadata(Mapping[str, str]):
+    """The call's text metadata (sticky routing keys may travel there), read from gRPC only
+    when routing asks for it: most requests never do."""
+
+    __slots__ = ("_context", "_items")
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+        self._items: dict[str, str] | None = None
+
+    def _load(self) -> dict[str, str]:
+        if self._items is None:
+            pairs = self._context.invocation_metadata() or ()
+            self._items = {k: v for k, v in pairs if isinstance(v, str)}
+        return self._items
+
+    def __getitem__(self, key: str) -> str:
+        return self._load()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
 
 
-def _named(variants) -> list[str]:
-    return [v for v in variants if not v.isdigit()]
-
-
-def _versions(model: Model) -> list[str]:
-    """What an unpinned ModelStatistics lists: integer versions one by one, and the named
-    variants together under version "0" (Triton clients parse versions as integers)."""
-    versions = [v for v in model.variants if v.isdigit()]
-    return versions + ([NAMED_VARIANTS_VERSION] if _named(model.variants) else [])
+def _triton_type(datatype: str | None) -> int:
+    """model_config.proto's DataType for an OIP datatype name."""
+    return mc.DataType.Value(by_name(datatype).triton)  # type: ignore[arg-type]
 
 
 class LoadFailed(TensorgateError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def _stream_deadline(param: pb.InferParameter, deadline: float | None) -> float | None:
+    """A stream request's deadline: now + its ``timeout`` parameter (microseconds; 0: none),
+    within the stream's own ``deadline``."""
+    choice = param.WhichOneof("parameter_choice")
+    if choice not in ("int64_param", "uint64_param"):
+        raise InvalidInput(
+            f"request parameter '{TIMEOUT_PARAMETER}' is the request's timeout in "
+            f"microseconds and must be int64_param or uint64_param, not {choice}"
+        )
+    micros = getattr(param, choice)
+    if micros <= 0:
+        return deadline
+    own = time.monotonic() + micros / 1e6
+    return own if deadline is None else min(own, deadline)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 from tensorgate.backends import Signature, TensorSpec
+from tensorgate.errors import ConfigError, InvalidInput
+from tensorgate.inference import InputTensor
 
 from .config import ModelConfig, TensorConfig
-from .errors import ConfigError, InvalidInput
-from .types import InputTensor
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,11 @@ class ModelSignature:
     def output_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.outputs)  # type: ignore[misc]
 
-    def as_signature(self) -> Signature:
-        return Signature(self.inputs, self.outputs)
+    def dims(self, spec: TensorSpec) -> list[int]:
+        """``spec``'s shape as Triton's ModelConfig gives it: without the batch dimension
+        when the model is batched."""
+        shape = list(spec.shape or ())
+        return shape[1:] if self.max_batch_size > 0 else shape
 
 
 def _fmt(spec: TensorSpec) -> str:
@@ -43,7 +47,12 @@ def _fmt(spec: TensorSpec) -> str:
 
 
 class _Merger:
-    """Merges one tensor list (inputs or outputs) across sources, remembering who said what."""
+    """Merges one tensor list (inputs or outputs) across sources, remembering who said what.
+
+    Datatypes must be equal. Shapes must have the same rank and agree dimension by
+    dimension, where a fixed size and -1 agree and the fixed size wins: config.toml (or a
+    more specific variant) may narrow what a model file leaves open.
+    """
 
     def __init__(self, model: str, kind: str, ref: list[TensorSpec], ref_source: str) -> None:
         self.model = model
@@ -52,24 +61,54 @@ class _Merger:
         self.sources: list[dict[str, str]] = [
             {f: ref_source for f in ("datatype", "shape") if getattr(s, f) is not None} for s in ref
         ]
+        # Per tensor, per dimension: the source that fixed its size (blamed on a conflict).
+        self.dim_sources: list[list[str]] = [
+            [ref_source] * len(s.shape) if s.shape is not None else [] for s in ref
+        ]
 
     def names(self) -> list[str]:
         return [s.name for s in self.specs]  # type: ignore[misc]
 
     def absorb(self, index: int, spec: TensorSpec, source: str) -> None:
         cur = self.specs[index]
-        for f in ("datatype", "shape"):
-            mine, theirs = getattr(cur, f), getattr(spec, f)
-            if mine is not None and theirs is not None and mine != theirs:
-                raise ConfigError(
-                    f"model '{self.model}': {self.sources[index][f]} and {source} disagree "
-                    f"on {self.kind} '{cur.name}': {_fmt(cur)} vs {_fmt(spec)}; all variants "
-                    "of a model must present one signature"
-                )
-        self.specs[index] = cur.merged(TensorSpec(None, spec.datatype, spec.shape))
+        if cur.datatype is not None and spec.datatype is not None and cur.datatype != spec.datatype:
+            self._conflict(index, self.sources[index]["datatype"], spec, source)
+        shape = cur.shape
+        if cur.shape is not None and spec.shape is not None:
+            shape = self._narrowed(index, spec, source)
+        elif spec.shape is not None:
+            self.dim_sources[index] = [source] * len(spec.shape)
+        self.specs[index] = TensorSpec(
+            cur.name,
+            cur.datatype if cur.datatype is not None else spec.datatype,
+            shape if shape is not None else spec.shape,
+        )
         for f in ("datatype", "shape"):
             if getattr(spec, f) is not None:
                 self.sources[index].setdefault(f, source)
+
+    def _narrowed(self, index: int, spec: TensorSpec, source: str) -> tuple[int, ...]:
+        mine, theirs = self.specs[index].shape, spec.shape
+        assert mine is not None and theirs is not None
+        if len(mine) != len(theirs):
+            self._conflict(index, self.sources[index]["shape"], spec, source)
+        dims = self.dim_sources[index]
+        shape = []
+        for i, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+            if a != -1 and b != -1 and a != b:
+                self._conflict(index, dims[i], spec, source)
+            if a == -1 and b != -1:
+                dims[i] = source
+            shape.append(a if a != -1 else b)
+        return tuple(shape)
+
+    def _conflict(self, index: int, theirs: str, spec: TensorSpec, source: str) -> NoReturn:
+        cur = self.specs[index]
+        raise ConfigError(
+            f"model '{self.model}': {theirs} and {source} disagree on {self.kind} "
+            f"'{cur.name}': {_fmt(cur)} vs {_fmt(spec)}; all variants of a model must "
+            "present one signature"
+        )
 
 
 def _from_config(tables: list[TensorConfig]) -> list[TensorSpec]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from tensorgate.protos import grpc_service_pb2 as pb
@@ -111,24 +112,22 @@ class Statistics:
     def failure(self, model: str, variant: str, total: float) -> None:
         self._variants[(model, variant)].fail.add(total)
 
-    def get(self, model: str, version: str) -> VariantStatistics:
-        """One variant's statistics; ``NAMED_VARIANTS_VERSION`` sums the named variants."""
-        if version == NAMED_VARIANTS_VERSION:
-            return _summed(
-                [s for (m, v), s in self._variants.items() if m == model and not v.isdigit()]
-            )
-        return self._variants.get((model, version)) or VariantStatistics()
+    def get(self, model: str, variants: Iterable[str]) -> VariantStatistics:
+        """The statistics of ``variants`` of ``model``, summed; zeros for unused ones."""
+        found = [self._variants[(model, v)] for v in variants if (model, v) in self._variants]
+        return found[0] if len(found) == 1 else _summed(found)
 
-    def report(self, models: dict[str, list[str]]) -> pb.ModelStatisticsResponse:
-        """Statistics for ``{model: [version, ...]}``, zeros for variants not yet used."""
+    def report(self, models: dict[str, dict[str, tuple[str, ...]]]) -> pb.ModelStatisticsResponse:
+        """Statistics for ``{model: {version: (variant, ...)}}``: each version reports the
+        sum of its variants (one, or the named variants under ``NAMED_VARIANTS_VERSION``)."""
         out = pb.ModelStatisticsResponse()
-        for model, variants in models.items():
-            for variant in variants:
-                s = self.get(model, variant)
+        for model, versions in models.items():
+            for version, variants in versions.items():
+                s = self.get(model, variants)
                 out.model_stats.append(
                     pb.ModelStatistics(
                         name=model,
-                        version=variant,
+                        version=version,
                         last_inference=s.last_inference_ms,
                         inference_count=s.inference_count,
                         execution_count=s.execution_count,

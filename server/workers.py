@@ -2,7 +2,8 @@
 
 Why processes: the Python gRPC request path is bound to one core by the GIL (~0.5 ms of
 CPU per unary call, see docs/benchmarks.md), and framework pools in one process steal
-each other's cores (STACK.md). Worker processes scale both, each with its own models.
+each other's cores (docs/architecture.md, "One framework thread per variant"). Worker
+processes scale both, each with its own models.
 
 How they share a port: SO_REUSEPORT. The supervisor resolves the address once, by binding a
 SO_REUSEPORT socket that it keeps open, never listening, for as long as it runs, so that
@@ -37,18 +38,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .app import ServerSettings
+from tensorgate.backoff import RestartBackoff
+
+from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
-#: Delay before restarting a worker that died: doubles per death in a row, up to the cap.
-RESTART_DELAY_S = 0.5
-RESTART_DELAY_MAX_S = 30.0
-#: A worker that served this long before dying restarts after the shortest delay again.
-STABLE_AFTER_S = 60.0
 #: How long a worker may take to exit after SIGTERM, beyond --drain-timeout, before SIGKILL.
 EXIT_GRACE_S = 15.0
 #: Framework thread-count variables that bound each framework's *default* pool size (what a
@@ -91,7 +89,8 @@ class _Worker:
     proc: subprocess.Popen[bytes] | None = None
     port_file: Path | None = None
     started: float = 0.0
-    failures_in_a_row: int = 0
+    # Delays between restarts (tensorgate/backoff.py).
+    backoff: RestartBackoff = field(default_factory=RestartBackoff)
     restart_at: float | None = None
     last_cpu: float = 0.0  # CPU seconds last read from /proc, kept when it dies
 
@@ -321,6 +320,7 @@ class Supervisor:
         with self._lock:
             w.proc = proc
             w.started = time.monotonic()
+            w.backoff.started()
             w.restart_at = None
 
     def _wait_serving(self) -> bool:
@@ -378,9 +378,7 @@ class Supervisor:
                     continue
                 self._reap(w)
                 lived = now - w.started
-                w.failures_in_a_row = 0 if lived >= STABLE_AFTER_S else w.failures_in_a_row + 1
-                backoff = RESTART_DELAY_S * 2 ** max(0, w.failures_in_a_row - 1)
-                delay = min(RESTART_DELAY_MAX_S, backoff)
+                delay = w.backoff.delay()
                 w.restart_at = now + delay
                 log.warning(
                     "worker %d (pid %d) exited with %s after %.1f s; restarting in %.1f s",

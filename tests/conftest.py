@@ -13,7 +13,7 @@ from tensorgate.clients import Client
 from tensorgate.server.demo import build_mlp_onnx, mlp_weights, write_demo_repository
 
 from . import modelfactory as mf
-from .serverproc import ServerProcess
+from .serverproc import ServerProcess, serve
 
 PAIR_CONFIG = """
 [[input]]
@@ -72,13 +72,22 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory, demo_repo: Path) -> Pat
 
 @pytest.fixture(scope="session")
 def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(model_repo, tmp_path_factory.mktemp("server"))
-    with proc:
-        yield proc
-    assert proc.proc is not None and proc.proc.returncode == 0, proc.log()
+    yield from serve(model_repo, tmp_path_factory.mktemp("server"))
 
 
 @pytest.fixture(scope="session")
 def client(server: ServerProcess) -> Iterator[Client]:
     with Client(server.address) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def module_server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A gateway of the test module's own, serving the ``repo`` fixture the module defines."""
+    yield from serve(repo, tmp_path_factory.mktemp("server"))
+
+
+@pytest.fixture(scope="module")
+def module_client(module_server: ServerProcess) -> Iterator[Client]:
+    with Client(module_server.address) as c:
         yield c

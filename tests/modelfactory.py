@@ -31,7 +31,7 @@ IDENTITY_DATATYPES: tuple[str, ...] = (
     "BYTES",
 )
 
-_ONNX_TYPE_NAMES = {
+ONNX_TYPE_NAMES = {
     "BOOL": "BOOL",
     "UINT8": "UINT8",
     "UINT16": "UINT16",
@@ -55,7 +55,7 @@ def build_identity_onnx(path: Path, datatypes: tuple[str, ...], name: str = "ide
 
     nodes, inputs, outputs = [], [], []
     for dt in datatypes:
-        elem = getattr(TensorProto, _ONNX_TYPE_NAMES[dt])
+        elem = getattr(TensorProto, ONNX_TYPE_NAMES[dt])
         nodes.append(helper.make_node("Identity", [f"in_{dt}"], [f"out_{dt}"]))
         inputs.append(helper.make_tensor_value_info(f"in_{dt}", elem, ["n"]))
         outputs.append(helper.make_tensor_value_info(f"out_{dt}", elem, ["n"]))
@@ -136,4 +136,70 @@ def write_broken_model(path: Path) -> Path:
     so detection finds a model file that no framework can load."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"this is not a model\x00\xff\xfe" + os.urandom(64))
+    return path
+
+
+def build_labels_torchscript(path: Path) -> Path:
+    """A scripted ``forward(self, x) -> Tuple[Tensor, List[str]]``: ``2 * x``, and per element
+    "pos" or "neg". TorchScript says nothing of the list's length (BYTES [-1])."""
+    import torch
+
+    class Labels(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+            labels: list[str] = []
+            for i in range(x.numel()):
+                labels.append("pos" if bool(x[i] > 0) else "neg")
+            return 2 * x, labels
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(torch.jit.script(Labels()), str(path))
+    return path
+
+
+def build_double_onnx(path: Path, dims: list[int | str]) -> Path:
+    """``x`` FP32 -> ``y = 2 * x``, both of shape ``dims`` (a string is a dynamic axis)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    two = numpy_helper.from_array(np.array(2.0, np.float32), name="two")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["y"])],
+        "double",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)],
+        initializer=[two],
+    )
+    return save_onnx(graph, path)
+
+
+def build_warmup_probe_torchscript(path: Path, refuse_zeros: bool = False) -> Path:
+    """A scripted model that remembers its calls: ``x`` FP32 [rows, 4] -> ``y = 2 * x``, and
+    ``seen`` FP64 [3]: (calls so far, rows of the previous call, sum of the previous call's
+    input), taken before this call. The first request after a warmup thus reports what the
+    warmup ran. With ``refuse_zeros`` it raises on an all-zero input."""
+    import torch
+
+    class WarmupProbe(torch.nn.Module):
+        # Attribute types are inferred from __init__'s values (annotations here would be
+        # strings under `from __future__ import annotations`, which TorchScript refuses).
+        def __init__(self, refuse_zeros: bool) -> None:
+            super().__init__()
+            self.refuse_zeros = refuse_zeros
+            self.calls = 0
+            self.last_rows = 0
+            self.last_sum = 0.0
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if self.refuse_zeros and not bool(x.any()):
+                raise RuntimeError("an all-zero basket cannot be scored")
+            seen = torch.tensor(
+                [float(self.calls), float(self.last_rows), self.last_sum], dtype=torch.float64
+            )
+            self.calls += 1
+            self.last_rows = x.shape[0]
+            self.last_sum = float(x.sum())
+            return 2 * x, seen
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(torch.jit.script(WarmupProbe(refuse_zeros)), str(path))
     return path

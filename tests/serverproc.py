@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -36,8 +36,11 @@ class ServerProcess:
         *args: str,
         env: dict[str, str] | None = None,
         startup_timeout: float = 180.0,
+        prefix: tuple[str, ...] = (),
     ) -> None:
+        """``prefix`` goes before the command, e.g. ``setpriv`` to run as another user."""
         self.repository = repository
+        self.prefix = prefix
         self.port_file = workdir / f"ports-{os.getpid()}-{time.monotonic_ns()}.json"
         self.log_path = self.port_file.with_suffix(".log")
         self.args = args
@@ -57,7 +60,7 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         cmd = [
-            sys.executable, "-m", "tensorgate.server.cli", "serve",
+            *self.prefix, sys.executable, "-m", "tensorgate.server.cli", "serve",
             "--repository", str(self.repository), "--host", "127.0.0.1",
             "--port", "0", "--metrics-port", "0", "--port-file", str(self.port_file),
             *self.args,
@@ -136,6 +139,15 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def serve(repo: Path, workdir: Path) -> Iterator[ServerProcess]:
+    """For fixtures (``yield from serve(...)``): a gateway serving ``repo`` for as long as
+    the fixture lives; checks that it drains and exits cleanly."""
+    proc = ServerProcess(repo, workdir)
+    with proc:
+        yield proc
+    assert proc.proc is not None and proc.proc.returncode == 0, proc.log()
 
 
 def wait_until(

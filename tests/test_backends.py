@@ -21,10 +21,10 @@ from tensorgate.backends import (
     detect,
 )
 from tensorgate.backends.base import BackendInputError
-from tensorgate.backends.datatypes import by_name
 from tensorgate.backends.onnxruntime import OnnxRuntimeBackend
 from tensorgate.backends.tf_savedmodel import TFSavedModelBackend
 from tensorgate.backends.torchscript import TorchScriptBackend
+from tensorgate.datatypes import by_name
 from tensorgate.server.demo import (
     SCORER_CONFIG,
     build_mlp_onnx,
@@ -530,3 +530,6 @@ def test_demo_repository_skips_a_variant_whose_framework_is_missing(
     assert (root / "scorer" / "torch" / "model.pt").is_file()
     assert (root / "scorer" / "onnx" / "model.onnx").is_file()
     assert "scorer/tf skipped: tensorflow is not installed" in caplog.text
+    config = (root / "scorer" / "config.toml").read_text()
+    assert "[variants.torch]" in config and "[variants.onnx]" in config
+    assert "[variants.tf]" not in config

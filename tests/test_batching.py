@@ -16,10 +16,10 @@ import pytest
 
 from tensorgate.backends import Backend, BackendOptions, Signature
 from tensorgate.clients import Client, InferenceError
+from tensorgate.errors import DeadlineExceeded, Overloaded
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 from tensorgate.server.demo import mlp_reference, mlp_weights
-from tensorgate.server.errors import DeadlineExceeded, Overloaded
 from tensorgate.server.scheduler import BatchPolicy, Scheduler, Timings
 
 from .serverproc import ServerProcess
@@ -35,6 +35,7 @@ class RowSums(Backend):
         self.gate = threading.Event()
         self.gate.set()
         self.calls: list[int] = []
+        self.entered = 0  # executions that have started (some may wait at the gate)
 
     @classmethod
     def find_model_file(cls, variant_dir: Path) -> Path | None:
@@ -46,6 +47,7 @@ class RowSums(Backend):
     def infer(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
+        self.entered += 1
         self.gate.wait(10)
         x = inputs["x"]
         self.calls.append(x.shape[0])
@@ -60,6 +62,14 @@ async def _submit(s: Scheduler, x: np.ndarray, deadline: float | None = None):
     return await s.submit({"x": x}, None, deadline, Timings())
 
 
+async def until(condition, what: str, timeout: float = 10.0) -> None:
+    """Wait for a state of the scheduler or backend to be reached (no fixed sleeps)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.001)
+
+
 def test_concurrent_requests_are_stacked_and_split_back() -> None:
     async def main() -> None:
         backend = RowSums()
@@ -67,10 +77,10 @@ def test_concurrent_requests_are_stacked_and_split_back() -> None:
         s.start()
         backend.gate.clear()  # the first request holds the only instance
         first = asyncio.ensure_future(_submit(s, np.ones((1, 3))))
-        await asyncio.sleep(0.05)
+        await until(lambda: backend.entered == 1, "the first request in the backend")
         xs = [np.full((rows, 3), float(i)) for i, rows in enumerate([1, 2, 3, 2], start=1)]
         rest = [asyncio.ensure_future(_submit(s, x)) for x in xs]
-        await asyncio.sleep(0.05)
+        await until(lambda: s.queued == 4, "four queued requests")
         backend.gate.set()
         results = await asyncio.gather(first, *rest)
         assert backend.calls == [1, 8]  # the four waiting requests ran as one batch
@@ -89,10 +99,10 @@ def test_batch_never_exceeds_max_and_incompatible_shapes_are_not_mixed() -> None
         s.start()
         backend.gate.clear()
         hold = asyncio.ensure_future(_submit(s, np.ones((1, 3))))
-        await asyncio.sleep(0.05)
+        await until(lambda: backend.entered == 1, "the first request in the backend")
         narrow = [asyncio.ensure_future(_submit(s, np.ones((1, 3)))) for _ in range(6)]
         wide = [asyncio.ensure_future(_submit(s, np.ones((1, 5)))) for _ in range(2)]
-        await asyncio.sleep(0.05)
+        await until(lambda: s.queued == 8, "eight queued requests")
         backend.gate.set()
         await asyncio.gather(hold, *narrow, *wide)
         assert max(backend.calls) <= 4
@@ -125,14 +135,16 @@ def test_expired_and_cancelled_requests_never_reach_the_backend() -> None:
         s.start()
         backend.gate.clear()
         hold = asyncio.ensure_future(_submit(s, np.ones((1, 3))))
-        await asyncio.sleep(0.05)
-        expired = asyncio.ensure_future(_submit(s, np.ones((1, 3)), time.monotonic() + 0.01))
+        await until(lambda: backend.entered == 1, "the first request in the backend")
+        expires = time.monotonic() + 0.01
+        expired = asyncio.ensure_future(_submit(s, np.ones((1, 3)), expires))
         cancelled = asyncio.ensure_future(_submit(s, np.ones((1, 3))))
-        await asyncio.sleep(0.05)
+        await until(lambda: s.queued == 2, "two queued requests")
         with pytest.raises(Overloaded, match="queue is full"):
             await _submit(s, np.ones((1, 3)))
         cancelled.cancel()
-        await asyncio.sleep(0.05)
+        await until(lambda: s.queued == 1, "the cancelled request to leave the queue")
+        await until(lambda: time.monotonic() > expires, "the deadline to pass")
         backend.gate.set()
         await hold
         with pytest.raises(DeadlineExceeded, match="before compute"):
@@ -150,8 +162,9 @@ def test_instances_run_concurrently() -> None:
         s.start()
         backend.gate.clear()
         calls = [asyncio.ensure_future(_submit(s, np.ones((1, 3)))) for _ in range(3)]
-        await asyncio.sleep(0.2)
-        assert s.queued == 0  # all three were taken by an instance, none waits
+        # All three are in the backend at once, each on its own instance, none queued.
+        await until(lambda: backend.entered == 3, "three executions at once")
+        assert s.queued == 0
         backend.gate.set()
         await asyncio.gather(*calls)
         await s.close()
@@ -167,29 +180,44 @@ name = "input"
 datatype = "FP32"
 shape = [-1, 64]
 
+[[output]]
+name = "output"
+datatype = "FP32"
+shape = [-1, 10]
+
 [batching]
 max_queue_delay_us = 20000
 preferred_batch_sizes = [16]
 """
 
 
+# Batching in every framework: the same MLP as ONNX, TorchScript and SavedModel.
+BATCHED_VARIANTS = ("onnx", "torch", "tf")
+
+
 @pytest.fixture(scope="module")
 def batched_server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("batched") / "models"
-    shutil.copytree(demo_repo / "scorer" / "onnx", root / "scorer" / "onnx")
+    for variant in BATCHED_VARIANTS:
+        shutil.copytree(demo_repo / "scorer" / variant, root / "scorer" / variant)
     (root / "scorer" / "config.toml").write_text(BATCHED_CONFIG)
     with ServerProcess(root, root.parent) as proc:
         yield proc
 
 
-def test_batched_gateway_gives_each_caller_its_own_rows(batched_server: ServerProcess) -> None:
+@pytest.mark.parametrize("variant", BATCHED_VARIANTS)
+def test_batched_gateway_gives_each_caller_its_own_rows(
+    batched_server: ServerProcess, variant: str
+) -> None:
     rng = np.random.default_rng(3)
     xs = [rng.standard_normal((int(rng.integers(1, 4)), 64)).astype(np.float32) for _ in range(48)]
 
     async def main() -> list:
         client = Client(batched_server.address)
         try:
-            return await asyncio.gather(*(client.aio.infer("scorer", {"input": x}) for x in xs))
+            return await asyncio.gather(
+                *(client.aio.infer("scorer", {"input": x}, version=variant) for x in xs)
+            )
         finally:
             await client.aio.close()
             client.close()
@@ -197,10 +225,11 @@ def test_batched_gateway_gives_each_caller_its_own_rows(batched_server: ServerPr
     results = asyncio.run(main())
     weights = mlp_weights()
     for x, r in zip(xs, results, strict=True):
+        assert r.variant == variant
         np.testing.assert_allclose(r["output"], mlp_reference(x, weights), atol=1e-5)
     with grpc.insecure_channel(batched_server.address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="scorer", version="onnx"))
+        stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="scorer", version=variant))
     s = stats.model_stats[0]
     assert s.inference_count == sum(x.shape[0] for x in xs)
     assert s.inference_stats.success.count == len(xs)

@@ -23,8 +23,8 @@ from tensorgate.clients import Client, InferenceError, InferResult
 from tensorgate.clients.client import DEFAULT_STREAMS
 from tensorgate.clients.errors import from_stream_reply
 from tensorgate.clients.stream import StreamMux
+from tensorgate.codec import encode_request
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
-from tensorgate.server.codec import encode_request
 from tensorgate.server.demo import build_mlp_onnx, mlp_reference, mlp_weights
 
 from .modelfactory import IDENTITY_DATATYPES, build_identity_onnx

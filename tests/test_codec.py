@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from tensorgate import codec
+from tensorgate.errors import InvalidInput
+from tensorgate.inference import InferenceResponse, OutputTensor
 from tensorgate.protos import grpc_service_pb2 as pb
-from tensorgate.server import codec
-from tensorgate.server.errors import InvalidInput
-from tensorgate.server.types import InferenceResponse, OutputTensor
 
 # Written out by hand (not read from backends/datatypes.py) so a wrong table entry fails here.
 NUMERIC: dict[str, np.dtype] = {

@@ -7,15 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from tensorgate.errors import ConfigError
 from tensorgate.server.config import (
     CONFIG_FILE,
     InstancesConfig,
     ModelConfig,
     TensorConfig,
     VariantConfig,
+    WarmupConfig,
     load_model_config,
 )
-from tensorgate.server.errors import ConfigError
 
 FULL = """
 backend = "onnxruntime"
@@ -253,3 +254,39 @@ def test_duplicate_input_names_refused(tmp_path: Path) -> None:
     )
     assert "input" in msg
     assert "'x'" in msg
+
+
+def test_warmup_defaults_and_values(tmp_path: Path) -> None:
+    _write(tmp_path, "[warmup]\n")
+    assert load_model_config(tmp_path).warmup == WarmupConfig(
+        requests=3, batch_size=1, data="zeros"
+    )
+    _write(tmp_path, 'max_batch_size = 8\n[warmup]\nrequests = 5\nbatch_size = 8\ndata = "w.npz"\n')
+    assert load_model_config(tmp_path).warmup == WarmupConfig(
+        requests=5, batch_size=8, data="w.npz"
+    )
+    assert load_model_config(tmp_path / "absent").warmup is None
+
+
+@pytest.mark.parametrize("data", ["ones", "warmup.npy", "/abs/warmup.npz", "../up.npz"])
+def test_warmup_data_must_be_zeros_random_or_a_npz_in_the_folder(tmp_path: Path, data: str) -> None:
+    msg = _error(tmp_path, f'[warmup]\ndata = "{data}"\n')
+    assert "field 'warmup.data'" in msg
+    assert '"zeros", "random", or the name of a .npz file in the model folder' in msg
+
+
+def test_warmup_batch_size_within_max_batch_size(tmp_path: Path) -> None:
+    msg = _error(tmp_path, "max_batch_size = 4\n[warmup]\nbatch_size = 8\n")
+    assert "[warmup] batch_size = 8 exceeds the model's max_batch_size = 4" in msg
+
+
+@pytest.mark.parametrize("text", ["requests = -1", "batch_size = 0", "rows = 2"])
+def test_warmup_bad_fields(tmp_path: Path, text: str) -> None:
+    assert "field 'warmup." in _error(tmp_path, f"[warmup]\n{text}\n")
+
+
+def test_variant_version_must_be_a_positive_integer(tmp_path: Path) -> None:
+    assert VariantConfig(version=3).version == 3
+    for bad in ("0", "-2", '"three"'):
+        msg = _error(tmp_path, f"[variants.onnx]\nversion = {bad}\n")
+        assert "field 'variants.onnx.version'" in msg

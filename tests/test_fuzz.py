@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tensorgate.codec import encode_request, serialize_bytes
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
-from tensorgate.server.codec import encode_request, serialize_bytes
 from tensorgate.server.demo import mlp_reference, mlp_weights
 
 from .serverproc import ServerProcess

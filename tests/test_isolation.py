@@ -19,6 +19,7 @@ import pytest
 from tensorgate.backends import BackendOptions
 from tensorgate.backends.base import BackendInputError, BackendUnreachable
 from tensorgate.backends.isolated import IsolatedBackend
+from tensorgate.backoff import RestartBackoff
 from tensorgate.clients import Client
 from tensorgate.server.demo import build_mlp_onnx, mlp_reference, mlp_weights
 
@@ -191,7 +192,9 @@ def test_isolated_backend_reports_a_load_failure(tmp_path: Path) -> None:
 def test_restart_delay_grows_while_the_worker_keeps_dying(tmp_path: Path) -> None:
     path = build_mlp_onnx(tmp_path / "mlp" / "model.onnx", mlp_weights())
     backend = IsolatedBackend("onnxruntime", label="mlp/1")
-    backend.BACKOFF_INITIAL = 0.2  # type: ignore[misc]  # instance override, to keep it short
+    # The delays' whole sequence is tests/test_backoff.py's; here, only that the backend
+    # follows its backoff, with a short first delay.
+    backend.backoff = RestartBackoff(initial=0.2)
     signature = backend.load(path, BackendOptions())
     backend.bind(signature)
     x = x64(1)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from google.protobuf import json_format
 
+from tensorgate import codec
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
-from tensorgate.server import codec
 
 from .serverproc import ServerProcess
 

@@ -121,9 +121,11 @@ def test_histograms_count_every_request_per_backend(gateway: ServerProcess) -> N
                       "tensorgate_request_duration_seconds_count", **labels)  # fmt: skip
         assert buckets[-1][1] == total
         ok = value(after, "tensorgate_requests", "tensorgate_requests_total", code="OK", **labels)
-        assert ok - value(
-            before, "tensorgate_requests", "tensorgate_requests_total", code="OK", **labels
-        ) == n
+        assert (
+            ok
+            - value(before, "tensorgate_requests", "tensorgate_requests_total", code="OK", **labels)
+            == n
+        )
 
 
 def test_errors_are_counted_by_code_with_bounded_labels(gateway: ServerProcess) -> None:

@@ -8,6 +8,7 @@ instance busy without sleeping in the model; nothing asserts how long anything t
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -20,11 +21,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tensorgate.clients import Client, InferenceError
+from tensorgate.codec import encode_request
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
-from tensorgate.server.codec import encode_request
 from tensorgate.server.demo import build_mlp_onnx, mlp_reference, mlp_weights
 
 from .modelfactory import write_broken_model
@@ -430,3 +432,84 @@ def test_polling_loads_reloads_and_unloads(reload_repo: Path, tmp_path: Path) ->
         wait_until(unloaded, 60, "fresh to unload")
         assert client.infer("mlp", {"input": x})["output"].shape == (2, 10)
     assert "poll: model directory fresh removed" in server.log()
+
+
+def test_drain_under_load_answers_every_call_or_refuses_it_retryably(
+    slow_repo: Path, tmp_path: Path
+) -> None:
+    # 16 callers keep calling through the whole drain (clients retry UNAVAILABLE): each
+    # sees its answer or UNAVAILABLE, never CANCELLED; health says NOT_SERVING meanwhile.
+    server = ServerProcess(slow_repo, tmp_path, "--drain-timeout", "30").start()
+    health_seen: list[int] = []
+    exited = threading.Event()
+
+    def watch_health() -> None:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while not exited.is_set():
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                except grpc.RpcError:
+                    return  # the server is gone
+                health_seen.append(reply.status)
+                time.sleep(0.005)
+
+    with LoadThreads(server.address, [mlp_call(i) for i in range(4)], threads=16) as load:
+        wait_until(lambda: load.served("mlp") >= 200, 120, "200 calls served")
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        watcher = threading.Thread(target=watch_health)
+        watcher.start()
+        returncode = server.proc.wait(120)
+        exited.set()
+        watcher.join(30)
+        time.sleep(0.2)  # the callers' last calls meet a closed port
+    server.stop()
+    assert returncode == 0, server.log()
+    assert not load.wrong
+    unexpected = [e for e in load.errors if e[2] != grpc.StatusCode.UNAVAILABLE]
+    assert not unexpected, (len(unexpected), unexpected[:5])
+    assert any("server is draining" in e[3] for e in load.errors), load.errors[:5]
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in health_seen, health_seen[:20]
+
+
+def test_start_up_answers_models_still_loading_with_unavailable(tmp_path: Path) -> None:
+    # The port opens at once (liveness answers); until the initial load is done ServerReady
+    # is false and a model that is on disk but not loaded yet answers UNAVAILABLE "loading"
+    # (clients retry), never NOT_FOUND. "a-late" is a remote variant whose target never
+    # answers: it holds the load for its timeout_s while "mlp" waits its turn.
+    from tensorgate.server.app import Gateway
+    from tensorgate.server.settings import ServerSettings
+
+    root = tmp_path / "models"
+    (root / "a-late" / "remote").mkdir(parents=True)
+    (root / "a-late" / "remote" / "remote.toml").write_text(
+        'target = "127.0.0.1:1"\nmodel = "mlp"\ntimeout_s = 5\n'
+    )
+    build_mlp_onnx(root / "mlp" / "1" / "model.onnx", mlp_weights())
+
+    async def main() -> None:
+        gateway = Gateway(ServerSettings(repository=root, port=0, metrics_port=None))
+        starting = asyncio.create_task(gateway.start())
+        while not gateway.grpc_port:
+            await asyncio.sleep(0.01)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            request = encode_request("mlp", {"input": x64(1)})
+            assert (await stub.ServerLive(pb.ServerLiveRequest(), timeout=5)).live
+            assert not (await stub.ServerReady(pb.ServerReadyRequest(), timeout=5)).ready
+            assert not starting.done()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ModelInfer(request, timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "model 'mlp' is loading" in info.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ModelInfer(encode_request("nosuch", {"input": x64(1)}), timeout=5)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            await starting
+            assert (await stub.ServerReady(pb.ServerReadyRequest(), timeout=5)).ready
+            reply = await stub.ModelInfer(request, timeout=5)
+            assert reply.model_name == "mlp"
+        await gateway.stop(grace=5)
+
+    asyncio.run(main())

@@ -142,7 +142,7 @@ def test_every_datatype_crosses_the_remote_hop(front_client: Client) -> None:
     }
     inputs = {}
     for dt in mf.IDENTITY_DATATYPES:
-        from tensorgate.backends.datatypes import by_name
+        from tensorgate.datatypes import by_name
 
         inputs[f"in_{dt}"] = values.get(dt, (np.arange(3) * 3 + 1).astype(by_name(dt).numpy))
     result = front_client.infer("identity", inputs, timeout=30)
@@ -166,7 +166,7 @@ def test_requested_outputs_and_strings_pass_through(front_client: Client) -> Non
 
 
 def _one_of_each() -> dict[str, np.ndarray]:
-    from tensorgate.backends.datatypes import by_name
+    from tensorgate.datatypes import by_name
 
     return {
         f"in_{dt}": np.array([b"x"], dtype=object)

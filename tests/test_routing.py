@@ -29,12 +29,13 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from prometheus_client.parser import text_string_to_metric_families
 
 from tensorgate.clients import Client, InferenceError
+from tensorgate.inference import InferenceRequest
 from tensorgate.protos import admin_pb2 as apb
 from tensorgate.protos import admin_pb2_grpc as apb_grpc
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 from tensorgate.server.config import load_model_config
-from tensorgate.server.demo import SCORER_CONFIG, build_mlp_onnx, mlp_reference, mlp_weights
+from tensorgate.server.demo import MLP_TENSORS, build_mlp_onnx, mlp_reference, mlp_weights
 from tensorgate.server.repository import Model, State, Variant
 from tensorgate.server.router import (
     CircuitBreaker,
@@ -50,7 +51,6 @@ from tensorgate.server.router import (
     routing_key,
     validate_policy,
 )
-from tensorgate.server.types import InferenceRequest
 
 from . import modelfactory as mf
 from .serverproc import ServerProcess
@@ -483,7 +483,7 @@ def routing_repo(tmp_path_factory: pytest.TempPathFactory, demo_repo: Path) -> P
     copy(onnx_file, root / "spill" / "onnx" / "model.onnx")
     build_nan_guarded_torchscript(root / "breaker" / "flaky" / "model.pt", torch_file)
     copy(onnx_file, root / "breaker" / "onnx" / "model.onnx")
-    tensors = SCORER_CONFIG.replace('default_variant = "torch"\n', "")
+    tensors = MLP_TENSORS
     for name, routing in ROUTING.items():
         (root / name / "config.toml").write_text(tensors + routing)
     for name, (routing, variants, _) in BAD_ROUTING.items():

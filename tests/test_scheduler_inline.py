@@ -1,5 +1,7 @@
-"""Tiny executions run on the event loop thread (the hand-off to a pool thread costs more
-than they compute); slow ones, and variants with several instances, stay in the pool."""
+"""Cheap executions run on the event loop thread (the hand-off to a pool thread costs more
+than they compute); costly ones, large requests to cheap models, variants with several
+instances and GPU variants stay in the pool. The cost is the backend's CPU time per input
+element, so waiting (preemption, the GIL) never moves a variant."""
 
 from __future__ import annotations
 
@@ -13,12 +15,19 @@ import numpy as np
 import pytest
 
 from tensorgate.backends import Backend, BackendOptions, Signature
-from tensorgate.server.errors import DeadlineExceeded
-from tensorgate.server.scheduler import INLINE_ABORT_S, INLINE_WINDOW, Scheduler, Timings
+from tensorgate.errors import DeadlineExceeded
+from tensorgate.server.scheduler import (
+    INLINE_BUDGET_S,
+    INLINE_FIRST,
+    INLINE_WINDOW,
+    Scheduler,
+    Timings,
+)
 
 
 class Doubler(Backend):
-    """Doubles ``x``; records which thread ran each call; can be made slow."""
+    """Doubles ``x``; records which thread ran each call; can be made to burn CPU (``burn``
+    seconds of thread CPU time per call) or to wait (``delay`` seconds asleep)."""
 
     name = "doubler"
     platform = "numpy"
@@ -26,6 +35,7 @@ class Doubler(Backend):
     def __init__(self) -> None:
         self.threads: list[int] = []
         self.delay = 0.0
+        self.burn = 0.0
 
     @classmethod
     def find_model_file(cls, variant_dir: Path) -> Path | None:
@@ -40,35 +50,94 @@ class Doubler(Backend):
         self.threads.append(threading.get_ident())
         if self.delay:
             time.sleep(self.delay)
+        until = time.thread_time() + self.burn
+        while time.thread_time() < until:
+            pass
         return {"y": inputs["x"] * 2}
 
 
-async def _call(s: Scheduler, value: float, deadline: float | None = None) -> Timings:
+async def _call(
+    s: Scheduler, value: float, deadline: float | None = None, rows: int = 1
+) -> Timings:
     timings = Timings()
-    out = await s.submit({"x": np.array([value])}, None, deadline, timings)
-    assert out["y"][0] == value * 2
+    out = await s.submit({"x": np.full(rows, value)}, None, deadline, timings)
+    assert out["y"][0] == value * 2 and out["y"].shape == (rows,)
     return timings
 
 
-def test_fast_variant_moves_to_the_loop_and_back_when_it_slows() -> None:
+def test_cheap_variant_moves_to_the_loop_and_back_when_it_gets_costly() -> None:
     async def main() -> None:
         backend = Doubler()
         s = Scheduler(backend, name="m/v")
         s.start()
         loop_thread = threading.get_ident()
-        for i in range(INLINE_WINDOW):
+        for i in range(INLINE_FIRST):
             await _call(s, i)
         assert loop_thread not in backend.threads  # measured in the pool first
         t = await _call(s, 1.0)
         assert backend.threads[-1] == loop_thread  # now inline
         assert t.execution_rows == 1 and t.compute > 0 and t.queue > 0
-        backend.delay = INLINE_ABORT_S * 2
-        await _call(s, 2.0)  # too slow for the loop: this one ran inline, the next not
-        backend.delay = 0.0
+        # Costly executions: the next estimate sends the variant back to its pool.
+        backend.burn = INLINE_BUDGET_S * 2
+        for i in range(INLINE_WINDOW):
+            await _call(s, i)
+        backend.burn = 0.0
         await _call(s, 3.0)
         assert backend.threads[-1] != loop_thread
         with pytest.raises(DeadlineExceeded):
             await _call(s, 4.0, deadline=time.monotonic() - 1)
+        await s.close()
+
+    asyncio.run(main())
+
+
+def test_waiting_is_not_cost_one_slow_execution_moves_nothing() -> None:
+    async def main() -> None:
+        backend = Doubler()
+        s = Scheduler(backend, name="m/v")
+        s.start()
+        loop_thread = threading.get_ident()
+        for i in range(INLINE_FIRST):
+            await _call(s, i)
+        backend.delay = 0.02  # asleep, as when preempted: no CPU spent
+        for i in range(INLINE_WINDOW):
+            await _call(s, i)
+        backend.delay = 0.0
+        await _call(s, 1.0)
+        assert backend.threads[-1] == loop_thread
+        await s.close()
+
+    asyncio.run(main())
+
+
+def test_a_large_request_to_an_inline_variant_runs_in_the_pool() -> None:
+    async def main() -> None:
+        backend = Doubler()
+        backend.burn = INLINE_BUDGET_S / 4  # per one-element request
+        s = Scheduler(backend, name="m/v")
+        s.start()
+        loop_thread = threading.get_ident()
+        for i in range(INLINE_FIRST):
+            await _call(s, i)
+        await _call(s, 1.0)
+        assert backend.threads[-1] == loop_thread
+        await _call(s, 1.0, rows=64)  # expected to cost 16 budgets: not on the loop
+        assert backend.threads[-1] != loop_thread
+        await _call(s, 1.0)
+        assert backend.threads[-1] == loop_thread
+        await s.close()
+
+    asyncio.run(main())
+
+
+def test_a_gpu_variant_never_runs_on_the_loop() -> None:
+    async def main() -> None:
+        backend = Doubler()
+        s = Scheduler(backend, name="m/v", may_inline=False)
+        s.start()
+        for i in range(INLINE_FIRST + INLINE_WINDOW):
+            await _call(s, i)
+        assert threading.get_ident() not in backend.threads
         await s.close()
 
     asyncio.run(main())

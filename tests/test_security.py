@@ -24,9 +24,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tensorgate.clients import Client, InferenceError
+from tensorgate.codec import encode_request
 from tensorgate.protos import admin_pb2, admin_pb2_grpc
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
-from tensorgate.server.codec import encode_request
 from tensorgate.server.demo import build_mlp_onnx, mlp_reference, mlp_weights
 
 from .serverproc import ServerProcess

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from tensorgate.backends import Signature, TensorSpec
+from tensorgate.errors import ConfigError, InvalidInput
+from tensorgate.inference import InputTensor
 from tensorgate.server.config import ModelConfig, TensorConfig
-from tensorgate.server.errors import ConfigError, InvalidInput
 from tensorgate.server.signature import ModelSignature, merge_signatures, validate_inputs
-from tensorgate.server.types import InputTensor
 
 
 def spec(name: str | None, datatype: str | None = None, *shape: int) -> TensorSpec:
@@ -327,3 +327,82 @@ def test_two_positional_variants_bound_by_their_own_forward_names() -> None:
     assert [s.name for s in sig.inputs] == ["a", "b"]
     assert [s.name for s in per_variant["t1"].inputs] == ["a", "b"]
     assert per_variant["t2"].inputs == (spec("b", "INT64", 2), spec("a", "FP32", 1))
+
+
+# ---------------------------------------------------------------- narrowing -1 to a size
+
+
+def test_config_narrows_a_dynamic_onnx_axis() -> None:
+    onnx = named([spec("x", "FP32", -1, -1)], [spec("y", "FP32", -1, -1)])
+    cfg = config(inputs=[("x", None, (-1, 64))], outputs=[("y", "FP32", (-1, 64))])
+    sig, _ = merge_signatures("m", cfg, {"onnx": onnx})
+    assert sig.inputs == (spec("x", "FP32", -1, 64),)
+    assert sig.outputs == (spec("y", "FP32", -1, 64),)
+    validate_inputs("m", sig, [tensor("x", "FP32", 3, 64)])
+    with pytest.raises(InvalidInput, match=r"input 'x'.*shape \[3, 32\], expected \[-1, 64\]"):
+        validate_inputs("m", sig, [tensor("x", "FP32", 3, 32)])
+
+
+def test_config_narrows_a_positional_string_list() -> None:
+    # TorchScript forward() -> Tuple[Tensor, List[str]]: the list is BYTES [-1].
+    ts = positional([spec("x")], [spec(None), spec(None, "BYTES", -1)])
+    cfg = config(
+        inputs=[("INPUT__0", "FP32", (16,))],
+        outputs=[("OUTPUT__0", "FP32", (16,)), ("OUTPUT__1", "BYTES", (16,))],
+    )
+    sig, per_variant = merge_signatures("m", cfg, {"torch": ts})
+    assert sig.outputs[1] == spec("OUTPUT__1", "BYTES", 16)
+    assert per_variant["torch"].outputs[1] == spec("OUTPUT__1", "BYTES", 16)
+
+
+@pytest.mark.parametrize("order", [("loose", "tight"), ("tight", "loose")])
+def test_the_more_specific_variant_wins_in_either_order(order: tuple[str, str]) -> None:
+    variants = {
+        "loose": named([spec("x", "FP32", -1, -1)], [spec("y", "FP32", -1)]),
+        "tight": named([spec("x", "FP32", -1, 64)], [spec("y", "FP32", 8)]),
+    }
+    sig, _ = merge_signatures("m", ModelConfig(), {v: variants[v] for v in order})
+    assert sig.inputs == (spec("x", "FP32", -1, 64),)
+    assert sig.outputs == (spec("y", "FP32", 8),)
+
+
+def test_each_source_may_fix_a_different_dimension() -> None:
+    a = named([spec("x", "FP32", 4, -1)], [spec("y", "FP32", -1)])
+    b = named([spec("x", "FP32", -1, 64)], [spec("y", "FP32", -1)])
+    sig, _ = merge_signatures("m", ModelConfig(), {"a": a, "b": b})
+    assert sig.inputs == (spec("x", "FP32", 4, 64),)
+
+
+@pytest.mark.parametrize(
+    ("theirs", "detail"),
+    [
+        (spec("x", "FP32", -1, 8), r"FP32 \[-1, 16\] vs FP32 \[-1, 8\]"),
+        (spec("x", "FP32", -1, 16, 1), r"FP32 \[-1, 16\] vs FP32 \[-1, 16, 1\]"),
+        (spec("x", "FP64", -1, 16), r"FP32 \[-1, 16\] vs FP64 \[-1, 16\]"),
+    ],
+    ids=["size", "rank", "datatype"],
+)
+def test_real_conflicts_are_still_refused(theirs: TensorSpec, detail: str) -> None:
+    cfg = config(inputs=[("x", "FP32", (-1, 16))])
+    onnx = named([theirs], [spec("y", "FP32", -1)])
+    with pytest.raises(
+        ConfigError,
+        match=r"model 'm': config\.toml and variant 'onnx' disagree on input 'x': " + detail,
+    ):
+        merge_signatures("m", cfg, {"onnx": onnx})
+
+
+def test_a_conflict_names_the_source_that_fixed_the_dimension() -> None:
+    # config.toml leaves dimension 1 open; variant 'a' fixes it to 64, 'b' says 32.
+    cfg = config(inputs=[("x", "FP32", (-1, -1))])
+    a = named([spec("x", "FP32", -1, 64)], [spec("y", "FP32", -1)])
+    b = named([spec("x", "FP32", -1, 32)], [spec("y", "FP32", -1)])
+    with pytest.raises(ConfigError, match=r"variant 'a' and variant 'b' disagree on input 'x'"):
+        merge_signatures("m", cfg, {"a": a, "b": b})
+
+
+def test_narrowing_the_batch_dimension_is_refused_with_max_batch_size() -> None:
+    onnx = named([spec("x", "FP32", -1, -1)], [spec("y", "FP32", -1)])
+    cfg = config(inputs=[("x", None, (4, 64))], max_batch_size=4)
+    with pytest.raises(ConfigError, match=r"max_batch_size = 4 needs a variable first"):
+        merge_signatures("m", cfg, {"onnx": onnx})

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tensorgate.server.demo import SCORER_VERSIONS
+
 from .serverproc import ServerProcess, run_triton_script
 
 SCORER_VARIANTS = ("torch", "tf", "onnx")
@@ -109,6 +111,11 @@ def unknown_model():
     return {"raised": False}
 
 
+def statistics(model):
+    stats = client.get_inference_statistics(model).model_stats
+    return {s.version: s.inference_stats.success.count for s in stats}
+
+
 def repository_index():
     index = client.get_model_repository_index()
     return [{"name": m.name, "version": m.version, "state": m.state, "reason": m.reason}
@@ -121,6 +128,7 @@ check("server_metadata", lambda: client.get_server_metadata(as_json=True))
 check("model_ready", lambda: {
     "scorer": client.is_model_ready("scorer"),
     **{f"scorer/{v}": client.is_model_ready("scorer", v) for v in spec["scorer_variants"]},
+    **{f"scorer/{v}": client.is_model_ready("scorer", v) for v in spec["scorer_versions"]},
     "detector/1": client.is_model_ready("detector", "1"),
     "broken": client.is_model_ready("broken"),
     "nosuchmodel": client.is_model_ready("nosuchmodel"),
@@ -129,6 +137,10 @@ for v in spec["scorer_variants"]:
     check(f"infer/scorer/{v}", infer_fp32, "scorer", v, "input", "output", "scorer")
     check(f"metadata/scorer/{v}", metadata, "scorer", v)
     check(f"config/scorer/{v}", config, "scorer", v)
+check("statistics/scorer/before", statistics, "scorer")
+for v in spec["scorer_versions"]:  # Triton's clients pin by integer: the demo's aliases
+    check(f"infer/scorer/{v}", infer_fp32, "scorer", v, "input", "output", "scorer")
+check("statistics/scorer/after", statistics, "scorer")
 check("infer/detector/1", infer_fp32, "detector", "1", "image", "scores", "detector")
 check("metadata/detector/1", metadata, "detector", "1")
 for v in spec["string_variants"]:
@@ -228,6 +240,7 @@ def triton(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> T
         np.save(workdir / f"{stem}_input.npy", x)
     spec = {
         "scorer_variants": list(SCORER_VARIANTS),
+        "scorer_versions": [str(n) for n in SCORER_VERSIONS.values()],
         "string_variants": list(STRING_VARIANTS),
         "texts": TEXTS,
     }
@@ -248,6 +261,25 @@ def test_scorer_infer_equals_framework(
     expected = scorer_direct(model_repo, variant, triton.inputs["scorer"])
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("variant", SCORER_VARIANTS)
+def test_scorer_pinned_by_integer_version(
+    triton: TritonReport, model_repo: Path, variant: str
+) -> None:
+    version = str(SCORER_VERSIONS[variant])
+    reply = triton[f"infer/scorer/{version}"]
+    # The integer pins the named variant, and the reply names the variant.
+    assert (reply["model_name"], reply["model_version"]) == ("scorer", variant)
+    expected = scorer_direct(model_repo, variant, triton.inputs["scorer"])
+    np.testing.assert_allclose(triton.output("scorer", version), expected, rtol=0, atol=ATOL)
+
+
+def test_scorer_statistics_under_integer_versions(triton: TritonReport) -> None:
+    before, after = triton["statistics/scorer/before"], triton["statistics/scorer/after"]
+    assert set(after) == {str(n) for n in SCORER_VERSIONS.values()}
+    # Each integer pin counted once, under that integer.
+    assert {v: after[v] - before[v] for v in after} == dict.fromkeys(after, 1)
 
 
 def test_detector_infer_equals_onnxruntime(triton: TritonReport, model_repo: Path) -> None:
@@ -306,6 +338,7 @@ def test_model_ready(triton: TritonReport) -> None:
     assert triton["model_ready"] == {
         "scorer": True,
         **{f"scorer/{v}": True for v in SCORER_VARIANTS},
+        **{f"scorer/{n}": True for n in SCORER_VERSIONS.values()},
         "detector/1": True,
         "broken": False,
         "nosuchmodel": False,
@@ -317,7 +350,8 @@ def test_repository_index_lists_every_model(triton: TritonReport, model_repo: Pa
     on_disk = {p.name for p in model_repo.iterdir() if p.is_dir()}
     assert {m["name"] for m in index} == on_disk
     scorer = {m["version"]: m["state"] for m in index if m["name"] == "scorer"}
-    assert scorer == dict.fromkeys(SCORER_VARIANTS, "READY")
+    # Each variant, and again under the integer version the demo's config.toml gives it.
+    assert scorer == dict.fromkeys([*SCORER_VARIANTS, "1", "2", "3"], "READY")
     broken = [m for m in index if m["name"] == "broken"]
     assert broken, index
     assert all(m["state"] == "UNAVAILABLE" for m in broken), broken

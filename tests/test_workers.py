@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tensorgate import codec
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
-from tensorgate.server import codec
 from tensorgate.server.demo import mlp_reference, mlp_weights
 from tensorgate.server.servicer import WORKER_METADATA_KEY
 

@@ -14,14 +14,12 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from tensorgate.backends.datatypes import DATATYPES, Datatype, from_numpy
 from tensorgate.protos import grpc_service_pb2 as pb
 
+from .datatypes import DATATYPES, Datatype, from_numpy
 from .errors import InvalidInput
-from .types import InferenceRequest, InferenceResponse, InputTensor
-
-#: Refuse shapes whose element count exceeds this before allocating anything.
-MAX_ELEMENTS = 1 << 31
+from .inference import InferenceRequest, InferenceResponse, InputTensor
+from .limits import MAX_ELEMENTS
 
 _LEN = struct.Struct("<I")
 _CONTENT_FIELDS = (

@@ -60,17 +60,3 @@ def from_numpy(dtype: np.dtype) -> Datatype:
     if dtype.kind in "OSU":
         return DATATYPES["BYTES"]
     return _BY_NUMPY[dtype]
-
-
-def utf8_strings(name: str, array: np.ndarray, framework: str) -> list[str]:
-    """A BYTES tensor's elements as ``str``, for frameworks whose string tensors hold text
-    (ONNX Runtime, TorchScript). Raises BackendInputError naming the input when an element
-    is not UTF-8: the caller's request is what the framework cannot take."""
-    from .base import BackendInputError
-
-    try:
-        return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in array.flat]
-    except UnicodeDecodeError as exc:
-        raise BackendInputError(
-            f"input {name!r}: {framework} strings must be valid UTF-8 ({exc})"
-        ) from None

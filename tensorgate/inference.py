@@ -6,6 +6,7 @@ backends) sees numpy arrays only.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,7 +29,7 @@ class InferenceRequest:
     requested_outputs: list[str] = field(default_factory=list)  # [] = all
     parameters: dict[str, object] = field(default_factory=dict)
     # Routing keys from gRPC metadata (lower-cased names), for sticky routing.
-    metadata: dict[str, str] = field(default_factory=dict)
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
