@@ -12,7 +12,8 @@ MLP) served as several models:
 Each path is driven by a grpc.aio client at a fixed concurrency, in several rounds, each
 round running every path once in a shuffled order (so that drift on a shared machine hits
 every path alike), and the script prints requests/s (over all rounds, and the range of the
-rounds), latency percentiles and the server's CPU time per request as a Markdown table.
+rounds), latency percentiles and the server's CPU time per request as a Markdown table; then
+it times one routing decision in process (``choose_variant``: a weighted draw, a sticky key).
 
     .venv/bin/python loadtest/bench_routing.py [--seconds 3] [--rounds 3] [--concurrency 8]
 
@@ -51,6 +52,7 @@ from common import (  # noqa: E402 - loadtest/common.py, beside this script
 from tensorgate import codec  # noqa: E402
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 from tensorgate.server.demo import MLP_TENSORS, build_mlp_onnx, mlp_weights  # noqa: E402
+from tensorgate.server.router import choose_variant  # noqa: E402
 from tests.serverproc import ServerProcess  # noqa: E402
 
 TENSORS = MLP_TENSORS
@@ -114,6 +116,29 @@ async def drive(
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return latencies, errors
+
+
+def decision_us(repeat: int = 20_000) -> dict[str, float]:
+    """Microseconds per routing decision in this process (``choose_variant``, the pure
+    strategy the router calls): a weighted draw, and a sticky key (1,000 keys in turn),
+    among two variants weighted 90/10. The best of 5 passes: the least disturbed."""
+    weights = {"torch": 90.0, "tf": 10.0}
+    rng = random.Random(0)
+    keys = [f"user-{i}" for i in range(1000)]
+
+    def best(fn) -> float:
+        passes = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for i in range(repeat):
+                fn(i)
+            passes.append((time.perf_counter() - t0) / repeat * 1e6)
+        return round(min(passes), 2)
+
+    return {
+        "weighted_draw_us": best(lambda i: choose_variant(weights, None, rng, "m")),
+        "sticky_key_us": best(lambda i: choose_variant(weights, keys[i % 1000], rng, "m")),
+    }
 
 
 def main() -> None:
@@ -181,14 +206,17 @@ def main() -> None:
                 server_cpu_ms_per_request=cpu[label] * 1e3 / max(1, len(lat)),
             )
         )
+    decision = decision_us()
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    write_results(out, {"args": settings, "paths": [asdict(r) for r in results]}, started)
+    paths = [asdict(r) for r in results]
+    write_results(out, {"args": settings, "paths": paths, "decision": decision}, started)
     if args.json:
         print(json.dumps({"machine": machine(), "args": settings,
                           "results": [asdict(r) for r in results]}, indent=2))  # fmt: skip
         return
     print(f"results: {out}")
     print(f"machine: {machine()}")
+    print(f"one routing decision in process: {decision}")
     print(
         f"concurrency {args.concurrency}, {args.rounds} shuffled rounds of {args.seconds:g} s "
         f"per path (after {args.warmup:g} s warm-up each), [1, 64] FP32 per request, "
