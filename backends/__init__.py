@@ -17,6 +17,7 @@ from .base import (
     BackendOptions,
     BackendUnavailable,
     BackendUnreachable,
+    Device,
     Signature,
     TensorSpec,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "BackendOptions",
     "BackendUnavailable",
     "BackendUnreachable",
+    "Device",
     "Signature",
     "TensorSpec",
     "available_names",
@@ -40,6 +42,8 @@ BUILTIN: dict[str, str] = {
     "torchscript": "tensorgate.backends.torchscript:TorchScriptBackend",
     "tf_savedmodel": "tensorgate.backends.tf_savedmodel:TFSavedModelBackend",
     "onnxruntime": "tensorgate.backends.onnxruntime:OnnxRuntimeBackend",
+    "torch_export": "tensorgate.backends.torch_export:TorchExportBackend",
+    "litert": "tensorgate.backends.litert:LiteRTBackend",
     "remote": "tensorgate.backends.remote:RemoteBackend",
 }
 

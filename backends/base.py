@@ -17,6 +17,7 @@ Backends never see protobuf, gRPC metadata or asyncio: tensors go in and out as
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -90,15 +91,48 @@ class Signature:
     positional: bool = False
 
 
+_DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where a variant computes, parsed once from config's ``device``: "cpu", "cuda" (the
+    first GPU) or "cuda:N". ``str()`` gives the config spelling back."""
+
+    kind: str  # "cpu" or "cuda"
+    index: int | None = None  # the GPU; None: the first
+
+    @classmethod
+    def parse(cls, text: str) -> Device:
+        """Raises BackendError for anything but "cpu", "cuda" and "cuda:N"."""
+        m = _DEVICE.match(text)
+        if m is None or (m.group(1) == "cpu" and m.group(2) is not None):
+            raise BackendError(f"unsupported device {text!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+        return cls(m.group(1), int(m.group(2)) if m.group(2) is not None else None)
+
+    @property
+    def gpu(self) -> int:
+        """The GPU's number (0 for plain "cuda")."""
+        return self.index or 0
+
+    def __str__(self) -> str:
+        return self.kind if self.index is None else f"{self.kind}:{self.index}"
+
+
 @dataclass(frozen=True)
 class BackendOptions:
-    """Per-variant settings a backend honours (from MODEL/config.toml)."""
+    """Per-variant settings a backend honours (from MODEL/config.toml). ``device`` may be
+    given as its config text; it is parsed here, once (BackendError when invalid)."""
 
-    device: str = "cpu"  # "cpu", "cuda", "cuda:N"
+    device: Device = Device("cpu")
     intra_op_threads: int = 1
     inter_op_threads: int = 1
     instances: int = 1
     signature_name: str | None = None  # TF SavedModel signature; default "serving_default"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.device, str):
+            object.__setattr__(self, "device", Device.parse(self.device))
 
 
 class Backend(abc.ABC):

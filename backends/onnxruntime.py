@@ -23,6 +23,7 @@ from .base import (
     BackendInputError,
     BackendOptions,
     BackendUnavailable,
+    Device,
     Signature,
     TensorSpec,
     utf8_strings,
@@ -51,14 +52,6 @@ _ORT_TYPES: dict[str, str] = {
 # onnx.TensorProto.BFLOAT16; spelled out so that serving needs onnxruntime only, not onnx.
 _ONNX_BFLOAT16 = 16
 _BF16 = by_name("BF16").numpy
-
-
-def _cuda_device_id(device: str) -> int:
-    _, _, index = device.partition(":")
-    try:
-        return int(index) if index else 0
-    except ValueError:
-        raise BackendError(f"invalid device {device!r}: expected 'cuda' or 'cuda:N'") from None
 
 
 def _strings_in(name: str, array: np.ndarray) -> np.ndarray:
@@ -144,18 +137,15 @@ class OnnxRuntimeBackend(Backend):
         return Signature(inputs=inputs, outputs=outputs)
 
     @staticmethod
-    def _providers(ort: Any, device: str) -> list[Any]:
-        if device == "cpu":
+    def _providers(ort: Any, device: Device) -> list[Any]:
+        if device.kind == "cpu":
             return ["CPUExecutionProvider"]
-        if device.startswith("cuda"):
-            device_id = _cuda_device_id(device)
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise BackendError(
-                    f"device {device!r} asked for, but this onnxruntime has no "
-                    "CUDAExecutionProvider (install onnxruntime-gpu on a machine with CUDA)"
-                )
-            return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
-        raise BackendError(f"unsupported device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendError(
+                f"device '{device}' asked for, but this onnxruntime has no "
+                "CUDAExecutionProvider (install onnxruntime-gpu on a machine with CUDA)"
+            )
+        return [("CUDAExecutionProvider", {"device_id": device.gpu}), "CPUExecutionProvider"]
 
     @staticmethod
     def _spec(arg: Any, path: Path, kind: str) -> TensorSpec:

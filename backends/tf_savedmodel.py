@@ -23,6 +23,7 @@ from .base import (
     BackendInputError,
     BackendOptions,
     BackendUnavailable,
+    Device,
     Signature,
     TensorSpec,
 )
@@ -174,21 +175,15 @@ class TFSavedModelBackend(Backend):
         return Signature(inputs=inputs, outputs=outputs)
 
     @staticmethod
-    def _device_for(tf: Any, device: str) -> str | None:
-        if device == "cpu":
+    def _device_for(tf: Any, device: Device) -> str | None:
+        if device.kind == "cpu":
             return None
-        if device.startswith("cuda"):
-            _, _, index = device.partition(":")
-            if index and not index.isdigit():
-                raise BackendError(f"invalid device {device!r}: expected 'cuda' or 'cuda:N'")
-            gpus = tf.config.list_physical_devices("GPU")
-            n = int(index or 0)
-            if n >= len(gpus):
-                raise BackendError(
-                    f"device {device!r} asked for, but TensorFlow sees {len(gpus)} GPU(s) here"
-                )
-            return f"/GPU:{n}"
-        raise BackendError(f"unsupported device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+        gpus = tf.config.list_physical_devices("GPU")
+        if device.gpu >= len(gpus):
+            raise BackendError(
+                f"device '{device}' asked for, but TensorFlow sees {len(gpus)} GPU(s) here"
+            )
+        return f"/GPU:{device.gpu}"
 
     def infer(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None

@@ -9,31 +9,31 @@ positions. torch is imported inside ``load``.
 
 from __future__ import annotations
 
-import logging
-import threading
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from tensorgate.datatypes import by_name
-
 from .base import (
     Backend,
     BackendError,
     BackendInputError,
     BackendOptions,
-    BackendUnavailable,
     Signature,
     TensorSpec,
     utf8_strings,
 )
+from .torch_runtime import (
+    InferThreads,
+    import_torch,
+    positional_names,
+    set_process_threads,
+    to_numpy,
+    to_tensor,
+    torch_device,
+)
 
-logger = logging.getLogger(__name__)
-
-_BF16 = by_name("BF16").numpy
 _STRINGS = TensorSpec(name=None, datatype="BYTES", shape=(-1,))
 
 
@@ -78,11 +78,7 @@ class TorchScriptBackend(Backend):
         self._output_names: list[str] = []
         self._n_outputs = 0
         self._tuple_output = False
-        self._intra_threads = 0
-        # OpenMP's thread count is per calling thread: torch.set_num_threads in load() does
-        # not reach the pool threads that run infer(), which would then use one thread per
-        # core and spin. Each infer thread sets it once (measured +67 % req/s with 2 cores).
-        self._thread_state = threading.local()
+        self._threads: InferThreads | None = None
 
     @classmethod
     def find_model_file(cls, variant_dir: Path) -> Path | None:
@@ -95,23 +91,9 @@ class TorchScriptBackend(Backend):
         return candidates[0] if candidates else None
 
     def load(self, path: Path, options: BackendOptions) -> Signature:
-        try:
-            import torch
-        except ImportError as exc:
-            raise BackendUnavailable(
-                f"TorchScript model {path} needs PyTorch, which is not installed: "
-                f"pip install 'tensorgate[torch]' ({exc})"
-            ) from exc
-
-        self._set_threads(torch, options)
-        self._intra_threads = options.intra_op_threads
-        device = self._device_for(torch, options.device)
-        # The codec hands over read-only views of the request buffers. Inputs are never
-        # written to under inference_mode, so sharing them is safe; silence torch's
-        # one-time warning about it rather than copy every request.
-        warnings.filterwarnings(
-            "ignore", message="The given NumPy array is not writable", category=UserWarning
-        )
+        torch = import_torch(path, "TorchScript model")
+        set_process_threads(torch, options)
+        device = torch_device(torch, options.device)
         try:
             module = torch.jit.load(str(path), map_location=device)
             module.eval()
@@ -146,6 +128,7 @@ class TorchScriptBackend(Backend):
         self._torch = torch
         self._module = module
         self._device = device
+        self._threads = InferThreads(torch, options.intra_op_threads)
         self._path = path
         self._string_inputs = [spec.datatype == "BYTES" for spec in inputs]
         self._n_outputs = len(outputs)
@@ -154,76 +137,26 @@ class TorchScriptBackend(Backend):
         self._output_names = [f"output__{i}" for i in range(len(outputs))]
         return Signature(inputs=tuple(inputs), outputs=tuple(outputs), positional=True)
 
-    @staticmethod
-    def _set_threads(torch: Any, options: BackendOptions) -> None:
-        # Both settings are process-wide: the last TorchScript variant loaded decides the
-        # intra-op pool, and the inter-op pool can only be sized before any parallel work.
-        if options.intra_op_threads > 0 and torch.get_num_threads() != options.intra_op_threads:
-            torch.set_num_threads(options.intra_op_threads)
-        if (
-            options.inter_op_threads > 0
-            and torch.get_num_interop_threads() != options.inter_op_threads
-        ):
-            try:
-                torch.set_num_interop_threads(options.inter_op_threads)
-            except RuntimeError as exc:
-                logger.info(
-                    "torch inter-op threads stay at %d (asked for %d): %s",
-                    torch.get_num_interop_threads(),
-                    options.inter_op_threads,
-                    exc,
-                )
-
-    @staticmethod
-    def _device_for(torch: Any, device: str) -> Any:
-        if device == "cpu":
-            return torch.device("cpu")
-        if device.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise BackendError(
-                    f"device {device!r} asked for, but CUDA is not available to PyTorch here"
-                )
-            try:
-                return torch.device(device)
-            except RuntimeError as exc:
-                raise BackendError(f"invalid device {device!r}: {exc}") from exc
-        raise BackendError(f"unsupported device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
-
     def bind(self, signature: Signature) -> None:
-        if len(signature.inputs) != len(self._string_inputs):
-            raise BackendError(
-                f"TorchScript model {self._path}: forward() takes {len(self._string_inputs)} "
-                f"tensors but the model declares {len(signature.inputs)} inputs"
-            )
-        if len(signature.outputs) != self._n_outputs:
-            raise BackendError(
-                f"TorchScript model {self._path}: forward() returns {self._n_outputs} "
-                f"tensors but the model declares {len(signature.outputs)} outputs"
-            )
-        unnamed = [s for s in (*signature.inputs, *signature.outputs) if s.name is None]
-        if unnamed:
-            raise BackendError(
-                f"TorchScript model {self._path}: every input and output needs a name "
-                "(give them in config.toml)"
-            )
-        self._input_names = [s.name for s in signature.inputs if s.name is not None]
-        self._output_names = [s.name for s in signature.outputs if s.name is not None]
+        self._input_names, self._output_names = positional_names(
+            f"TorchScript model {self._path}", signature, len(self._string_inputs), self._n_outputs
+        )
 
     def infer(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
         module, torch = self._module, self._torch
-        if module is None:
+        if module is None or self._threads is None:
             raise BackendError("TorchScript model is not loaded")
-        if self._intra_threads > 0 and not getattr(self._thread_state, "threads_set", False):
-            torch.set_num_threads(self._intra_threads)
-            self._thread_state.threads_set = True
+        self._threads.enter()
         missing = [name for name in self._input_names if name not in inputs]
         if missing:
             raise BackendInputError(f"missing input(s) {', '.join(map(repr, missing))}")
         try:
             args = [
-                self._to_list(name, inputs[name]) if is_str else self._to_tensor(inputs[name])
+                self._to_list(name, inputs[name])
+                if is_str
+                else to_tensor(torch, inputs[name], self._device)
                 for name, is_str in zip(self._input_names, self._string_inputs, strict=True)
             ]
             with torch.inference_mode():
@@ -238,16 +171,6 @@ class TorchScriptBackend(Backend):
         except Exception as exc:
             raise BackendError(f"TorchScript model failed: {exc}") from exc
 
-    def _to_tensor(self, array: np.ndarray) -> Any:
-        torch = self._torch
-        array = np.ascontiguousarray(array)
-        if array.dtype == _BF16:
-            # torch knows no numpy bfloat16: share the bits as uint16 and reinterpret.
-            tensor = torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
-        else:
-            tensor = torch.from_numpy(array)
-        return tensor if self._device.type == "cpu" else tensor.to(self._device)
-
     @staticmethod
     def _to_list(name: str, array: np.ndarray) -> list[str]:
         return utf8_strings(name, array, "TorchScript")
@@ -255,10 +178,7 @@ class TorchScriptBackend(Backend):
     def _to_numpy(self, value: Any) -> np.ndarray:
         torch = self._torch
         if isinstance(value, torch.Tensor):
-            value = value.detach().cpu()
-            if value.dtype == torch.bfloat16:
-                return value.view(torch.int16).numpy().view(_BF16)
-            return value.numpy()
+            return to_numpy(torch, value)
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return np.array([v.encode("utf-8") for v in value], dtype=object)
         raise BackendError(f"TorchScript model returned {type(value).__name__}, not a tensor")

@@ -6,7 +6,6 @@ docs/repository.md; keep the two in step.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
 
@@ -18,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from tensorgate.backends.base import BackendError, Device
 from tensorgate.datatypes import DATATYPES
 from tensorgate.errors import ConfigError
 from tensorgate.tomlconfig import TomlError, load_toml
@@ -51,7 +51,6 @@ class TensorConfig(_Strict):
         return v
 
 
-_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 #: Where a variant's backend runs: in the gateway process, or in a worker process.
@@ -59,8 +58,11 @@ Isolation = Literal["none", "process"]
 
 
 def _check_device(v: str | None) -> str | None:
-    if v is not None and not _DEVICE.fullmatch(v):
-        raise ValueError(f"device '{v}': use 'cpu', 'cuda' or 'cuda:N'")
+    if v is not None:
+        try:
+            Device.parse(v)  # the backends' own parser: one definition of a device
+        except BackendError:
+            raise ValueError(f"device '{v}': use 'cpu', 'cuda' or 'cuda:N'") from None
     return v
 
 
@@ -169,7 +171,7 @@ class ModelConfig(_Strict):
     intra_op_threads: Annotated[int, Field(ge=0)] = 1
     inter_op_threads: Annotated[int, Field(ge=0)] = 1
     signature_name: str | None = None
-    # "process": run the backend in a worker process of its own (backends/isolated.py), so
+    # "process": run the backend in a worker process of its own (backends/isolated/), so
     # a framework that crashes takes down only that worker, which is restarted.
     isolation: Isolation = "none"
     input: list[TensorConfig] = Field(default_factory=list)

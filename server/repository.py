@@ -81,6 +81,7 @@ class Variant:
     state: State = State.LOADING
     reason: str = ""
     backend: Backend | None = None
+    options: BackendOptions = field(default_factory=BackendOptions)  # as loaded
     scheduler: Scheduler | None = None
 
     @property
@@ -466,7 +467,7 @@ class Repository:
                 batching=_batch_policy(model.config),
                 on_queue_change=self.metrics.queued.labels(name, vname, v.backend_name).set,
                 # A GPU execution waits on its device: never on the event loop.
-                may_inline=_setting(model.config, vname, "device") == "cpu",
+                may_inline=v.options.device.kind == "cpu",
             )
             v.scheduler.start()
             if samples is not None:
@@ -550,7 +551,8 @@ class Repository:
                         "",
                         vdir,
                         State.UNAVAILABLE,
-                        f"no model file found in {vdir} (expected *.pt, *.onnx or a SavedModel)",
+                        f"no model file found in {vdir} (expected *.pt, *.pt2, *.onnx, "
+                        "*.tflite or a SavedModel)",
                     )
                     continue
                 cls, path = found
@@ -578,6 +580,7 @@ class Repository:
             instances=cfg.instances.count,
             signature_name=pick("signature_name"),
         )
+        v.options = options
         backend: Backend
         if pick("isolation") == "process":
             backend = IsolatedBackend(v.backend_name, label=f"{model.name}/{v.name}")

@@ -116,8 +116,9 @@ class Scheduler:
         self._may_inline = may_inline and instances == 1 and backend.may_run_inline
         # CPU seconds per input element of a typical execution (None: not measured yet).
         # Thread CPU time, not wall time: preemption on a shared machine and waits for the
-        # GIL (up to the 5 ms switch interval in a pool thread under load) do not count,
-        # so one unlucky execution cannot flip the variant between the loop and its pool.
+        # GIL (up to the 5 ms switch interval in a pool thread under load) cost only their
+        # wake-ups, and the estimate is a 25th percentile, so one unlucky execution cannot
+        # flip the variant between the loop and its pool.
         self._cost_per_element: float | None = None
         self._costs: list[float] = []
 

@@ -1,5 +1,5 @@
 """One restart backoff, for everything the gateway restarts: ``serve --workers`` worker
-processes (server/workers.py) and isolated backend workers (backends/isolated.py).
+processes (server/workers.py) and isolated backend workers (backends/isolated/).
 
 A process that dies is restarted after 0.5 s; each further death in a row doubles the delay,
 up to 30 s; one that ran for ``stable_after`` seconds before dying starts again from 0.5 s.

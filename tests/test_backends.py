@@ -1,4 +1,4 @@
-"""The three framework backends, driven directly (no server), on tiny real models."""
+"""The framework backends, driven directly (no server), on tiny real models."""
 
 from __future__ import annotations
 
@@ -21,14 +21,18 @@ from tensorgate.backends import (
     detect,
 )
 from tensorgate.backends.base import BackendInputError
+from tensorgate.backends.litert import LiteRTBackend
 from tensorgate.backends.onnxruntime import OnnxRuntimeBackend
 from tensorgate.backends.tf_savedmodel import TFSavedModelBackend
+from tensorgate.backends.torch_export import TorchExportBackend
 from tensorgate.backends.torchscript import TorchScriptBackend
 from tensorgate.datatypes import by_name
 from tensorgate.server.demo import (
     SCORER_CONFIG,
     build_mlp_onnx,
+    build_mlp_pt2,
     build_mlp_savedmodel,
+    build_mlp_tflite,
     build_mlp_torchscript,
     detector_reference,
     detector_weights,
@@ -49,13 +53,25 @@ from .modelfactory import (
     write_broken_model,
 )
 
+#: The frameworks with string models (tests/modelfactory.py) as well as the scorer.
 FRAMEWORKS = ("torch", "tf", "onnx")
+#: Every backend the scorer is written for. pt2 is its ExportedProgram here (no compile per
+#: session); tests/test_edge_backends.py serves the AOTInductor package.
+SCORER_FRAMEWORKS = (*FRAMEWORKS, "pt2", "litert")
 BACKENDS: dict[str, type[Backend]] = {
     "torch": TorchScriptBackend,
     "tf": TFSavedModelBackend,
     "onnx": OnnxRuntimeBackend,
+    "pt2": TorchExportBackend,
+    "litert": LiteRTBackend,
 }
-MODULES = {"torch": "torch", "tf": "tensorflow", "onnx": "onnxruntime"}
+MODULES = {
+    "torch": "torch",
+    "tf": "tensorflow",
+    "onnx": "onnxruntime",
+    "pt2": "torch",
+    "litert": "ai_edge_litert.interpreter",
+}
 
 #: What config.toml completes the scorer to (and what the TF and ONNX files say themselves).
 SCORER = Signature(
@@ -66,6 +82,13 @@ FILE_SIGNATURES = {
     "torch": Signature(inputs=(TensorSpec("input"),), outputs=(TensorSpec(None),), positional=True),
     "tf": SCORER,
     "onnx": SCORER,
+    # An ExportedProgram knows forward()'s argument names, dtypes and shapes, not output names.
+    "pt2": Signature(
+        inputs=(TensorSpec("input", "FP32", (-1, 64)),),
+        outputs=(TensorSpec(None, "FP32", (-1, 10)),),
+        positional=True,
+    ),
+    "litert": SCORER,
 }
 
 TEXTS = np.array([b"hello", b"World 42", "h\u00e9llo".encode(), b""], dtype=object)
@@ -107,6 +130,11 @@ def scorer_dirs(
                 build_mlp_torchscript(directory / "model.pt", weights)
             elif framework == "tf":
                 build_mlp_savedmodel(directory / "model.savedmodel", weights)
+            elif framework == "pt2":
+                build_mlp_pt2(directory / "model.pt2", weights, compiled=False)
+            elif framework == "litert":
+                pytest.importorskip("tensorflow")  # the converter
+                build_mlp_tflite(directory / "model.tflite", weights)
             else:
                 build_mlp_onnx(directory / "model.onnx", weights)
             built[framework] = directory
@@ -160,10 +188,10 @@ def tf_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-# --- the scorer in three frameworks -------------------------------------------------------
+# --- the scorer in every framework -------------------------------------------------------
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("framework", SCORER_FRAMEWORKS)
 def test_scorer_reports_what_its_file_says(
     framework: str, scorer_dirs: Callable[[str], Path]
 ) -> None:
@@ -173,7 +201,7 @@ def test_scorer_reports_what_its_file_says(
     assert cls().load(path, BackendOptions()) == FILE_SIGNATURES[framework]
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("framework", SCORER_FRAMEWORKS)
 @pytest.mark.parametrize("batch", [1, 7, 32])
 def test_scorer_matches_numpy_reference(
     framework: str, batch: int, scorers: Callable[[str], Backend], weights: dict[str, np.ndarray]
@@ -186,7 +214,7 @@ def test_scorer_matches_numpy_reference(
     np.testing.assert_allclose(result["output"], mlp_reference(x, weights), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("framework", SCORER_FRAMEWORKS)
 def test_concurrent_calls_on_one_backend_stay_correct(
     framework: str, scorers: Callable[[str], Backend], weights: dict[str, np.ndarray]
 ) -> None:
@@ -377,7 +405,13 @@ def test_tf_names_the_signatures_it_has(scorer_dirs: Callable[[str], Path]) -> N
 
 @pytest.mark.parametrize(
     ("framework", "filename"),
-    [("torch", "model.pt"), ("tf", "saved_model.pb"), ("onnx", "model.onnx")],
+    [
+        ("torch", "model.pt"),
+        ("tf", "saved_model.pb"),
+        ("onnx", "model.onnx"),
+        ("pt2", "model.pt2"),
+        ("litert", "model.tflite"),
+    ],
 )
 def test_garbage_files_raise_backend_error(framework: str, filename: str, tmp_path: Path) -> None:
     pytest.importorskip(MODULES[framework])
@@ -391,7 +425,7 @@ def test_garbage_files_raise_backend_error(framework: str, filename: str, tmp_pa
     assert str(path) in str(caught.value)
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("framework", SCORER_FRAMEWORKS)
 def test_missing_framework_raises_backend_unavailable(
     framework: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -402,7 +436,9 @@ def test_missing_framework_raises_backend_unavailable(
 
 
 def _sees_gpu(framework: str) -> bool:
-    if framework == "torch":
+    if framework == "litert":
+        return False  # its Python package runs on the CPU only
+    if framework in ("torch", "pt2"):
         import torch
 
         return bool(torch.cuda.is_available())
@@ -415,7 +451,7 @@ def _sees_gpu(framework: str) -> bool:
     return bool(import_tensorflow().config.list_physical_devices("GPU"))
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("framework", SCORER_FRAMEWORKS)
 @pytest.mark.parametrize("device", ["cuda", "cuda:3", "tpu"])
 def test_unavailable_devices_are_refused(
     framework: str, device: str, scorer_dirs: Callable[[str], Path]
@@ -443,6 +479,10 @@ def test_unavailable_devices_are_refused(
         (["saved_model.pb"], {"tf": "."}),
         (["model.savedmodel/saved_model.pb"], {"tf": "model.savedmodel"}),
         (["export/saved_model.pb"], {"tf": "export"}),
+        (["model.pt2"], {"pt2": "model.pt2"}),
+        (["b.pt2", "a.pt2", "model.pt"], {"pt2": "a.pt2", "torch": "model.pt"}),
+        (["model.tflite"], {"litert": "model.tflite"}),
+        (["z.tflite", "a.tflite"], {"litert": "a.tflite"}),
         (["README.md", "notes/saved_model.txt"], {}),
     ],
 )
@@ -463,7 +503,7 @@ def test_find_model_file_ignores_directories_named_like_models(tmp_path: Path) -
     assert OnnxRuntimeBackend.find_model_file(tmp_path) is None
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("framework", SCORER_FRAMEWORKS)
 def test_detect_picks_the_backend_of_each_scorer_variant(
     framework: str, scorer_dirs: Callable[[str], Path]
 ) -> None:
@@ -489,7 +529,9 @@ def test_demo_repository_is_complete_and_idempotent(tmp_path: Path) -> None:
         "scorer/torch": (TorchScriptBackend, root / "scorer/torch/model.pt"),
         "scorer/tf": (TFSavedModelBackend, root / "scorer/tf/model.savedmodel"),
         "scorer/onnx": (OnnxRuntimeBackend, root / "scorer/onnx/model.onnx"),
+        "scorer/pt2": (TorchExportBackend, root / "scorer/pt2/model.pt2"),
         "detector/1": (OnnxRuntimeBackend, root / "detector/1/model.onnx"),
+        "detector_lite/1": (LiteRTBackend, root / "detector_lite/1/model.tflite"),
     }
     for variant, (cls, path) in variants.items():
         assert detect(root / variant) == (cls, path), variant
@@ -503,6 +545,12 @@ def test_demo_repository_is_complete_and_idempotent(tmp_path: Path) -> None:
     scores = detector.infer({"image": image})["scores"]
     np.testing.assert_allclose(scores, detector_reference(image, detector_weights()), atol=1e-5)
     np.testing.assert_allclose(scores.sum(axis=1), 1.0, atol=1e-5)
+    lite = LiteRTBackend()
+    assert lite.load(root / "detector_lite/1/model.tflite", BackendOptions()) == Signature(
+        inputs=(TensorSpec("image", "FP32", (-1, 3, 32, 32)),),
+        outputs=(TensorSpec("scores", "FP32", (-1, 4)),),
+    )
+    np.testing.assert_allclose(lite.infer({"image": image})["scores"], scores, atol=1e-5)
 
     stamp = (root / "scorer/onnx/model.onnx").stat().st_mtime_ns
     assert write_demo_repository(root) == root
@@ -527,6 +575,7 @@ def test_demo_repository_skips_a_variant_whose_framework_is_missing(
     root = write_demo_repository(tmp_path / "demo")
     assert (root / ".complete").is_file()
     assert not (root / "scorer" / "tf").exists()
+    assert not (root / "detector_lite").exists()  # converted by TensorFlow: no model left
     assert (root / "scorer" / "torch" / "model.pt").is_file()
     assert (root / "scorer" / "onnx" / "model.onnx").is_file()
     assert "scorer/tf skipped: tensorflow is not installed" in caplog.text

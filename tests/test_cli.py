@@ -21,7 +21,7 @@ from .serverproc import ServerProcess
 CLI = (sys.executable, "-m", "tensorgate.server.cli")
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 ATOL = 1e-5
-SCORER_VARIANTS = {"torch", "tf", "onnx"}
+SCORER_VARIANTS = {"torch", "tf", "onnx", "pt2"}
 
 
 def tensorgate(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
@@ -40,8 +40,10 @@ def test_demo_writes_the_repository(tmp_path: Path) -> None:
         "scorer/torch/model.pt",
         "scorer/tf/model.savedmodel/saved_model.pb",
         "scorer/onnx/model.onnx",
+        "scorer/pt2/model.pt2",
         "scorer/config.toml",
         "detector/1/model.onnx",
+        "detector_lite/1/model.tflite",
     )
     for name in files:
         assert (root / name).is_file(), f"demo did not write {name}"

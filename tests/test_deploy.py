@@ -253,11 +253,14 @@ def test_image_dependencies_are_pyprojects_pins(
     requirements = run.stdout.split()
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    pins = dict(r.split("==") for r in [*extras["onnx"], *extras["torch"], *extras["tf"]])
+    pins = dict(
+        r.split("==") for r in [*extras["onnx"], *extras["torch"], *extras["tf"], *extras["litert"]]
+    )
     got = dict(r.split("==") for r in requirements if "==" in r)
     for dep in project["dependencies"]:
         assert dep in requirements, f"{dep} missing from the {flavor} image"
     assert got["torch"] == pins["torch"] and got["onnx"] == pins["onnx"]
+    assert got["ai-edge-litert"] == pins["ai-edge-litert"]
     if flavor == "cpu":
         assert got["onnxruntime"] == pins["onnxruntime"]
         assert got["tensorflow-cpu"] == pins["tensorflow-cpu"]

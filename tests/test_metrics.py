@@ -44,7 +44,12 @@ EXPECTED = {
     "tensorgate_shadow_max_abs_diff": {"model", "primary", "shadow"},
     "tensorgate_shadow_argmax_agreement": {"model", "primary", "shadow", "agree"},
 }
-BACKENDS = {"torch": "torchscript", "tf": "tf_savedmodel", "onnx": "onnxruntime"}
+BACKENDS = {
+    "torch": "torchscript",
+    "tf": "tf_savedmodel",
+    "onnx": "onnxruntime",
+    "pt2": "torch_export",
+}
 
 
 @pytest.fixture(scope="module")

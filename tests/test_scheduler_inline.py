@@ -1,7 +1,8 @@
 """Cheap executions run on the event loop thread (the hand-off to a pool thread costs more
 than they compute); costly ones, large requests to cheap models, variants with several
 instances and GPU variants stay in the pool. The cost is the backend's CPU time per input
-element, so waiting (preemption, the GIL) never moves a variant."""
+element, so an execution that waits (preempted, or for the GIL) costs what it computed,
+not how long it waited, and one slow execution in a window moves nothing."""
 
 from __future__ import annotations
 
@@ -91,7 +92,9 @@ def test_cheap_variant_moves_to_the_loop_and_back_when_it_gets_costly() -> None:
     asyncio.run(main())
 
 
-def test_waiting_is_not_cost_one_slow_execution_moves_nothing() -> None:
+def test_one_slow_execution_moves_nothing() -> None:
+    # A preempted or otherwise unlucky execution is one in a window: the estimate is the
+    # window's 25th percentile, so the variant stays on the loop.
     async def main() -> None:
         backend = Doubler()
         s = Scheduler(backend, name="m/v")
@@ -99,10 +102,9 @@ def test_waiting_is_not_cost_one_slow_execution_moves_nothing() -> None:
         loop_thread = threading.get_ident()
         for i in range(INLINE_FIRST):
             await _call(s, i)
-        backend.delay = 0.02  # asleep, as when preempted: no CPU spent
         for i in range(INLINE_WINDOW):
+            backend.burn = INLINE_BUDGET_S * 10 if i == 0 else 0.0
             await _call(s, i)
-        backend.delay = 0.0
         await _call(s, 1.0)
         assert backend.threads[-1] == loop_thread
         await s.close()

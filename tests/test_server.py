@@ -21,7 +21,8 @@ from tensorgate.server.demo import mlp_reference, mlp_weights
 
 from .modelfactory import IDENTITY_DATATYPES
 
-SCORER_VARIANTS = ("torch", "tf", "onnx")
+SCORER_VARIANTS = ("torch", "tf", "onnx", "pt2")
+STRING_VARIANTS = ("torch", "tf", "onnx")  # the "strings" model's
 RNG = np.random.default_rng(42)
 
 
@@ -97,7 +98,7 @@ def test_torchscript_binds_inputs_by_position_with_config_names(client: Client) 
     assert result["sum"][0] == 12.0 and result["product"][0] == 20.0
 
 
-@pytest.mark.parametrize("variant", SCORER_VARIANTS)
+@pytest.mark.parametrize("variant", STRING_VARIANTS)
 def test_bytes_tensors_reach_each_framework_as_strings(client: Client, variant: str) -> None:
     # ASCII only: the frameworks upper-case non-ASCII letters differently (TorchScript not
     # at all); non-ASCII BYTES round trips are covered by the identity model.
@@ -345,7 +346,7 @@ def test_model_metadata(client: Client) -> None:
     meta = client.model_metadata("scorer")
     assert meta["name"] == "scorer"
     # Each variant, then the integer version the demo's config.toml gives it.
-    assert meta["versions"] == ["onnx", "3", "tf", "2", "torch", "1"]
+    assert meta["versions"] == ["onnx", "3", "pt2", "4", "tf", "2", "torch", "1"]
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": ["-1", "64"]}]
     assert meta["outputs"] == [{"name": "output", "datatype": "FP32", "shape": ["-1", "10"]}]
     platforms = {v: client.model_metadata("scorer", v)["platform"] for v in SCORER_VARIANTS}
@@ -353,8 +354,10 @@ def test_model_metadata(client: Client) -> None:
         "torch": "pytorch_libtorch",
         "tf": "tensorflow_savedmodel",
         "onnx": "onnxruntime_onnx",
+        "pt2": "pytorch_export",
     }
     assert client.model_metadata("detector")["platform"] == "onnxruntime_onnx"
+    assert client.model_metadata("detector_lite")["platform"] == "tensorflow_lite"
 
 
 def test_model_config_is_triton_shaped(client: Client) -> None:
@@ -406,7 +409,7 @@ def test_model_statistics_count_what_was_served(client: Client, stub) -> None:
     # Unpinned, the scorer's variants answer under the integers the demo gives them (Triton
     # tools parse versions as integers; named variants without one are summed under "0",
     # see test_versions.py); pinned, each variant answers under the version asked for.
-    assert set(_stats(stub, "scorer")) == {"1", "2", "3"}
+    assert set(_stats(stub, "scorer")) == {"1", "2", "3", "4"}
     assert set(_stats(stub, "partial")) == {"1", "2"}
     before = {v: _stats(stub, "scorer", v)[v] for v in SCORER_VARIANTS}
     total_before = _stats(stub, "scorer")["3"].inference_stats.success.count
@@ -498,7 +501,9 @@ def test_metrics_count_requests_per_backend(server, client: Client) -> None:
             client.infer("scorer", {"input": x64(1)}, version=v)
     after = _samples(server.scrape())
     for v, backend in zip(
-        SCORER_VARIANTS, ("torchscript", "tf_savedmodel", "onnxruntime"), strict=True
+        SCORER_VARIANTS,
+        ("torchscript", "tf_savedmodel", "onnxruntime", "torch_export"),
+        strict=True,
     ):
         labels = (("backend", backend), ("model", "scorer"), ("variant", v))
         key = ("tensorgate_request_duration_seconds_count", labels)

@@ -21,12 +21,13 @@ from tensorgate.server.demo import SCORER_VERSIONS
 
 from .serverproc import ServerProcess, run_triton_script
 
-SCORER_VARIANTS = ("torch", "tf", "onnx")
+SCORER_VARIANTS = ("torch", "tf", "onnx", "pt2")
 STRING_VARIANTS = ("torch", "tf", "onnx")
 PLATFORMS = {
     "torch": "pytorch_libtorch",
     "tf": "tensorflow_savedmodel",
     "onnx": "onnxruntime_onnx",
+    "pt2": "pytorch_export",
 }
 TEXTS = ["hello", "World 42", "mixed Case", ""]
 ATOL = 1e-5
@@ -142,6 +143,8 @@ for v in spec["scorer_versions"]:  # Triton's clients pin by integer: the demo's
     check(f"infer/scorer/{v}", infer_fp32, "scorer", v, "input", "output", "scorer")
 check("statistics/scorer/after", statistics, "scorer")
 check("infer/detector/1", infer_fp32, "detector", "1", "image", "scores", "detector")
+check("infer/detector_lite/1", infer_fp32, "detector_lite", "1", "image", "scores",
+      "detector_lite")
 check("metadata/detector/1", metadata, "detector", "1")
 for v in spec["string_variants"]:
     check(f"strings/{v}", infer_strings, v)
@@ -198,8 +201,31 @@ def run_onnx(path: Path, x: np.ndarray, input_name: str, output: str) -> np.ndar
     return session.run([output], {input_name: x})[0]
 
 
+def run_pt2(path: Path, x: np.ndarray) -> np.ndarray:
+    """A .pt2 as torch runs it: an AOTInductor package, else an ExportedProgram (the demo
+    writes the latter where no C++ compiler is found)."""
+    import torch
+
+    from tensorgate.backends.torch_export import archive_kind
+
+    compiled, _ = archive_kind(path)
+    with torch.inference_mode():
+        if compiled:
+            return torch._inductor.aoti_load_package(str(path))(torch.from_numpy(x)).numpy()
+        return torch.export.load(str(path)).module()(torch.from_numpy(x)).numpy()
+
+
+def run_tflite(path: Path, x: np.ndarray, input_name: str, output: str) -> np.ndarray:
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=str(path)).get_signature_runner()
+    return runner(**{input_name: x})[output]
+
+
 def scorer_direct(repo: Path, variant: str, x: np.ndarray) -> np.ndarray:
     scorer = repo / "scorer"
+    if variant == "pt2":
+        return run_pt2(scorer / "pt2" / "model.pt2", x)
     if variant == "torch":
         return run_torchscript(scorer / "torch" / "model.pt", x)
     if variant == "tf":
@@ -236,6 +262,7 @@ def triton(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> T
         "scorer": rng.standard_normal((5, 64)).astype(np.float32),
         "detector": rng.standard_normal((2, 3, 32, 32)).astype(np.float32),
     }
+    inputs["detector_lite"] = inputs["detector"]
     for stem, x in inputs.items():
         np.save(workdir / f"{stem}_input.npy", x)
     spec = {
@@ -290,6 +317,15 @@ def test_detector_infer_equals_onnxruntime(triton: TritonReport, model_repo: Pat
         model_repo / "detector" / "1" / "model.onnx", triton.inputs["detector"], "image", "scores"
     )
     np.testing.assert_allclose(triton.output("detector", "1"), expected, rtol=0, atol=ATOL)
+
+
+def test_detector_lite_infer_equals_litert(triton: TritonReport, model_repo: Path) -> None:
+    reply = triton["infer/detector_lite/1"]
+    assert (reply["model_name"], reply["model_version"]) == ("detector_lite", "1")
+    assert (reply["datatype"], reply["shape"]) == ("FP32", [2, 4])
+    path = model_repo / "detector_lite" / "1" / "model.tflite"
+    expected = run_tflite(path, triton.inputs["detector_lite"], "image", "scores")
+    np.testing.assert_allclose(triton.output("detector_lite", "1"), expected, rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize("variant", SCORER_VARIANTS)
@@ -351,7 +387,7 @@ def test_repository_index_lists_every_model(triton: TritonReport, model_repo: Pa
     assert {m["name"] for m in index} == on_disk
     scorer = {m["version"]: m["state"] for m in index if m["name"] == "scorer"}
     # Each variant, and again under the integer version the demo's config.toml gives it.
-    assert scorer == dict.fromkeys([*SCORER_VARIANTS, "1", "2", "3"], "READY")
+    assert scorer == dict.fromkeys([*SCORER_VARIANTS, *map(str, SCORER_VERSIONS.values())], "READY")
     broken = [m for m in index if m["name"] == "broken"]
     assert broken, index
     assert all(m["state"] == "UNAVAILABLE" for m in broken), broken

@@ -1,138 +1,34 @@
-"""Backend isolation: run a variant's backend in a worker process of its own.
-
-``isolation = "process"`` in a model's config.toml (top level, or per ``[variants.NAME]``)
-wraps the variant's backend in ``IsolatedBackend``. It implements the same contract
-(``load``, ``bind``, ``infer``, ``unload``) by delegating each call to the real backend in a
-child process, so a framework that crashes - a segfault, an abort, the OOM killer, a SIGKILL
-- takes down only that worker:
-
-- calls in flight on the variant, and calls made while the worker is down, raise
-  ``BackendUnreachable`` (UNAVAILABLE to the caller; routing's fallback treats it as
-  retryable), and the gateway keeps serving everything else;
-- the worker is restarted with exponential backoff (0.5 s, 1 s, 2 s ... up to 30 s; back to
-  0.5 s once a worker has served 60 s: tensorgate/backoff.py, shared with `serve --workers`),
-  and the model is loaded again in the new worker.
-
-It is crash isolation, not a security boundary: the worker runs with the gateway's user and
-environment, and the two trust each other's messages.
-
-Wire protocol, over two pipes (requests one way, replies the other; the child's stdout and
-stderr stay the server log's): each message is a pickle (protocol 5) whose numpy buffers
-travel out of band, written straight from the arrays' memory and read into fresh numpy
-buffers on the other side, so tensors are copied once through the pipe and never pickled::
-
-    <u32 pickle length> <u32 buffer count> <u64 length of each buffer...> <pickle> <buffers...>
-
-The child is ``python -m tensorgate.backends.isolated`` (``ps`` shows the variant it serves);
-it ignores SIGINT (a Ctrl-C reaches the whole process group, and the gateway must drain
-first) and exits when its request pipe closes, so it never outlives the gateway.
-"""
+"""The gateway's side: ``IsolatedBackend`` starts the worker, forwards calls, restarts it."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import logging
 import os
-import pickle
-import signal
-import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
-from typing import IO, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from tensorgate.backoff import RestartBackoff
 
-from .base import (
+from ..base import (
     Backend,
     BackendError,
-    BackendInputError,
     BackendOptions,
-    BackendUnavailable,
     BackendUnreachable,
     Signature,
 )
+from .wire import KINDS, describe_exit, recv_message, send_message
 
 log = logging.getLogger(__name__)
-
-_FRAME = struct.Struct("<II")
-_LENGTH = struct.Struct("<Q")
-
-#: Exception classes by the kind a worker reports; anything else is a BackendError.
-_KINDS: dict[str, type[BackendError]] = {
-    "input": BackendInputError,
-    "unavailable": BackendUnavailable,
-    "unreachable": BackendUnreachable,
-    "error": BackendError,
-}
-
-
-# -- the wire protocol --------------------------------------------------------------------
-
-
-def send_message(stream: IO[bytes], obj: object) -> None:
-    """Write one message; numpy buffers go out of band, straight from the arrays."""
-    buffers: list[pickle.PickleBuffer] = []
-    data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
-    raws = [b.raw() for b in buffers]
-    head = _FRAME.pack(len(data), len(raws)) + b"".join(_LENGTH.pack(r.nbytes) for r in raws)
-    stream.write(head + data)
-    for raw in raws:
-        stream.write(raw)
-    stream.flush()
-
-
-def _read_exact(stream: IO[bytes], n: int) -> memoryview:
-    buf = np.empty(n, np.uint8)  # numpy's allocator: aligned for any dtype
-    view = memoryview(buf).cast("B")
-    got = 0
-    while got < n:
-        k = stream.readinto(view[got:])  # type: ignore[attr-defined]
-        if not k:
-            raise EOFError(f"pipe closed after {got} of {n} bytes")
-        got += k
-    return view
-
-
-def recv_message(stream: IO[bytes]) -> Any:
-    """Read one message. Raises EOFError when the other side has gone."""
-    head = bytes(_read_exact(stream, _FRAME.size))
-    size, count = _FRAME.unpack(head)
-    lengths = [_LENGTH.unpack(_read_exact(stream, _LENGTH.size))[0] for _ in range(count)]
-    data = _read_exact(stream, size)
-    buffers = [_read_exact(stream, n) for n in lengths]
-    return pickle.loads(data, buffers=buffers)
-
-
-def _error_reply(rid: int, exc: BaseException) -> tuple:
-    kind = next(
-        (k for k, cls in _KINDS.items() if k != "error" and isinstance(exc, cls)),
-        "error",
-    )
-    message = str(exc) if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
-    return (rid, "error", kind, message)
-
-
-def describe_exit(returncode: int | None) -> str:
-    if returncode is None:
-        return "it closed its pipe"
-    if returncode < 0:
-        try:
-            return f"killed by signal {-returncode} ({signal.Signals(-returncode).name})"
-        except ValueError:
-            return f"killed by signal {-returncode}"
-    return f"exited with status {returncode}"
-
-
-# -- the parent side ----------------------------------------------------------------------
 
 
 class _Worker:
@@ -206,7 +102,7 @@ class _Worker:
                     future.set_result(rest[0])
                 else:
                     kind, message = rest
-                    future.set_exception(_KINDS.get(kind, BackendError)(message))
+                    future.set_exception(KINDS.get(kind, BackendError)(message))
         except EOFError:
             pass
         except Exception as e:  # a corrupt stream: this worker cannot be trusted any more
@@ -288,6 +184,10 @@ class IsolatedBackend(Backend):
 
     # -- the contract -------------------------------------------------------------------
     def load(self, path: Path, options: BackendOptions) -> Signature:
+        from tensorgate.backends import backend_class
+
+        # ModelMetadata reports the platform of the backend the worker runs, not "".
+        self.platform = backend_class(self.inner).platform  # type: ignore[misc]
         self._path, self._options = path, options
         worker, signature = self._start()
         with self._lock:
@@ -396,103 +296,3 @@ class IsolatedBackend(Backend):
             return
         with self._lock:
             self._restarting = False
-
-
-# -- the child side -----------------------------------------------------------------------
-
-
-class _Serve:
-    """The worker process: reads requests, runs the real backend, writes replies."""
-
-    def __init__(self, inner: str, label: str, requests: IO[bytes], replies: IO[bytes]) -> None:
-        self.inner = inner
-        self.label = label
-        self.requests = requests
-        self.replies = replies
-        self.write_lock = threading.Lock()
-        self.backend: Backend | None = None
-        self.pool: ThreadPoolExecutor | None = None
-
-    def reply(self, message: tuple) -> None:
-        with self.write_lock:
-            send_message(self.replies, message)
-
-    def run(self) -> None:
-        while True:
-            try:
-                op, rid, *args = recv_message(self.requests)
-            except EOFError:
-                return  # the gateway closed the pipe (unload) or is gone
-            if op == "infer" and self.pool is not None:
-                self.pool.submit(self.infer, rid, *args)
-                continue
-            try:
-                result = self.control(op, *args)
-            except BaseException as e:
-                self.reply(_error_reply(rid, e))
-            else:
-                self.reply((rid, "ok", result))
-            if op == "unload":
-                return
-
-    def control(self, op: str, *args: Any) -> Any:
-        from tensorgate.backends import backend_class
-
-        if op == "load":
-            path, options = args
-            self.backend = backend_class(self.inner)()
-            signature = self.backend.load(Path(path), options)
-            self.pool = ThreadPoolExecutor(max(1, options.instances), thread_name_prefix="infer")
-            return signature
-        if self.backend is None:
-            raise BackendError(f"worker for {self.label}: '{op}' before the model was loaded")
-        if op == "bind":
-            self.backend.bind(args[0])
-            return None
-        if op == "unload":
-            if self.pool is not None:
-                self.pool.shutdown(wait=True)
-            self.backend.unload()
-            return None
-        raise BackendError(f"worker for {self.label}: unknown request '{op}'")
-
-    def infer(self, rid: int, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> None:
-        assert self.backend is not None
-        try:
-            result = self.backend.infer(inputs, outputs)
-        except BaseException as e:
-            self.reply(_error_reply(rid, e))
-        else:
-            self.reply((rid, "ok", result))
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="tensorgate isolated backend worker")
-    parser.add_argument("--backend", required=True)
-    parser.add_argument("--label", required=True)
-    parser.add_argument("--requests-fd", type=int, required=True)
-    parser.add_argument("--replies-fd", type=int, required=True)
-    args = parser.parse_args(argv)
-    # Ctrl-C reaches the whole process group: the gateway drains, then unloads this worker.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s %(levelname)s worker[{args.label} pid {os.getpid()}]: %(message)s",
-    )
-    serve = _Serve(
-        args.backend,
-        args.label,
-        os.fdopen(args.requests_fd, "rb", buffering=1 << 16),
-        os.fdopen(args.replies_fd, "wb", buffering=1 << 16),
-    )
-    try:
-        serve.run()
-    finally:
-        with contextlib.suppress(OSError):
-            serve.replies.flush()
-        # Framework thread pools may hold non-daemon threads: leave without waiting on them.
-        os._exit(0)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,5 @@
+"""``python -m tensorgate.backends.isolated``: an isolated backend worker (``child.main``)."""
+
+from .child import main
+
+main()
