@@ -61,8 +61,8 @@ _CALLERS_FAULT = frozenset(
 
 
 class BlockedCall:
-    """What a sync caller waits on: a lock the reply releases. Lighter than a
-    concurrent.futures.Future (no condition variable), which counts at thousands of calls/s."""
+    """What a sync caller waits on: a lock the reply releases (lighter than a
+    concurrent.futures.Future, which adds a condition variable)."""
 
     __slots__ = ("_lock", "error", "reply")
 
@@ -327,9 +327,12 @@ class ThreadedStreamMux:
             collections.deque()
         )
         self._wake_due = False
+        self._closed = False
 
     def _start(self) -> tuple[asyncio.AbstractEventLoop, StreamMux]:
         with self._lock:
+            if self._closed:
+                raise InferenceError(grpc.StatusCode.CANCELLED, "client closed")
             if self._loop is None or self._mux is None:
                 loop = asyncio.new_event_loop()
                 thread = threading.Thread(
@@ -373,6 +376,7 @@ class ThreadedStreamMux:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             loop, thread, mux = self._loop, self._thread, self._mux
             self._loop = self._thread = self._mux = None
         if loop is None or thread is None:

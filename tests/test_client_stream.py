@@ -176,6 +176,9 @@ def test_replies_reach_their_callers_from_threads(gateway: ServerProcess, stream
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             results = [r for rs in pool.map(caller, range(16)) for r in rs]
         assert client._stream is not None and not client._stream._mux.pending  # type: ignore
+    with pytest.raises(InferenceError) as info:  # closed: no new streams
+        client.infer("echo", {"in_FP32": np.ones(1, np.float32)})
+    assert info.value.code == grpc.StatusCode.CANCELLED
     assert len(results) == 400
     for x, result, rid in results:
         np.testing.assert_array_equal(result["out_FP32"], x)
