@@ -9,12 +9,17 @@ a channel (``grpc`` or ``grpc.aio``)::
         result["output"], result.variant
 
         result = await client.aio.infer("scorer", {"input": x})
+
+With ``Client(target, stream=True)`` each face sends its ``infer`` calls over a few
+long-lived ModelStreamInfer streams, one per channel, instead of a unary call each: the
+high-throughput way to call the gateway (``clients/stream.py``). Every other call stays
+unary.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -29,17 +34,15 @@ from tensorgate.limits import MAX_MESSAGE_BYTES
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 
+from .errors import InferenceError
+from .stream import StreamMux, ThreadedStreamMux
+
 VARIANT_METADATA_KEY = "tensorgate-variant"
 T = TypeVar("T")
-
-
-class InferenceError(Exception):
-    """A call failed; ``code`` is the gRPC status, ``message`` the server's explanation."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
+#: Streams (each on a channel and connection of its own) that ``stream=True`` opens per face.
+#: One stream carries one message per gRPC operation; a few let both ends batch their
+#: socket writes and wake-ups, and spread over the processes of ``serve --workers``.
+DEFAULT_STREAMS = 4
 
 
 class InferResult(dict[str, np.ndarray]):
@@ -157,6 +160,31 @@ class _Calls:
         yield _Call("RepositoryModelUnload", request, timeout)
 
 
+def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+def _stream_count(stream: bool | int) -> int:
+    """How many streams ``stream`` asks for: True ``DEFAULT_STREAMS``, False or 0 none."""
+    if stream is True:
+        return DEFAULT_STREAMS
+    if stream < 0:
+        raise ValueError(f"stream must be True, False or a number of streams, not {stream}")
+    return int(stream)
+
+
+def _stream_channels(
+    target: str, options: list, credentials: grpc.ChannelCredentials | None
+) -> Callable[[], grpc.aio.Channel]:
+    """Opens the channels the streams ride on: each with a subchannel pool of its own, so
+    that each has its own connection (gRPC shares one among channels to a target)."""
+    own = [*options, ("grpc.use_local_subchannel_pool", 1)]
+    return lambda: open_channel(target, credentials, own, aio=True)
+
+
 def _error(e: grpc.RpcError) -> InferenceError:
     return InferenceError(e.code(), e.details() or "")  # type: ignore[attr-defined]
 
@@ -170,10 +198,17 @@ class AsyncFace(_Calls):
         metadata: tuple[tuple[str, str], ...],
         options: list,
         credentials: grpc.ChannelCredentials | None = None,
+        stream: bool | int = False,
     ) -> None:
         self._channel = open_channel(target, credentials, options, aio=True)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._metadata = metadata
+        streams = _stream_count(stream)
+        self._stream = (
+            StreamMux(_stream_channels(target, options, credentials), metadata, streams)
+            if streams
+            else None
+        )
 
     async def _drive(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         op = fn(*args, **kwargs)
@@ -181,6 +216,10 @@ class AsyncFace(_Calls):
         try:
             call = next(op)
             while True:
+                if self._stream is not None and call.method == "ModelInfer":
+                    reply = await self._stream.infer(call.request, call.timeout)
+                    call = op.send((reply, {}))
+                    continue
                 rpc = getattr(self._stub, call.method)(
                     call.request, timeout=call.timeout, metadata=self._metadata
                 )
@@ -194,6 +233,8 @@ class AsyncFace(_Calls):
             return stop.value
 
     async def close(self) -> None:
+        if self._stream is not None:
+            await self._stream.close()
         await self._channel.close()
 
 
@@ -204,6 +245,12 @@ class Client(_Calls):
     ``authorization: Bearer <token>``. TLS is used when ``tls`` is true or any of
     ``tls_ca`` (the server's CA; default the system roots), ``tls_cert`` and ``tls_key``
     (this client's certificate, for mutual TLS) is given - as PEM bytes or file paths.
+
+    ``stream=True`` carries ``infer`` over ModelStreamInfer streams instead of a unary call
+    each: ``DEFAULT_STREAMS`` per face (this one and ``aio``), one per channel, taken in
+    turn; ``stream=N`` opens N. Several times the calls per second from one process under
+    concurrency. Calls from many threads or tasks share the streams; each keeps its own
+    timeout, errors and result (see ``clients/stream.py``).
     """
 
     def __init__(
@@ -217,23 +264,34 @@ class Client(_Calls):
         tls_cert: PemSource | None = None,
         tls_key: PemSource | None = None,
         token: str | None = None,
+        stream: bool | int = False,
     ) -> None:
         self.target = target
+        self.stream = stream
+        streams = _stream_count(stream)
         self._metadata = tuple((metadata or {}).items()) + auth_metadata(token)
-        self._options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ]
+        self._options = _channel_options(max_message_bytes)
         self._credentials = client_credentials(tls, tls_ca, tls_cert, tls_key)
         self._channel = open_channel(target, self._credentials, self._options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._aio: AsyncFace | None = None
+        self._stream = (
+            ThreadedStreamMux(
+                _stream_channels(target, self._options, self._credentials),
+                self._metadata,
+                streams,
+            )
+            if streams
+            else None
+        )
 
     @property
     def aio(self) -> AsyncFace:
         """The asyncio face (created on first use, inside the running event loop)."""
         if self._aio is None:
-            self._aio = AsyncFace(self.target, self._metadata, self._options, self._credentials)
+            self._aio = AsyncFace(
+                self.target, self._metadata, self._options, self._credentials, self.stream
+            )
         return self._aio
 
     def _drive(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -241,6 +299,9 @@ class Client(_Calls):
         try:
             call = next(op)
             while True:
+                if self._stream is not None and call.method == "ModelInfer":
+                    call = op.send((self._stream.infer(call.request, call.timeout), {}))
+                    continue
                 try:
                     reply, rpc = getattr(self._stub, call.method).with_call(
                         call.request, timeout=call.timeout, metadata=self._metadata
@@ -253,6 +314,8 @@ class Client(_Calls):
             return stop.value
 
     def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
         self._channel.close()
 
     def __enter__(self) -> Client:

@@ -8,6 +8,9 @@ servers' CPU time per request as a Markdown table.
 
     .venv/bin/python loadtest/bench_remote.py [--seconds 5] [--concurrency 8] [--rows 1]
 
+Every run writes its figures, with the command and the machine, to
+``loadtest/results/remote-<UTC time>.json`` (or ``--out``).
+
 Not a test: numbers depend on the machine. Every process here shares the same cores, the
 client included, so on a small machine the figures measure CPU per request as much as
 latency.
@@ -30,7 +33,12 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from common import cpu_seconds, machine  # noqa: E402 - loadtest/common.py, beside this script
+from common import (  # noqa: E402 - loadtest/common.py, beside this script
+    cpu_seconds,
+    machine,
+    results_path,
+    write_results,
+)
 
 from tensorgate import codec  # noqa: E402
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
@@ -133,7 +141,11 @@ def main() -> None:
         "--instances", type=int, default=8, help="[instances] count of the remote variant"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    parser.add_argument("--out", type=Path, help="results file (default "
+                        "loadtest/results/remote-<UTC time>.json)")  # fmt: skip
     args = parser.parse_args()
+    started = time.time()
+    out = args.out or results_path("remote")
 
     with tempfile.TemporaryDirectory(prefix="tensorgate-bench-") as tmp:
         root = Path(tmp)
@@ -164,10 +176,13 @@ def main() -> None:
                 ]
                 results = [measure(n, s, m, v, args.rows, args, pids) for n, s, m, v in paths]
 
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    write_results(out, {"args": settings, "paths": [asdict(r) for r in results]}, started)
     if args.json:
-        print(json.dumps({"machine": machine(), "args": vars(args),
+        print(json.dumps({"machine": machine(), "args": settings,
                           "results": [asdict(r) for r in results]}, indent=2))  # fmt: skip
         return
+    print(f"results: {out}")
     print(f"machine: {machine()}")
     print(
         f"concurrency {args.concurrency}, {args.seconds:g} s per path after {args.warmup:g} s "

@@ -12,9 +12,13 @@ MLP) served as several models:
 Each path is driven by a grpc.aio client at a fixed concurrency, in several rounds, each
 round running every path once in a shuffled order (so that drift on a shared machine hits
 every path alike), and the script prints requests/s (over all rounds, and the range of the
-rounds), latency percentiles and the server's CPU time per request as a Markdown table.
+rounds), latency percentiles and the server's CPU time per request as a Markdown table; then
+it times one routing decision in process (``choose_variant``: a weighted draw, a sticky key).
 
     .venv/bin/python loadtest/bench_routing.py [--seconds 3] [--rounds 3] [--concurrency 8]
+
+Every run writes its figures, with the command and the machine, to
+``loadtest/results/routing-<UTC time>.json`` (or ``--out``).
 
 Not a test: numbers depend on the machine. The client shares the cores with the server.
 """
@@ -38,11 +42,17 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from common import cpu_seconds, machine  # noqa: E402 - loadtest/common.py, beside this script
+from common import (  # noqa: E402 - loadtest/common.py, beside this script
+    cpu_seconds,
+    machine,
+    results_path,
+    write_results,
+)
 
 from tensorgate import codec  # noqa: E402
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 from tensorgate.server.demo import MLP_TENSORS, build_mlp_onnx, mlp_weights  # noqa: E402
+from tensorgate.server.router import choose_variant  # noqa: E402
 from tests.serverproc import ServerProcess  # noqa: E402
 
 TENSORS = MLP_TENSORS
@@ -108,6 +118,29 @@ async def drive(
     return latencies, errors
 
 
+def decision_us(repeat: int = 20_000) -> dict[str, float]:
+    """Microseconds per routing decision in this process (``choose_variant``, the pure
+    strategy the router calls): a weighted draw, and a sticky key (1,000 keys in turn),
+    among two variants weighted 90/10. The best of 5 passes: the least disturbed."""
+    weights = {"torch": 90.0, "tf": 10.0}
+    rng = random.Random(0)
+    keys = [f"user-{i}" for i in range(1000)]
+
+    def best(fn) -> float:
+        passes = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for i in range(repeat):
+                fn(i)
+            passes.append((time.perf_counter() - t0) / repeat * 1e6)
+        return round(min(passes), 2)
+
+    return {
+        "weighted_draw_us": best(lambda i: choose_variant(weights, None, rng, "m")),
+        "sticky_key_us": best(lambda i: choose_variant(weights, keys[i % 1000], rng, "m")),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per round")
@@ -115,7 +148,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds per round")
     parser.add_argument("--concurrency", type=int, default=8, help="calls in flight")
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    parser.add_argument("--out", type=Path, help="results file (default "
+                        "loadtest/results/routing-<UTC time>.json)")  # fmt: skip
     args = parser.parse_args()
+    started = time.time()
+    out = args.out or results_path("routing")
 
     x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
     latencies: dict[str, list[float]] = {label: [] for label, *_ in PATHS}
@@ -169,11 +206,17 @@ def main() -> None:
                 server_cpu_ms_per_request=cpu[label] * 1e3 / max(1, len(lat)),
             )
         )
+    decision = decision_us()
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    paths = [asdict(r) for r in results]
+    write_results(out, {"args": settings, "paths": paths, "decision": decision}, started)
     if args.json:
-        print(json.dumps({"machine": machine(), "args": vars(args),
+        print(json.dumps({"machine": machine(), "args": settings,
                           "results": [asdict(r) for r in results]}, indent=2))  # fmt: skip
         return
+    print(f"results: {out}")
     print(f"machine: {machine()}")
+    print(f"one routing decision in process: {decision}")
     print(
         f"concurrency {args.concurrency}, {args.rounds} shuffled rounds of {args.seconds:g} s "
         f"per path (after {args.warmup:g} s warm-up each), [1, 64] FP32 per request, "

@@ -16,8 +16,14 @@ runs that other processes disturbed. Blocks (``--only``):
   TorchScript variant;
 - ``stream``:     the gateway's unary vs ModelStreamInfer with ``tensorgate bench`` (h2load cannot
   drive a bidirectional stream), one worker, the same load generator for both;
+- ``client``:     the project's own client, unary vs ``Client(stream=True)`` (one ModelStreamInfer
+  stream per channel), c=32 from one process, aio and sync faces (``bench_client_stream.py``);
 - ``mlserver``:   MLServer 1.7.1 + onnxruntime on the same ONNX file (peers' bench_mlserver.sh);
 - ``torchserve``: TorchServe 0.12 on the same TorchScript file, unbatched and batched;
+- ``kserve``:     the KServe 0.21 Python ModelServer (grpc.aio, 1 process) + onnxruntime on the
+  same ONNX file (peers' bench_kserve.sh);
+- ``pytriton``:   Triton 2.51 through PyTriton 0.7 with an onnxruntime function on the same ONNX
+  file, without and with dynamic batching (peers' bench_pytriton.sh);
 - ``wide``:       the compute-bound model (``WIDE_MLP_SIZES``, server/demo.py) at c=32: in-process
   floor (batch 1 and 32), the gateway without and with dynamic batching, MLServer and TorchServe
   without and with their batching (through a second PEERS_HOME whose ``mlp`` is the wide model).
@@ -28,7 +34,8 @@ small-MLP runs, default 1,8,32), ``D`` (seconds per run, default 10), ``PEERS_HO
 (default ~/peers), ``PEERS_DIR`` (default ../shared/peers next to the checkout); to run
 fewer configurations: ``TG_CONFIGS`` (1w,2w,1wb,2wb,torch), ``MLS_VARIANTS`` ("0:plain
 1:plain 0:batched"), ``TS_CONFIGS`` ("1 2 1b8"), ``WIDE_TG_CONFIGS`` (1w,1wb,2wb),
-``WIDE_MLS`` ("0:plain 0:batched"), ``WIDE_TS`` ("1 1b32").
+``WIDE_MLS`` ("0:plain 0:batched"), ``WIDE_TS`` ("1 1b32"), ``PYTRITON_VARIANTS`` ("plain
+batched"); ``PYTRITON_PA=1`` adds perf_analyzer runs against PyTriton.
 """
 
 from __future__ import annotations
@@ -48,16 +55,48 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from common import tree_cpu_seconds  # loadtest/common.py, beside this script
 
 from tensorgate.server.demo import MLP_TENSORS
 
 ROOT = Path(__file__).resolve().parents[1]
-PEERS_DIR = Path(os.environ.get("PEERS_DIR", ROOT.parent / "shared" / "peers")).resolve()
+# ../shared/peers beside the checkout (or beside its parent, for a worktree in a folder).
+PEERS_DIR = Path(
+    os.environ.get(
+        "PEERS_DIR",
+        next(
+            (
+                p
+                for p in (ROOT.parent / "shared/peers", ROOT.parents[1] / "shared/peers")
+                if p.is_dir()
+            ),
+            ROOT.parent / "shared/peers",
+        ),
+    )
+).resolve()
 PEERS_HOME = Path(os.environ.get("PEERS_HOME", Path.home() / "peers")).resolve()
 WIDE_HOME = PEERS_HOME.parent / f"{PEERS_HOME.name}-wide"
 TOOLS_PY = PEERS_HOME / "venv-tools" / "bin" / "python"
 PYTHON = sys.executable
-BLOCKS = ("floor", "echo", "tensorgate", "stream", "mlserver", "torchserve", "wide")
+BLOCKS = (
+    "floor",
+    "echo",
+    "tensorgate",
+    "stream",
+    "client",
+    "mlserver",
+    "torchserve",
+    "kserve",
+    "pytriton",
+    "wide",
+)
+# The peers' install script and the file it leaves behind, by block.
+PEER_INSTALLS = {
+    "mlserver": ("install_mlserver.sh", "venv-mlserver/bin/mlserver"),
+    "torchserve": ("install_torchserve.sh", "venv-torchserve/bin/torchserve"),
+    "kserve": ("install_kserve.sh", "venv-kserve/bin/python"),
+    "pytriton": ("install_pytriton.sh", "venv-pytriton/bin/python"),
+}
 IO_CONFIG = "\n" + MLP_TENSORS
 PLAIN_CONFIG = 'default_variant = "onnx"\n' + IO_CONFIG
 BATCHED_CONFIG = (
@@ -99,11 +138,15 @@ class Run:
 def install(blocks: set[str]) -> None:
     """The peers' installs (each idempotent, minutes from the package registries)."""
     sh(["bash", str(PEERS_DIR / "install_tools.sh")], check=True)
-    if blocks & {"mlserver", "wide"}:
-        sh(["bash", str(PEERS_DIR / "install_mlserver.sh")], check=True)
-    if blocks & {"torchserve", "wide"}:
-        sh(["bash", str(PEERS_DIR / "install_torchserve.sh")], check=True)
+    for block in _peer_blocks(blocks):
+        sh(["bash", str(PEERS_DIR / PEER_INSTALLS[block][0])], check=True)
     sh(["bash", str(PEERS_DIR / "setup_models.sh")], check=True)
+
+
+def _peer_blocks(blocks: set[str]) -> list[str]:
+    """The peers a set of blocks runs (``wide`` runs MLServer and TorchServe)."""
+    wanted = blocks | ({"mlserver", "torchserve"} if "wide" in blocks else set())
+    return [b for b in PEER_INSTALLS if b in wanted]
 
 
 def check_installed(blocks: set[str]) -> None:
@@ -112,10 +155,12 @@ def check_installed(blocks: set[str]) -> None:
         missing.append("install_tools.sh")
     if not (PEERS_HOME / "models" / "mlp.onnx").exists():
         missing.append("setup_models.sh")
-    if blocks & {"mlserver", "wide"} and not (PEERS_HOME / "venv-mlserver/bin/mlserver").exists():
-        missing.append("install_mlserver.sh")
-    if blocks & {"torchserve", "wide"} and not (PEERS_HOME / "models" / "mlp.pt").exists():
-        missing.append("install_torchserve.sh, then setup_models.sh")
+    for block in _peer_blocks(blocks):
+        script, installed = PEER_INSTALLS[block]
+        if not (PEERS_HOME / installed).exists():
+            missing.append(script)
+    if "torchserve" in _peer_blocks(blocks) and not (PEERS_HOME / "models" / "mlp.pt").exists():
+        missing.append("setup_models.sh after install_torchserve.sh (for mlp.pt)")
     if missing:
         raise SystemExit(
             f"not installed under {PEERS_HOME}: {', '.join(missing)} (in {PEERS_DIR}); "
@@ -350,23 +395,6 @@ def block_tensorgate(run: Run) -> None:
             bench_target(run, address, pid, label, *extra)
 
 
-def _tree_cpu(pid: int) -> float:
-    """CPU seconds of ``pid`` and its children (the gateway's workers)."""
-    total = 0.0
-    tck = os.sysconf("SC_CLK_TCK")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(entry) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / tck
-    return total
-
-
 def _busy_cores_seconds() -> float:
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     values = [int(v) for v in fields]
@@ -411,10 +439,10 @@ def block_stream(run: Run) -> None:
                     ]
 
                 subprocess.run(bench(2), capture_output=True, check=False)  # warm-up
-                cpu0, busy0, t0 = _tree_cpu(pid), _busy_cores_seconds(), time.perf_counter()
+                cpu0, busy0, t0 = tree_cpu_seconds(pid), _busy_cores_seconds(), time.perf_counter()
                 proc = subprocess.run(bench(run.d), capture_output=True, text=True, check=False)
                 wall = time.perf_counter() - t0
-                cpu = _tree_cpu(pid) - cpu0
+                cpu = tree_cpu_seconds(pid) - cpu0
                 busy = _busy_cores_seconds() - busy0
                 if proc.returncode != 0:
                     run.record(
@@ -502,6 +530,69 @@ def _inproc_rows_per_s(onnx: Path, batch: int, seconds: float) -> dict:
     }
 
 
+def block_kserve(run: Run) -> None:
+    log("KServe 0.21 ModelServer")
+    sh(["bash", str(PEERS_DIR / "bench_kserve.sh")], env=run.env)
+
+
+def block_pytriton(run: Run) -> None:
+    variants = os.environ.get("PYTRITON_VARIANTS", "plain batched")
+    log(f"Triton 2.51 through PyTriton 0.7 ({variants})")
+    sh(
+        ["bash", str(PEERS_DIR / "bench_pytriton.sh")],
+        env={**run.env, "VARIANTS": variants, "PA": os.environ.get("PYTRITON_PA", "0")},
+    )
+
+
+def block_client(run: Run) -> None:
+    """Item 6 of issue 10: the project's client over one stream vs unary, c=32, one client
+    process, the same gateway (its own, 1 worker) for both; rounds alternate the order."""
+    log("tensorgate's client: unary vs Client(stream=True), c=32")
+    detail = run.out.with_name(f"{run.out.stem}-client-stream.json")
+    rc = sh(
+        [
+            PYTHON,
+            str(ROOT / "loadtest" / "bench_client_stream.py"),
+            "--seconds",
+            str(run.d),
+            "--rounds",
+            os.environ.get("CLIENT_ROUNDS", "3"),
+            "--concurrency",
+            "32",
+            "--out",
+            str(detail),
+        ]
+    )
+    if rc != 0 or not detail.exists():
+        run.record({"label": "tensorgate client", "tool": "client", "c": 32, "error": f"rc {rc}"})
+        return
+    runs = json.loads(detail.read_text())["results"]["runs"]
+    for face in dict.fromkeys(r["face"] for r in runs):
+        for mode in ("unary", "stream"):
+            mine = [r for r in runs if (r["face"], r["mode"]) == (face, mode)]
+            run.record(
+                {
+                    "label": f"tensorgate (1 worker, ONNX Runtime) via Client {face} face, "
+                    + ("Client(stream=True)" if mode == "stream" else "unary"),
+                    "tool": "client",
+                    "c": 32,
+                    "duration_s": run.d,
+                    "rounds": len(mine),
+                    "rps": statistics.median(r["rps"] for r in mine),
+                    "p50_ms": statistics.median(r["p50_ms"] for r in mine),
+                    "p99_ms": statistics.median(r["p99_ms"] for r in mine),
+                    "failures": sum(r["errors"] for r in mine),
+                    "server_cpu_ms_per_req": statistics.median(
+                        r["server_cpu_ms_per_request"] for r in mine
+                    ),
+                    "client_cpu_ms_per_req": statistics.median(
+                        r["client_cpu_ms_per_request"] for r in mine
+                    ),
+                    "detail": detail.name,
+                }
+            )
+
+
 def block_wide(run: Run) -> None:
     onnx, torchscript = wide_models(run.work)
     home = wide_peers_home(onnx, torchscript)
@@ -566,7 +657,7 @@ def report(rows: list[dict], machine: str) -> str:
         ]
     labels = list(dict.fromkeys(r["label"] for r in small))
     for label in labels:
-        for tool in ("h2load", "ort", "tensorgate-bench", "inproc"):
+        for tool in ("h2load", "pa", "ort", "tensorgate-bench", "client", "inproc"):
             mine = {int(r["c"]): r for r in small if r["label"] == label and r.get("tool") == tool}
             if not mine:
                 continue
@@ -651,6 +742,22 @@ def targets(rows: list[dict]) -> list[str]:
         lines.append(
             f"  p99 {tg_best['p99_ms']} ms vs {peers['p99_ms']} ms: "
             f"{'no worse' if tg_best['p99_ms'] <= peers['p99_ms'] else 'worse'}"
+        )
+    ratio("1 worker vs KServe's ModelServer, c=32", tg1, _best(_pick(rows, "KServe", 32)), 1.5)
+    triton = _best([r for r in _pick(rows, "PyTriton", 32) if "dynamic batching" in r["label"]])
+    ratio("tensorgate's best vs batched Triton (PyTriton), c=32", tg_best, triton, 1.25)
+    if tg_best and triton:
+        lines.append(
+            f"  p99 {tg_best['p99_ms']} ms vs {triton['p99_ms']} ms: "
+            f"{'no worse' if tg_best['p99_ms'] <= triton['p99_ms'] else 'worse'}"
+        )
+    for face in ("aio", "sync"):
+        prefix = f"tensorgate (1 worker, ONNX Runtime) via Client {face} face, "
+        ratio(
+            f"Client(stream=True) vs unary, {face} face, one client process, c=32",
+            _best(_pick(rows, prefix + "Client(stream=True)", 32, "client")),
+            _best(_pick(rows, prefix + "unary", 32, "client")),
+            2.5,
         )
     ratio(
         "server CPU per request, 1 worker vs echo (raw), c=32",
@@ -757,8 +864,11 @@ def main() -> None:
             "echo": block_echo,
             "tensorgate": block_tensorgate,
             "stream": block_stream,
+            "client": block_client,
             "mlserver": block_mlserver,
             "torchserve": block_torchserve,
+            "kserve": block_kserve,
+            "pytriton": block_pytriton,
             "wide": block_wide,
         }
         for name in BLOCKS:
@@ -767,7 +877,7 @@ def main() -> None:
                 steps[name](run)
                 if name == "wide":
                     _tag_wide(out, started)
-    text = report(_mark_wide(load(out)), where)
+    text = report(_mark_wide(load(out) if out.exists() else []), where)
     out.with_suffix(".md").write_text(text)
     print("\n" + text)
 

@@ -1,10 +1,14 @@
-"""Shared by the benchmark scripts in loadtest/: the machine a result came from, and the
-CPU time a server process spent."""
+"""Shared by the benchmark scripts in loadtest/: the machine a result came from, the CPU
+time a server process spent, and the raw results file every cited figure comes from."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import shlex
+import sys
+import time
 from pathlib import Path
 
 
@@ -26,3 +30,64 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process in MiB (VmRSS, /proc); 0 when it has none."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and its direct children (a server's ``--workers``)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited while we looked
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(entry.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def command_line() -> str:
+    """How this script was started, paths relative to the checkout where they are inside it."""
+
+    def rel(arg: str) -> str:
+        path = Path(arg)
+        if path.is_absolute() and path.is_relative_to(REPO_ROOT):
+            return str(path.relative_to(REPO_ROOT))
+        return arg
+
+    return shlex.join([rel(sys.executable), *(rel(a) for a in sys.argv)])
+
+
+def results_path(stem: str) -> Path:
+    """``loadtest/results/<stem>-<UTC time>.json``: where a run's raw results go."""
+    return RESULTS / f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
+
+
+def write_results(path: Path, results: object, started: float) -> Path:
+    """Write ``results`` with what a reader needs to trust them: the command, the machine,
+    when it ran (UTC) and how busy the machine was (load averages at the end)."""
+    record = {
+        "command": command_line(),
+        "machine": machine(),
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
+        "results": results,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path

@@ -8,8 +8,11 @@ It prints a Markdown table, one row per framework: RSS once loaded, after the fi
 after the last, and the growth per cycle over the second half of the run (by least squares),
 which is what a leak would show as.
 
-    .venv/bin/python loadtest/memory_cycles.py [--cycles 50] [--json cycles.json]
+    .venv/bin/python loadtest/memory_cycles.py [--cycles 50] [--out FILE]
         [--frameworks onnx,torch,tf,onnx-isolated]
+
+Every run writes its results (each framework's RSS series too), with the command and the
+machine, to ``loadtest/results/memory-cycles-<UTC time>.json`` (or ``--out``).
 
 Not a test: figures depend on the machine, the allocator and the framework versions.
 """
@@ -28,6 +31,8 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from common import results_path, rss_mib, write_results  # noqa: E402 - beside this script
 
 from tensorgate.clients import Client  # noqa: E402
 from tensorgate.server.demo import (  # noqa: E402
@@ -57,13 +62,6 @@ def build(framework: str, root: Path) -> None:
         build_mlp_savedmodel(model / "1" / "model.savedmodel", weights)
     else:
         raise SystemExit(f"unknown framework {framework!r}")
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def slope(values: list[float]) -> float:
@@ -119,8 +117,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cycles", type=int, default=50)
     parser.add_argument("--frameworks", default="onnx,torch,tf,onnx-isolated")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--out", "--json", type=Path, help="results file (default "
+                        "loadtest/results/memory-cycles-<UTC time>.json)")  # fmt: skip
     args = parser.parse_args()
+    started = time.time()
+    out = args.out or results_path("memory-cycles")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     results = []
     with tempfile.TemporaryDirectory(prefix="tensorgate-memory-") as tmp:
@@ -141,8 +142,9 @@ def main() -> None:
             f"{r['growth_per_cycle_second_half_kib']} KiB | {r['worker_rss_mib'] or '-'} | "
             f"{r['seconds_per_cycle']} |"
         )
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    write_results(out, {"args": settings, "frameworks": results}, started)
+    print(f"\nresults: {out}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ errors that are expected are UNAVAILABLE from ``iso`` while its worker is down; 
 else (a wrong answer, an INTERNAL, a bad request answered OK) is counted as unexpected, and
 the exit status is 1 when there was any.
 
-    .venv/bin/python loadtest/soak.py [--duration 120] [--threads 4] [--json soak.json]
+    .venv/bin/python loadtest/soak.py [--duration 120] [--threads 4] [--out FILE]
+
+Every run writes its rows and summary, with the command and the machine, to
+``loadtest/results/soak-<UTC time>.json`` (or ``--out``).
 
 Not a test: it runs for minutes and its figures depend on the machine.
 """
@@ -27,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import signal
 import struct
@@ -45,6 +47,8 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from common import machine, results_path, rss_mib, write_results  # noqa: E402 - beside this script
+
 from tensorgate.clients import Client, InferenceError  # noqa: E402
 from tensorgate.protos import grpc_service_pb2 as pb  # noqa: E402
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
@@ -59,13 +63,6 @@ from tests.serverproc import ServerProcess  # noqa: E402
 
 MODELS = ("mlp", "iso", "torch")
 BAD_ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def build_repository(root: Path) -> None:
@@ -306,16 +303,17 @@ def main() -> int:
     parser.add_argument("--report-every", type=float, default=10.0, help="seconds per row")
     parser.add_argument("--reload-every", type=float, default=7.0, help="seconds between reloads")
     parser.add_argument("--kill-every", type=float, default=15.0, help="seconds between kills")
-    parser.add_argument("--json", type=Path, help="write rows and summary here")
+    parser.add_argument("--out", "--json", type=Path, help="results file (default "
+                        "loadtest/results/soak-<UTC time>.json)")  # fmt: skip
     args = parser.parse_args()
+    started = time.time()
+    out = args.out or results_path("soak")
 
     with tempfile.TemporaryDirectory(prefix="tensorgate-soak-") as tmp:
         repo = Path(tmp) / "models"
         build_repository(repo)
         print(
-            f"soak: {args.duration:.0f} s, {args.threads} client threads, "
-            f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
-            flush=True,
+            f"soak: {args.duration:.0f} s, {args.threads} client threads, {machine()}", flush=True
         )
         with ServerProcess(
             repo, Path(tmp), "--poll-interval", "1", "--log-level", "WARNING"
@@ -345,8 +343,9 @@ def main() -> int:
             "unexpected_examples": soak.unexpected_examples,
         }
     print(json.dumps(summary, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps({"rows": soak.rows, "summary": summary}, indent=2))
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    write_results(out, {"args": settings, "rows": soak.rows, "summary": summary}, started)
+    print(f"results: {out}")
     ok = alive and exit_code == 0 and summary["unexpected"] == 0
     return 0 if ok else 1
 

@@ -15,7 +15,7 @@ import grpc
 import tensorgate
 from tensorgate import codec
 from tensorgate.datatypes import by_name
-from tensorgate.errors import ModelNotFound, ModelNotReady, TensorgateError
+from tensorgate.errors import InvalidInput, ModelNotFound, ModelNotReady, TensorgateError
 from tensorgate.limits import MAX_ELEMENTS
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
@@ -32,6 +32,8 @@ WORKER_METADATA_KEY = "tensorgate-worker"
 EXTENSIONS = ["model_repository", "model_configuration", "statistics"]
 # Requests of one ModelStreamInfer stream being served at once; the reader waits beyond.
 STREAM_WINDOW = 128
+#: A stream request's own timeout, in microseconds: Triton's request parameter.
+TIMEOUT_PARAMETER = "timeout"
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -164,7 +166,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference ------------------------------------------------------------------------
     async def _infer(
-        self, msg: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+        self, msg: pb.ModelInferRequest, context: grpc.aio.ServicerContext, stream: bool = False
     ) -> tuple[pb.ModelInferResponse, str]:
         """One ModelInfer, unary or streamed: decode, serve, encode. Returns the reply and
         the variant that served it."""
@@ -174,6 +176,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if pipeline.admission.holding:  # the drain's last moment: see Gateway.stop
             await pipeline.admission.held()
         with pipeline.call(msg.model_name) as trace:
+            if stream and TIMEOUT_PARAMETER in msg.parameters:
+                deadline = _stream_deadline(msg.parameters[TIMEOUT_PARAMETER], deadline)
             request = codec.decode_request(msg, self._max_elements)
             request.metadata = _CallMetadata(context)
             trace.decoded()
@@ -193,14 +197,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         Requests are served concurrently, up to ``STREAM_WINDOW`` at a time per stream, and
         replies are sent as they complete; each carries the request's ``id``. Every request
         gets exactly one reply: a failed one answers with ``error_message`` ("CODE: message",
-        the status a unary call would get) and the stream goes on, as in Triton.
+        the status a unary call would get) and the stream goes on, as in Triton. A request's
+        ``timeout`` parameter (microseconds) is its deadline within the stream's.
         """
         replies: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
 
         async def serve_one(request: pb.ModelInferRequest) -> None:
             try:
-                served, _ = await self._infer(request, context)
+                served, _ = await self._infer(request, context, stream=True)
                 reply = pb.ModelStreamInferResponse(infer_response=served)
             except Exception as e:
                 code, message = status_of(e, "ModelStreamInfer")
@@ -312,3 +317,19 @@ def _triton_type(datatype: str | None) -> int:
 
 class LoadFailed(TensorgateError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def _stream_deadline(param: pb.InferParameter, deadline: float | None) -> float | None:
+    """A stream request's deadline: now + its ``timeout`` parameter (microseconds; 0: none),
+    within the stream's own ``deadline``."""
+    choice = param.WhichOneof("parameter_choice")
+    if choice not in ("int64_param", "uint64_param"):
+        raise InvalidInput(
+            f"request parameter '{TIMEOUT_PARAMETER}' is the request's timeout in "
+            f"microseconds and must be int64_param or uint64_param, not {choice}"
+        )
+    micros = getattr(param, choice)
+    if micros <= 0:
+        return deadline
+    own = time.monotonic() + micros / 1e6
+    return own if deadline is None else min(own, deadline)

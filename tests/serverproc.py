@@ -165,6 +165,19 @@ def wait_until(
         time.sleep(every)
 
 
+def wait_busy(server: ServerProcess, model: str, inflight: int, queued: int) -> None:
+    """Wait until the server reports ``inflight`` requests for ``model``, ``queued`` of them
+    waiting in its queue (the rest computing)."""
+
+    def state() -> bool:
+        return (
+            server.metric("tensorgate_inflight_requests", model=model) == inflight
+            and server.metric("tensorgate_queued_requests", model=model) == queued
+        )
+
+    wait_until(state, 60, f"{model}: {inflight} in flight, {queued} queued")
+
+
 def run_triton_script(script: str, *args: str, timeout: float = 120.0) -> dict:
     """Run ``script`` with the tritonclient interpreter (its own venv and process: it
     registers its own ``inference`` protos) and return the JSON it prints last."""

@@ -30,7 +30,7 @@ from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 from tensorgate.server.demo import build_mlp_onnx, mlp_reference, mlp_weights
 
 from .modelfactory import write_broken_model
-from .serverproc import ServerProcess, wait_until
+from .serverproc import ServerProcess, wait_busy, wait_until
 from .slowmodel import build_slow_onnx, slow_inputs, slow_reference
 
 # Steps of the slow model that keep one instance busy for a second or more here (64 rows).
@@ -90,19 +90,6 @@ def error_of(call) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         call()
     return info.value
-
-
-def wait_busy(server: ServerProcess, model: str, inflight: int, queued: int) -> None:
-    """Wait until the server reports ``inflight`` requests for ``model``, ``queued`` of them
-    waiting in its queue (the rest computing)."""
-
-    def state() -> bool:
-        return (
-            server.metric("tensorgate_inflight_requests", model=model) == inflight
-            and server.metric("tensorgate_queued_requests", model=model) == queued
-        )
-
-    wait_until(state, 60, f"{model}: {inflight} in flight, {queued} queued")
 
 
 def test_attempt_timeout_moves_a_waiting_request_to_the_fallback(

@@ -7,6 +7,7 @@ client certificate that the server must refuse.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import json
@@ -288,6 +289,26 @@ def test_streams_need_the_token_too(tls_server: ServerProcess, certs: Certificat
         metadata = (("authorization", f"Bearer {INFERENCE_TOKEN}"),)
         (reply,) = list(stub.ModelStreamInfer(iter([request]), timeout=10, metadata=metadata))
         assert not reply.error_message and reply.infer_response.model_name == "mlp"
+
+
+def test_stream_client_with_tls_and_token(tls_server: ServerProcess, certs: Certificates) -> None:
+    # Client(stream=True) carries TLS and the token on its streams; a refused stream fails
+    # its calls with the server's code (UNAUTHENTICATED), not as a broken connection.
+    for token, code in ((INFERENCE_TOKEN, grpc.StatusCode.OK),
+                        ("wrong", grpc.StatusCode.UNAUTHENTICATED)):  # fmt: skip
+        with Client(tls_server.address, tls_ca=certs.ca, token=token, stream=True) as client:
+            assert infer_code(client) == code, token
+
+            async def aio_code(c: Client = client) -> grpc.StatusCode:
+                try:
+                    await c.aio.infer("mlp", {"input": x64()}, timeout=10)
+                    return grpc.StatusCode.OK
+                except InferenceError as e:
+                    return e.code
+                finally:
+                    await c.aio.close()
+
+            assert asyncio.run(aio_code()) == code, token
 
 
 def admin_call(server: ServerProcess, certs: Certificates, token: str | None):
