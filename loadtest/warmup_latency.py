@@ -35,9 +35,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from common import machine  # noqa: E402 - loadtest/common.py, beside this script
 
+from tensorgate import codec  # noqa: E402
 from tensorgate.protos import grpc_service_pb2 as pb  # noqa: E402
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
-from tensorgate import codec  # noqa: E402
 from tensorgate.server.demo import (  # noqa: E402
     MLP_TENSORS,
     build_mlp_savedmodel,
