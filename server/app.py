@@ -74,6 +74,7 @@ class Gateway:
         self.grpc_port = 0
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._inference: InferenceServicer | None = None
         self._metrics_server = None
         self._poller = (
             RepositoryPoller(
@@ -99,7 +100,7 @@ class Gateway:
         if tokens.enabled:
             interceptors.append(AuthInterceptor(tokens))
         server = grpc.aio.server(interceptors=interceptors, options=options)
-        inference = InferenceServicer(
+        self._inference = inference = InferenceServicer(
             self.repository,
             self.pipeline,
             self.statistics,
@@ -249,6 +250,8 @@ class Gateway:
         self.draining = True
         self.ready = False
         inflight = self.admission.start_draining()
+        if self._inference is not None:
+            self._inference.end_streams()
         log.info("draining: %d inference request(s) in flight, up to %.1f s", inflight, grace)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.model_health_changed_async()

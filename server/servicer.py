@@ -57,6 +57,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._is_ready = is_ready
         self._models_changed = models_changed
         self._max_elements = max_tensor_elements
+        self._open_streams: set[Callable[[], None]] = set()
+        self._draining = False
         self._worker_metadata = (
             () if worker_index is None else ((WORKER_METADATA_KEY, str(worker_index)),)
         )
@@ -202,6 +204,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """
         replies: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         window = asyncio.Semaphore(STREAM_WINDOW)
+        tasks: set[asyncio.Task[None]] = set()
+        ending = False  # the drain asked this stream to end once nothing is in flight
+
+        def end_when_idle() -> None:
+            nonlocal ending
+            ending = True
+            if not tasks:
+                reader.cancel()
 
         async def serve_one(request: pb.ModelInferRequest) -> None:
             try:
@@ -220,9 +230,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 window.release()
             await replies.put(reply)
+            if ending and tasks <= {asyncio.current_task()}:
+                reader.cancel()  # the last reply is queued: end the stream for the drain
 
         async def read_all() -> None:
-            tasks: set[asyncio.Task[None]] = set()
             try:
                 async for request in request_iterator:
                     await window.acquire()
@@ -231,16 +242,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     task.add_done_callback(tasks.discard)
                 if tasks:
                     await asyncio.gather(*tasks)
+            except asyncio.CancelledError:
+                if not ending:
+                    raise
             finally:
                 await replies.put(None)
 
         reader = asyncio.create_task(read_all())
+        self._open_streams.add(end_when_idle)
+        if self._draining:
+            end_when_idle()
         try:
             while (reply := await replies.get()) is not None:
                 yield reply
             await reader  # surfaces a broken request stream
         finally:
+            self._open_streams.discard(end_when_idle)
             reader.cancel()
+
+    def end_streams(self) -> None:
+        """The drain begins: every open ModelStreamInfer ends (OK) as soon as it has no
+        request in flight, so that an idle stream does not hold the stopping server for
+        the whole drain timeout; its client reconnects, elsewhere."""
+        self._draining = True
+        for end_when_idle in list(self._open_streams):
+            end_when_idle()
 
     # -- repository -----------------------------------------------------------------------
     async def RepositoryIndex(self, request, context):

@@ -513,3 +513,28 @@ def test_start_up_answers_models_still_loading_with_unavailable(tmp_path: Path) 
         await gateway.stop(grace=5)
 
     asyncio.run(main())
+
+
+def test_drain_ends_idle_streams_at_once(slow_repo: Path, tmp_path: Path) -> None:
+    # An open ModelStreamInfer with nothing in flight must not hold the stopping server for
+    # the whole drain timeout (60 s here): the drain ends it (OK) and the server exits.
+    server = ServerProcess(slow_repo, tmp_path, "--drain-timeout", "60").start()
+    release = threading.Event()
+
+    def requests() -> Iterator[pb.ModelInferRequest]:
+        yield encode_request("mlp", {"input": x64(1)})
+        release.wait(120)  # an idle client: the stream stays open, nothing more is sent
+
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        replies = stub.ModelStreamInfer(requests(), timeout=120)
+        first = next(replies)
+        assert not first.error_message and first.infer_response.model_name == "mlp"
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            assert list(replies) == []  # the server ended the stream without an error
+            assert server.proc.wait(30) == 0, server.log()
+        finally:
+            release.set()
+    server.stop()
