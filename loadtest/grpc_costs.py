@@ -5,8 +5,10 @@ variant, interleaved over rounds:
 - ``parse``: decode the ModelInferRequest, build and return a reply (the echo server);
 - ``+trailer``: also ``context.set_trailing_metadata`` (the gateway's variant trailer);
 - ``+deadline``: also ``context.time_remaining()`` (the caller's deadline);
-- ``+interceptor``: also a ``grpc.aio.ServerInterceptor`` that wraps every handler (what the
-  gateway's error mapping was before it moved into the servicer methods).
+- ``+interceptor``: ``+deadline`` and a ``grpc.aio.ServerInterceptor`` wrapping every
+  handler (what the gateway's error mapping was before it moved into the servicer methods);
+- ``+onnx``: ``+deadline`` and one ONNX Runtime run of the peers' MLP in the handler (10 us
+  alone; it releases the GIL while it computes, which gRPC's poller thread may take).
 
     .venv/bin/python loadtest/grpc_costs.py [--rounds 3] [-D 6]
 
@@ -36,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_seconds, machine
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("parse", "+trailer", "+deadline", "+interceptor")
+VARIANTS = ("parse", "+trailer", "+deadline", "+interceptor", "+onnx")
+PEERS_HOME = Path(os.environ.get("PEERS_HOME", Path.home() / "peers"))
 SERVICE = "inference.GRPCInferenceService"
 
 
@@ -58,10 +61,23 @@ class _Wrap(grpc.aio.ServerInterceptor):
 
 async def serve(variant: str, port_file: Path) -> None:
     level = VARIANTS.index(variant)
+    session = None
+    if level >= 4:
+        import numpy as np
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+        session = ort.InferenceSession(
+            str(PEERS_HOME / "models" / "mlp.onnx"), opts, providers=["CPUExecutionProvider"]
+        )
+        x = {session.get_inputs()[0].name: np.ones((1, 64), np.float32)}
 
     async def infer(request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         if level >= 2:
             context.time_remaining()
+        if session is not None:
+            session.run(None, x)
         reply = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
         out = reply.outputs.add(name="output", datatype="FP32")
         out.shape.extend([1, 10])
@@ -75,7 +91,7 @@ async def serve(variant: str, port_file: Path) -> None:
         request_deserializer=pb.ModelInferRequest.FromString,
         response_serializer=pb.ModelInferResponse.SerializeToString,
     )
-    server = grpc.aio.server(interceptors=[_Wrap()] if level >= 3 else None)
+    server = grpc.aio.server(interceptors=[_Wrap()] if level == 3 else None)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE, {"ModelInfer": handler}),)
     )
