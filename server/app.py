@@ -282,6 +282,7 @@ class Gateway:
             await stopping
         else:
             self.admission.release_held()
+        self.pipeline.telemetry.flush()
         await self.repository.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()

@@ -28,7 +28,7 @@ class Call:
     """One inference call's admission and measurement (``Pipeline.call``). A class, not a
     generator context manager: this runs twice per request, where each microsecond shows."""
 
-    __slots__ = ("_inflight", "_pipeline", "trace")
+    __slots__ = ("_pipeline", "trace")
 
     def __init__(self, pipeline: Pipeline, model: str) -> None:
         self._pipeline = pipeline
@@ -36,22 +36,22 @@ class Call:
             start=time.perf_counter(),
             model=model if model in pipeline.repository.models else UNKNOWN_MODEL,
         )
-        self._inflight = pipeline.metrics.inflight.labels(self.trace.model)
 
     def __enter__(self) -> Trace:
-        self._inflight.inc()
+        telemetry = self._pipeline.telemetry
+        telemetry.entered(self.trace.model)
         try:
             self._pipeline.admission.enter()
         except TensorgateError as e:
-            self._inflight.dec()
-            self._pipeline.telemetry.failed(self.trace, e.code.name)
+            telemetry.left(self.trace.model)
+            telemetry.failed(self.trace, e.code.name)
             raise
         return self.trace
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb) -> None:
         pipeline = self._pipeline
         pipeline.admission.leave()
-        self._inflight.dec()
+        pipeline.telemetry.left(self.trace.model)
         if error is None:
             self.trace.finished()
             pipeline.telemetry.succeeded(self.trace)

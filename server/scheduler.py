@@ -77,6 +77,11 @@ class _Work:
     timings: Timings = field(default_factory=Timings)
 
 
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 def _batch_key(inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None) -> tuple:
     return (
         tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(inputs.items())),
@@ -121,6 +126,10 @@ class Scheduler:
         # flip the variant between the loop and its pool.
         self._cost_per_element: float | None = None
         self._costs: list[float] = []
+        # A worker waiting for a batch to fill (``_fill``), and how many queued requests
+        # should wake it.
+        self._filling: asyncio.Future[None] | None = None
+        self._fill_need = 0
 
     def start(self) -> None:
         self._workers = [
@@ -163,6 +172,9 @@ class Scheduler:
             work.key = _batch_key(inputs, outputs)
         self._pending.append(work)
         self._arrived.set()
+        filling = self._filling
+        if filling is not None and len(self._pending) >= self._fill_need:
+            _wake(filling)
         self._notify()
         try:
             return await work.future
@@ -220,11 +232,16 @@ class Scheduler:
 
     async def _fill(self, batch: list[_Work]) -> None:
         """Add queued requests that stack with ``batch[0]`` until the batch is full, a
-        preferred size is reached with nothing more queued, or the delay has passed."""
+        preferred size is reached with nothing more queued, or the delay has passed.
+
+        It sleeps until the delay ends or enough requests are queued to reach the next
+        size worth running (``submit`` wakes it): one wake-up per batch, not one per
+        arrival."""
         policy = self._batching
         assert policy is not None
         rows = batch[0].rows
         until = time.perf_counter() + policy.max_queue_delay
+        loop = asyncio.get_running_loop()
         while rows < policy.max_batch_size:
             skipped: list[_Work] = []
             while self._pending and rows < policy.max_batch_size:
@@ -241,11 +258,20 @@ class Scheduler:
             remaining = until - time.perf_counter()
             if remaining <= 0 or skipped:
                 return
-            self._arrived.clear()
+            # Every request has at least one row: this many more queued requests reach the
+            # next preferred size or the maximum.
+            self._fill_need = min(
+                [p - rows for p in policy.preferred_batch_sizes if p > rows]
+                + [policy.max_batch_size - rows]
+            )
+            waiter = self._filling = loop.create_future()
+            timer = loop.call_later(remaining, _wake, waiter)
             try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
-                return
+                await waiter
+            finally:
+                timer.cancel()
+                if self._filling is waiter:  # another instance's worker may fill now
+                    self._filling = None
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Work]) -> None:
         started = time.perf_counter()

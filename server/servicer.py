@@ -164,6 +164,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             wanted = {model.name: versions}
         else:
             wanted = {name: m.statistics_versions() for name, m in self.repository.models.items()}
+        self.pipeline.telemetry.flush()  # the requests answered so far, all counted
         return self.statistics.report(wanted)
 
     # -- inference ------------------------------------------------------------------------

@@ -79,7 +79,7 @@ class Statistics:
     def __init__(self) -> None:
         self._variants: dict[tuple[str, str], VariantStatistics] = defaultdict(VariantStatistics)
 
-    def success(
+    def success_many(
         self,
         model: str,
         variant: str,
@@ -89,25 +89,27 @@ class Statistics:
         decode: float,
         compute: float,
         encode: float,
+        count: int,
         rows: int,
-        execution_rows: int,
+        executions: list[tuple[int, float, float, float]],
     ) -> None:
-        """One successful request. ``execution_rows`` is non-zero on exactly one request of
-        each backend execution (a batch), and is that execution's size."""
+        """``count`` successful requests of ``rows`` inference rows in all, with the sums of
+        their durations (seconds). ``executions`` has one ``(rows, decode, compute,
+        encode)`` per backend execution (a batch) among them, counted once."""
         s = self._variants[(model, variant)]
         s.last_inference_ms = int(time.time() * 1000)
         s.inference_count += rows
-        s.success.add(total)
-        s.queue.add(queue)
-        s.compute_input.add(decode)
-        s.compute_infer.add(compute)
-        s.compute_output.add(encode)
-        if execution_rows:
-            s.execution_count += 1
-            b = s.batches[execution_rows]
-            b.compute_input.add(decode)
-            b.compute_infer.add(compute)
-            b.compute_output.add(encode)
+        s.success.add(total, count)
+        s.queue.add(queue, count)
+        s.compute_input.add(decode, count)
+        s.compute_infer.add(compute, count)
+        s.compute_output.add(encode, count)
+        s.execution_count += len(executions)
+        for size, b_decode, b_compute, b_encode in executions:
+            b = s.batches[size]
+            b.compute_input.add(b_decode)
+            b.compute_infer.add(b_compute)
+            b.compute_output.add(b_encode)
 
     def failure(self, model: str, variant: str, total: float) -> None:
         self._variants[(model, variant)].fail.add(total)

@@ -12,11 +12,14 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tensorgate.clients import Client, InferenceError
+from tensorgate.protos import grpc_service_pb2 as pb
+from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 from tensorgate.server.cli.top import histogram_quantile
 from tensorgate.server.metrics import LATENCY_BUCKETS
 
@@ -213,3 +216,76 @@ def test_top_shows_per_backend_figures(gateway: ServerProcess) -> None:
         capture_output=True, text=True, timeout=60, check=True,
     ).stdout  # fmt: skip
     assert "p99 ms" in table and "scorer" in table
+
+
+def test_observe_many_matches_observe_bucket_for_bucket() -> None:
+    """The batched update the gateway flushes with gives the same exposition as one
+    ``observe`` per value, boundaries, zeros and the +Inf bucket included (it reaches
+    into prometheus-client's histogram internals: this fails if they change)."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from tensorgate.server.metrics import observe_many
+
+    rng = np.random.default_rng(7)
+    values = np.concatenate(
+        [rng.exponential(1e-3, 500), np.array(LATENCY_BUCKETS), [0.0, 50.0, 5e-5, 1e-12]]
+    )
+    exposed = []
+    for batched in (False, True):
+        registry = CollectorRegistry()
+        h = Histogram("h", "doc", ("model",), buckets=LATENCY_BUCKETS, registry=registry)
+        child = h.labels("m")
+        if batched:
+            observe_many(child, values[:100])
+            observe_many(child, values[100:])
+        else:
+            for v in values:
+                child.observe(float(v))
+        samples = {
+            (s.name, s.labels.get("le")): s.value
+            for f in text_string_to_metric_families(generate_latest(registry).decode())
+            for s in f.samples
+            if not s.name.endswith("_created")
+        }
+        exposed.append(samples)
+    one_by_one, batched_ = exposed
+    assert one_by_one.keys() == batched_.keys()
+    for key, value in one_by_one.items():
+        if key[0] == "h_sum":  # the same values added in another order
+            assert batched_[key] == pytest.approx(value, rel=1e-12)
+        else:
+            assert batched_[key] == value, key
+    assert batched_[("h_count", None)] == len(values)
+
+
+def test_a_scrape_sees_every_answered_request_at_once(gateway: ServerProcess) -> None:
+    """Measurements are applied in batches, but a scrape (and ModelStatistics) brings
+    them up to date first: no wait between a reply and the metrics that count it."""
+    x = np.ones((1, 64), np.float32)
+
+    def ok_count() -> float:
+        total = 0.0
+        for family in text_string_to_metric_families(gateway.scrape()):
+            for s in family.samples:
+                if (
+                    s.name == "tensorgate_requests_total"
+                    and s.labels.get("model") == "scorer"
+                    and s.labels.get("variant") == "onnx"
+                    and s.labels.get("code") == "OK"
+                ):
+                    total += s.value
+        return total
+
+    def statistics_count() -> int:
+        with grpc.insecure_channel(gateway.address) as channel:
+            reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+                pb.ModelStatisticsRequest(name="scorer", version="onnx"), timeout=10
+            )
+        return reply.model_stats[0].inference_stats.success.count
+
+    with Client(gateway.address) as client:
+        before, counted = ok_count(), statistics_count()
+        for i in range(1, 6):
+            client.infer("scorer", {"input": x}, version="onnx")
+            assert ok_count() == before + i
+            assert statistics_count() == counted + i

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tensorgate import codec
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 from tensorgate.server.demo import mlp_reference, mlp_weights
+from tensorgate.server.metrics import FLUSH_INTERVAL_S
 from tensorgate.server.servicer import WORKER_METADATA_KEY
 
 from .serverproc import ServerProcess
@@ -91,7 +92,11 @@ def test_requests_spread_over_both_workers_and_metrics_add_up(workers: ServerPro
     seen = _call_many(workers.address, per_connection=20)
     assert sum(seen.values()) == CONNECTIONS * 20
     assert set(seen) == {"0", "1"}, seen  # both processes served on the one port
-    m = _metrics(workers)
+    # Each worker's measurements reach the shared files within FLUSH_INTERVAL_S.
+    deadline = time.monotonic() + 10
+    while (m := _metrics(workers))["requests_ok"] - before < CONNECTIONS * 20:
+        assert time.monotonic() < deadline, m
+        time.sleep(FLUSH_INTERVAL_S)
     assert m["requests_ok"] - before == CONNECTIONS * 20  # every worker's counts, summed
     assert m["tensorgate_workers"] == 2
     assert m["ready"] == 1
