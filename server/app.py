@@ -297,6 +297,7 @@ async def serve(settings: ServerSettings) -> None:
     """Run a gateway until SIGTERM/SIGINT, then drain and return."""
     gateway = Gateway(settings)
     loop = asyncio.get_running_loop()
+    log.info("event loop: %s.%s", type(loop).__module__, type(loop).__name__)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

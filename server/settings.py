@@ -39,6 +39,9 @@ class ServerSettings:
     # worker processes (SO_REUSEPORT), and this worker's index, sent as trailing metadata.
     reuse_port: bool = False
     worker_index: int | None = None
+    # The asyncio event loop implementation (server/eventloop.py): "auto" (uvloop when it
+    # is installed), "uvloop" or "asyncio".
+    event_loop: str = "auto"
 
     def __repr__(self) -> str:  # never print the tokens
         hidden = {"auth_token", "admin_token"}

@@ -452,8 +452,6 @@ def _die_with_parent() -> None:
 
 def worker_main() -> None:
     """Entry point of one worker process: settings arrive pickled on stdin."""
-    import asyncio
-
     settings, log_level, parent = pickle.loads(sys.stdin.buffer.read())
     assert isinstance(settings, ServerSettings)
     _die_with_parent()
@@ -464,8 +462,9 @@ def worker_main() -> None:
         format=f"%(asctime)s %(levelname)s [worker {settings.worker_index}] %(name)s: %(message)s",
     )
     from .app import serve
+    from .eventloop import run
 
-    asyncio.run(serve(settings))
+    run(serve(settings), settings.event_loop)
 
 
 if __name__ == "__main__":

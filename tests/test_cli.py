@@ -144,3 +144,22 @@ def test_serve_without_repository_generates_the_demo(tmp_path: Path) -> None:
                 proc.wait()
     assert (cache / "tensorgate" / "demo" / "scorer" / "config.toml").is_file()
     assert "no --repository given" in log_path.read_text()
+
+
+def test_event_loop_choice(model_repo: Path, tmp_path: Path) -> None:
+    """``serve`` runs on uvloop by default (a dependency) and on the standard loop when
+    asked; both serve; an unknown choice is a usage error."""
+    x = np.ones((1, 64), np.float32)
+    expected = mlp_reference(x, mlp_weights())
+    for choice, loop in (("auto", "uvloop.Loop"), ("asyncio", "asyncio.unix_events")):
+        with ServerProcess(model_repo, tmp_path, "--event-loop", choice) as proc:
+            with Client(proc.address) as client:
+                out = client.infer("scorer", {"input": x}, version="onnx")["output"]
+            np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+            assert f"event loop: {loop}" in proc.log()
+    bad = subprocess.run(
+        [sys.executable, "-m", "tensorgate.server.cli", "serve", "--repository",
+         str(model_repo), "--event-loop", "trio"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--event-loop" in bad.stderr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
@@ -132,6 +131,14 @@ def default_demo_dir() -> Path:
     "under one supervisor that restarts them and serves /metrics for all; 0: one per core.",
 )
 @click.option(
+    "--event-loop",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "uvloop", "asyncio"]),
+    help="The asyncio event loop: uvloop (~15 % less CPU per small request) or the "
+    "standard one; auto: uvloop when installed.",
+)
+@click.option(
     "--log-level",
     default="INFO",
     show_default=True,
@@ -156,6 +163,7 @@ def serve(
     port_file: Path | None,
     require_models: int,
     workers: int,
+    event_loop: str,
     log_level: str,
 ) -> None:
     """Serve every model in a repository over gRPC."""
@@ -183,6 +191,12 @@ def serve(
         admin_token = read_token(admin_token_file, ADMIN_TOKEN_ENV, "--admin-token-file")
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    from ..eventloop import resolve
+
+    try:
+        resolve(event_loop)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     settings = ServerSettings(
         repository=repository,
         host=host,
@@ -201,6 +215,7 @@ def serve(
         admin_token=admin_token,
         port_file=port_file,
         require_models=require_models,
+        event_loop=event_loop,
     )
     if workers == 0:
         from ..workers import available_cores
@@ -212,7 +227,9 @@ def serve(
         sys.exit(Supervisor(settings, workers, log_level).run())
     from tensorgate.errors import TensorgateError
 
+    from ..eventloop import run as run_on_loop
+
     try:
-        asyncio.run(run(settings))
+        run_on_loop(run(settings), settings.event_loop)
     except TensorgateError as e:  # the repository cannot be served as it is (e.g. half-written)
         raise click.ClickException(str(e)) from None
