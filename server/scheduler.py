@@ -43,6 +43,10 @@ INLINE_BUDGET_S = 150e-6
 #: run in the pool).
 INLINE_WINDOW = 32
 INLINE_FIRST = 8
+#: Once estimated, one execution in this many is measured (reading a thread's CPU clock is
+#: a system call, twice per execution): the estimate is renewed every
+#: INLINE_WINDOW * INLINE_SAMPLE executions.
+INLINE_SAMPLE = 8
 
 
 @dataclass
@@ -126,6 +130,7 @@ class Scheduler:
         # flip the variant between the loop and its pool.
         self._cost_per_element: float | None = None
         self._costs: list[float] = []
+        self._executions = 0
         # A worker waiting for a batch to fill (``_fill``), and how many queued requests
         # should wake it.
         self._filling: asyncio.Future[None] | None = None
@@ -346,6 +351,9 @@ class Scheduler:
         """One backend execution, on whichever thread runs it; measures its CPU cost when
         the variant may run on the loop."""
         measure = self._may_inline
+        if measure and self._cost_per_element is not None:
+            self._executions += 1
+            measure = self._executions % INLINE_SAMPLE == 0
         started = time.thread_time() if measure else 0.0
         if self._backend.accepts_deadline:
             result = self._backend.infer(inputs, outputs, deadline=deadline)  # type: ignore[call-arg]

@@ -20,6 +20,7 @@ from tensorgate.errors import DeadlineExceeded
 from tensorgate.server.scheduler import (
     INLINE_BUDGET_S,
     INLINE_FIRST,
+    INLINE_SAMPLE,
     INLINE_WINDOW,
     Scheduler,
     Timings,
@@ -78,9 +79,10 @@ def test_cheap_variant_moves_to_the_loop_and_back_when_it_gets_costly() -> None:
         t = await _call(s, 1.0)
         assert backend.threads[-1] == loop_thread  # now inline
         assert t.execution_rows == 1 and t.compute > 0 and t.queue > 0
-        # Costly executions: the next estimate sends the variant back to its pool.
+        # Costly executions: the next estimate (one execution in INLINE_SAMPLE measured)
+        # sends the variant back to its pool.
         backend.burn = INLINE_BUDGET_S * 2
-        for i in range(INLINE_WINDOW):
+        for i in range(INLINE_WINDOW * INLINE_SAMPLE):
             await _call(s, i)
         backend.burn = 0.0
         await _call(s, 3.0)
@@ -102,9 +104,12 @@ def test_one_slow_execution_moves_nothing() -> None:
         loop_thread = threading.get_ident()
         for i in range(INLINE_FIRST):
             await _call(s, i)
-        for i in range(INLINE_WINDOW):
-            backend.burn = INLINE_BUDGET_S * 10 if i == 0 else 0.0
+        for i in range(INLINE_WINDOW * INLINE_SAMPLE):
+            # The first execution measured after the first estimate is the slow one.
+            backend.burn = INLINE_BUDGET_S * 10 if i == INLINE_SAMPLE - 1 else 0.0
             await _call(s, i)
+            if i == INLINE_SAMPLE - 1:
+                assert max(s._costs) > INLINE_BUDGET_S * 5  # it was measured
         await _call(s, 1.0)
         assert backend.threads[-1] == loop_thread
         await s.close()
