@@ -45,7 +45,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -61,7 +60,7 @@ from tensorgate import codec
 from tensorgate.protos import grpc_service_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_seconds, machine
+from common import cpu_seconds, machine, mlp_body, stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS_HOME = Path(os.environ.get("PEERS_HOME", Path.home() / "peers"))
@@ -201,11 +200,7 @@ def run_rung(rung: str, loop: str, body: Path, seconds: int, work: Path,
             "cpu_us_per_request": round(1e6 * (cpu1 - cpu0) / max(done, 1), 1),
         }
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc, 30)
 
 
 # -- in process -------------------------------------------------------------------------------
@@ -377,12 +372,7 @@ def main() -> None:
             if config:
                 (repo / "mlp" / "config.toml").write_text(config)
             repos[rung] = repo
-        body = work / "body.grpc"
-        subprocess.run(
-            [sys.executable, str(ROOT / "loadtest" / "make_requests.py"), "--body",
-             str(ROOT / "loadtest" / "data" / "mlp.json"), str(body)],
-            check=True,
-        )  # fmt: skip
+        body = mlp_body(work / "body.grpc")
         stages = asyncio.run(in_process(repos["gateway"], args.calls))
         runs = []
         for r in range(args.rounds):

@@ -704,6 +704,7 @@ def _best(rows: list[dict]) -> dict | None:
 
 
 def targets(rows: list[dict]) -> list[str]:
+    """Issue 10's targets, as ratios inside this run (c=8 and c=32 where it names both)."""
     lines = []
 
     def ratio(
@@ -724,93 +725,60 @@ def targets(rows: list[dict]) -> list[str]:
             f"{'REACHED' if ok else 'missed'} [{a['label']} {a[key]} vs {b['label']} {b[key]}]"
         )
 
-    tg1 = _best(_pick(rows, "tensorgate (1 worker, ONNX Runtime)", 32, exact=True))
-    echo = _best(_pick(rows, "grpc.aio echo (raw)", 32))
-    ratio("1 worker vs bare grpc.aio echo (raw), c=32", tg1, echo, 0.85)
+    def p99(a: dict | None, b: dict | None) -> None:
+        if a and b and a.get("p99_ms") and b.get("p99_ms"):
+            lines.append(
+                f"  p99 {a['p99_ms']} ms vs {b['p99_ms']} ms: "
+                f"{'no worse' if a['p99_ms'] <= b['p99_ms'] else 'worse'}"
+            )
+
+    one = "tensorgate (1 worker, ONNX Runtime)"
+    for c in (8, 32):
+        tg1 = _best(_pick(rows, one, c, exact=True))
+        ratio(
+            f"1. server CPU per request, 1 worker vs grpc.aio echo (parse), c={c}",
+            tg1,
+            _best(_pick(rows, "grpc.aio echo (parse)", c)),
+            1.5,
+            lower_is_better=True,
+            key="server_cpu_ms_per_req",
+        )
+    tg1 = _best(_pick(rows, one, 32, exact=True))
+    for c in (8, 32):
+        tg1c = _best(_pick(rows, one, c, exact=True))
+        ratio(f"2. 1 worker vs KServe's ModelServer, c={c}", tg1c,
+              _best(_pick(rows, "KServe", c)), 1.5)  # fmt: skip
+        ratio(
+            f"2. 1 worker vs MLServer's best, c={c}", tg1c, _best(_pick(rows, "MLServer", c)), 1.5
+        )
+    for c in (8, 32):
+        tg_best = _best(_pick(rows, "tensorgate", c))  # h2load runs only
+        ts = _best([r for r in _pick(rows, "TorchServe", c) if "batch" in r["label"]])
+        ratio(f"3. tensorgate's best vs batched TorchServe, c={c}", tg_best, ts, 1.25)
+        p99(tg_best, ts)
+        triton = _best([r for r in _pick(rows, "PyTriton", c) if "dynamic batching" in r["label"]])
+        ratio(f"3. tensorgate's best vs batched Triton (PyTriton), c={c}", tg_best, triton, 1.25)
+        p99(tg_best, triton)
+    tg2 = _best(_pick(rows, "tensorgate (2 workers, ONNX Runtime)", 32, exact=True))
+    ratio("5. --workers 2 vs --workers 1, c=32 (h2load shares the 2 cores)", tg2, tg1, 1.5)
     ratio(
-        "1 worker vs grpc.aio echo (parse), c=32 (context)",
+        "5. server CPU per request, --workers 2 vs 1, c=32 (goal: rises < 15 %)",
+        tg2,
         tg1,
-        _best(_pick(rows, "grpc.aio echo (parse)", 32)),
-        0.85,
+        1.15,
+        lower_is_better=True,
+        key="server_cpu_ms_per_req",
     )
-    mls = _best(_pick(rows, "MLServer", 32))
-    ratio("1 worker vs MLServer's best, c=32", tg1, mls, 2.0)
-    tg_best = _best(_pick(rows, "tensorgate", 32))  # h2load runs only: the peers' load generator
-    peers = _best(_pick(rows, "MLServer", 32) + _pick(rows, "TorchServe", 32))
-    ratio("tensorgate's best vs the best of MLServer and TorchServe, c=32", tg_best, peers, 1.25)
-    if tg_best and peers:
-        lines.append(
-            f"  p99 {tg_best['p99_ms']} ms vs {peers['p99_ms']} ms: "
-            f"{'no worse' if tg_best['p99_ms'] <= peers['p99_ms'] else 'worse'}"
-        )
-    ratio("1 worker vs KServe's ModelServer, c=32", tg1, _best(_pick(rows, "KServe", 32)), 1.5)
-    triton = _best([r for r in _pick(rows, "PyTriton", 32) if "dynamic batching" in r["label"]])
-    ratio("tensorgate's best vs batched Triton (PyTriton), c=32", tg_best, triton, 1.25)
-    if tg_best and triton:
-        lines.append(
-            f"  p99 {tg_best['p99_ms']} ms vs {triton['p99_ms']} ms: "
-            f"{'no worse' if tg_best['p99_ms'] <= triton['p99_ms'] else 'worse'}"
-        )
     for face in ("aio", "sync"):
         prefix = f"tensorgate (1 worker, ONNX Runtime) via Client {face} face, "
         ratio(
-            f"Client(stream=True) vs unary, {face} face, one client process, c=32",
+            f"6. Client(stream=True) vs unary, {face} face, one client process, c=32",
             _best(_pick(rows, prefix + "Client(stream=True)", 32, "client")),
             _best(_pick(rows, prefix + "unary", 32, "client")),
             2.5,
         )
-    ratio(
-        "server CPU per request, 1 worker vs echo (raw), c=32",
-        tg1,
-        echo,
-        1.3,
-        lower_is_better=True,
-        key="server_cpu_ms_per_req",
-    )
-    ratio(
-        "--workers 2 vs --workers 1, c=32 (2 cores shared with h2load: not free)",
-        _best(_pick(rows, "tensorgate (2 workers, ONNX Runtime)", 32, exact=True)),
-        tg1,
-        1.6,
-    )
-    ratio(
-        "ModelStreamInfer vs unary, 1 worker, tensorgate bench (context)",
-        _best(
-            _pick(
-                rows,
-                "tensorgate (1 worker, ONNX Runtime) via tensorgate bench, ModelStream",
-                32,
-                "tensorgate-bench",
-            )
-        ),
-        _best(
-            _pick(
-                rows,
-                "tensorgate (1 worker, ONNX Runtime) via tensorgate bench, unary",
-                32,
-                "tensorgate-bench",
-            )
-        ),
-        1.0,
-    )
-    wb = _best(
-        _pick(rows, "wide: tensorgate (1 worker, ONNX Runtime, dynamic", 32)
-        + _pick(rows, "wide: tensorgate (2 workers, ONNX Runtime, dynamic", 32)
-    )
-    wn = _best(_pick(rows, "wide: tensorgate (1 worker, ONNX Runtime, no batching", 32))
-    wb1 = _best(_pick(rows, "wide: tensorgate (1 worker, ONNX Runtime, dynamic", 32))
-    ratio("wide model: dynamic batching vs none (1 worker each), c=32", wb1, wn, 3.0)
-    ratio(
-        "wide model: batching vs MLServer's batching",
-        wb,
-        _best([r for r in _pick(rows, "wide: MLServer", 32) if "batching max" in r["label"]]),
-        1.0,
-    )
-    ratio(
-        "wide model: batching vs TorchServe's batching",
-        wb,
-        _best([r for r in _pick(rows, "wide: TorchServe", 32) if "batchSize" in r["label"]]),
-        1.0,
+    lines.append(
+        "- 4. steadiness (five runs in a row, perf_analyzer at c=4): loadtest/stability.py"
     )
     return lines
 

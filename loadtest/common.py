@@ -7,6 +7,8 @@ import json
 import os
 import platform
 import shlex
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +32,27 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stop_group(proc: subprocess.Popen, wait: float = 60.0) -> None:
+    """SIGTERM a server started with ``start_new_session=True`` and its children; SIGKILL
+    them if they have not exited after ``wait`` seconds."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def mlp_body(path: Path) -> Path:
+    """Write the peers' MLP request (data/mlp.json) framed for h2load's ``-d`` to ``path``."""
+    here = Path(__file__).resolve().parent
+    subprocess.run(
+        [sys.executable, str(here / "make_requests.py"), "--body", str(here / "data" / "mlp.json"),
+         str(path)],
+        check=True,
+    )  # fmt: skip
+    return path
 
 
 def rss_mib(pid: int) -> float:

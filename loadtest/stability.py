@@ -24,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine
+import bench_path  # loadtest/bench_path.py: the echo server, started as it does
+from common import machine, mlp_body, stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS_DIR = Path(os.environ.get("PEERS_DIR", ROOT.parent / "shared" / "peers")).resolve()
@@ -91,22 +91,13 @@ def gateway(repo: Path, work: Path, workers: int = 1) -> Iterator[tuple[int, int
         time.sleep(1)
         yield json.loads(port_file.read_text())["grpc_port"], proc.pid
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc)
 
 
 @contextmanager
-def echo(port: int = 18091) -> Iterator[tuple[int, int]]:
-    env = {**os.environ, "PEERS_HOME": str(PEERS_HOME)}
-    subprocess.run(["bash", str(PEERS_DIR / "start_echo.sh"), "parse", str(port)], env=env,
-                   check=True, capture_output=True)  # fmt: skip
-    try:
-        yield port, int((PEERS_HOME / "run" / "echo.pid").read_text())
-    finally:
-        subprocess.run(["bash", str(PEERS_DIR / "stop_echo.sh")], env=env, capture_output=True)
+def echo() -> Iterator[tuple[int, int]]:
+    with bench_path.echo() as (address, pid):
+        yield int(address.rsplit(":", 1)[1]), pid
 
 
 def h2load(port: int, body: Path, seconds: int, pids: list[int]) -> dict:
@@ -175,12 +166,7 @@ def main() -> None:
         repo = work / "models"
         (repo / "mlp" / "1").mkdir(parents=True)
         shutil.copy(PEERS_HOME / "models" / "mlp.onnx", repo / "mlp" / "1" / "model.onnx")
-        body = work / "body.grpc"
-        subprocess.run(
-            [sys.executable, str(ROOT / "loadtest" / "make_requests.py"), "--body",
-             str(ROOT / "loadtest" / "data" / "mlp.json"), str(body)],
-            check=True,
-        )  # fmt: skip
+        body = mlp_body(work / "body.grpc")
         steady = {}
         for label, server in (("echo (parse)", lambda: echo()),
                               ("tensorgate, 1 worker", lambda: gateway(repo, work))):  # fmt: skip

@@ -128,6 +128,23 @@ def test_preferred_batch_size_does_not_wait_for_more() -> None:
     run(main())
 
 
+def test_a_filling_batch_runs_as_soon_as_it_is_full() -> None:
+    async def main() -> None:
+        backend = RowSums()
+        s = Scheduler(backend, name="m/v", batching=BatchPolicy(4, max_queue_delay=30.0))
+        s.start()
+        first = asyncio.ensure_future(_submit(s, np.ones((1, 3))))
+        # The worker took the first request and sleeps for company (up to 30 s) ...
+        await until(lambda: s._filling is not None, "the worker to wait for a batch")
+        rest = [asyncio.ensure_future(_submit(s, np.ones((1, 3)))) for _ in range(3)]
+        # ... and the three that fill the batch wake it: no 30 s wait.
+        await asyncio.wait_for(asyncio.gather(first, *rest), timeout=20)
+        assert backend.calls == [4]
+        await s.close()
+
+    run(main())
+
+
 def test_expired_and_cancelled_requests_never_reach_the_backend() -> None:
     async def main() -> None:
         backend = RowSums()
