@@ -1,9 +1,9 @@
 """Which asyncio event loop a gateway process runs on.
 
 grpc.aio runs on any asyncio loop. uvloop (libuv, in C) makes the loop's own share of a
-request cheaper - selecting, scheduling callbacks and tasks - which for a small model is a
-good part of what a request costs: ~15 % less server CPU per request for the bare grpc.aio
-echo server and for the gateway alike (docs/benchmarks.md, "Event loop"). ``auto`` takes
+request cheaper - selecting, scheduling callbacks and tasks: 12 % less server CPU per
+request for the bare grpc.aio echo server, 4 % for the gateway serving a small ONNX model
+(docs/benchmarks.md, "Accounting for a request"). ``auto`` takes
 uvloop when it is installed (a dependency on Linux and macOS) and the standard loop
 otherwise; ``tensorgate serve --event-loop asyncio`` asks for the standard one.
 """

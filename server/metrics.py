@@ -178,7 +178,7 @@ class Metrics:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class Trace:
     """What one request went through, filled in as it moves along the pipeline."""
 

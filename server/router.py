@@ -561,7 +561,7 @@ class Attempts(Protocol):
     fallbacks: list[tuple[str, str, str]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Plan:
     """Where one request goes: ``primary`` first, then ``fallbacks`` in order, all under
     the one ``policy`` it was planned with."""

@@ -49,7 +49,7 @@ INLINE_FIRST = 8
 INLINE_SAMPLE = 8
 
 
-@dataclass
+@dataclass(slots=True)
 class Timings:
     """What happened to one request in the scheduler (filled in as it moves)."""
 

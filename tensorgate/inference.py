@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InputTensor:
     name: str
     datatype: str
@@ -20,7 +20,7 @@ class InputTensor:
     data: np.ndarray  # already shaped; BYTES: object array of bytes
 
 
-@dataclass
+@dataclass(slots=True)
 class InferenceRequest:
     model: str
     version: str  # "" = let the router choose
@@ -32,14 +32,14 @@ class InferenceRequest:
     metadata: Mapping[str, str] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(slots=True)
 class OutputTensor:
     name: str
     datatype: str
     data: np.ndarray
 
 
-@dataclass
+@dataclass(slots=True)
 class InferenceResponse:
     model: str
     variant: str

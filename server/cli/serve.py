@@ -135,8 +135,8 @@ def default_demo_dir() -> Path:
     default="auto",
     show_default=True,
     type=click.Choice(["auto", "uvloop", "asyncio"]),
-    help="The asyncio event loop: uvloop (~15 % less CPU per small request) or the "
-    "standard one; auto: uvloop when installed.",
+    help="The asyncio event loop: uvloop (4-12 % less CPU per request) or the standard "
+    "one; auto: uvloop when installed.",
 )
 @click.option(
     "--log-level",
