@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -192,6 +192,13 @@ class Backend(abc.ABC):
 
     def unload(self) -> None:  # noqa: B027 - optional hook
         """Release the model. Called once, after the last ``infer`` has returned."""
+
+
+def require_inputs(names: Iterable[str], inputs: Mapping[str, np.ndarray]) -> None:
+    """Raise BackendInputError naming every input of ``names`` that ``inputs`` lacks."""
+    missing = [name for name in names if name not in inputs]
+    if missing:
+        raise BackendInputError(f"missing input(s) {', '.join(map(repr, missing))}")
 
 
 def utf8_strings(name: str, array: np.ndarray, framework: str) -> list[str]:

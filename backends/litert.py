@@ -30,11 +30,11 @@ from tensorgate.datatypes import from_numpy
 from .base import (
     Backend,
     BackendError,
-    BackendInputError,
     BackendOptions,
     BackendUnavailable,
     Signature,
     TensorSpec,
+    require_inputs,
 )
 
 #: The signature a SavedModel's converter writes, served when config.toml names none.
@@ -199,9 +199,7 @@ class LiteRTBackend(Backend):
         pool = self._pool
         if pool is None:
             raise BackendError("LiteRT model is not loaded")
-        missing = [t.name for t in self._inputs if t.name not in inputs]
-        if missing:
-            raise BackendInputError(f"missing input(s) {', '.join(map(repr, missing))}")
+        require_inputs((t.name for t in self._inputs), inputs)
         instance = pool.get()
         try:
             if self._by_signature:

@@ -134,11 +134,8 @@ class OnnxRuntimeBackend(Backend):
         self._input_types = {s.name: s.datatype for s in inputs if s.name and s.datatype}
         self._output_types = {s.name: s.datatype for s in outputs if s.name and s.datatype}
         self._all_outputs = list(self._output_types)
-        # Looked up per request otherwise: only these need OrtValues or string conversion.
+        # Outputs fetched as OrtValues (ORT's Python API returns no BF16 numpy arrays).
         self._bf16_outputs = frozenset(n for n, t in self._output_types.items() if t == "BF16")
-        self._special_inputs = frozenset(
-            n for n, t in self._input_types.items() if t in ("BYTES", "BF16")
-        )
         logger.debug("loaded %s with providers %s", path, session.get_providers())
         return Signature(inputs=inputs, outputs=outputs)
 
@@ -177,12 +174,7 @@ class OnnxRuntimeBackend(Backend):
         bf16_out = bool(self._bf16_outputs) and not self._bf16_outputs.isdisjoint(names)
 
         try:
-            if bf16_out or not self._special_inputs.isdisjoint(inputs) or any(
-                a.dtype.kind == "O" or a.dtype == _BF16 for a in inputs.values()
-            ):
-                feeds = {name: self._feed(name, a, bf16_out) for name, a in inputs.items()}
-            else:
-                feeds = inputs  # plain numpy arrays go in as they are: ORT reads them in place
+            feeds = {name: self._feed(name, a, bf16_out) for name, a in inputs.items()}
             if not bf16_out:
                 results = session.run(names, feeds)
                 return {

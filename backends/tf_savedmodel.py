@@ -20,12 +20,12 @@ import numpy as np
 from .base import (
     Backend,
     BackendError,
-    BackendInputError,
     BackendOptions,
     BackendUnavailable,
     Device,
     Signature,
     TensorSpec,
+    require_inputs,
 )
 
 logger = logging.getLogger(__name__)
@@ -192,9 +192,7 @@ class TFSavedModelBackend(Backend):
         if function is None:
             raise BackendError("SavedModel is not loaded")
         wanted = self._output_names if outputs is None else outputs
-        missing = [name for name in self._input_names if name not in inputs]
-        if missing:
-            raise BackendInputError(f"missing input(s) {', '.join(map(repr, missing))}")
+        require_inputs(self._input_names, inputs)
         try:
             placement = tf.device(self._device) if self._device else contextlib.nullcontext()
             with placement:

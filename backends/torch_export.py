@@ -34,10 +34,10 @@ import numpy as np
 from .base import (
     Backend,
     BackendError,
-    BackendInputError,
     BackendOptions,
     Signature,
     TensorSpec,
+    require_inputs,
 )
 from .torch_runtime import (
     InferThreads,
@@ -258,9 +258,7 @@ class TorchExportBackend(Backend):
         if run is None or self._threads is None:
             raise BackendError("PyTorch 2 model is not loaded")
         self._threads.enter()
-        missing = [name for name in self._input_names if name not in inputs]
-        if missing:
-            raise BackendInputError(f"missing input(s) {', '.join(map(repr, missing))}")
+        require_inputs(self._input_names, inputs)
         try:
             flat = [to_tensor(torch, inputs[name], self._device) for name in self._input_names]
             with torch.inference_mode():

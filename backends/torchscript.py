@@ -18,10 +18,10 @@ import numpy as np
 from .base import (
     Backend,
     BackendError,
-    BackendInputError,
     BackendOptions,
     Signature,
     TensorSpec,
+    require_inputs,
     utf8_strings,
 )
 from .torch_runtime import (
@@ -149,9 +149,7 @@ class TorchScriptBackend(Backend):
         if module is None or self._threads is None:
             raise BackendError("TorchScript model is not loaded")
         self._threads.enter()
-        missing = [name for name in self._input_names if name not in inputs]
-        if missing:
-            raise BackendInputError(f"missing input(s) {', '.join(map(repr, missing))}")
+        require_inputs(self._input_names, inputs)
         try:
             args = [
                 self._to_list(name, inputs[name])

@@ -369,11 +369,14 @@ class Telemetry:
         observe_many(series.compute, compute)
         rows = sum(t.rows for t in traces)
         series.inferences.inc(rows)
-        executions = np.array(
-            [t.timings.execution_rows for t in traces if t.timings.execution_rows], np.float64
-        )
-        if executions.size:
-            observe_many(series.rows, executions)
+        # One entry per backend execution (a batch): set on exactly one of its requests.
+        executions = [
+            (t.timings.execution_rows, t.decode, t.timings.compute, t.encode)
+            for t in traces
+            if t.timings.execution_rows
+        ]
+        if executions:
+            observe_many(series.rows, np.array([e[0] for e in executions], np.float64))
         model, variant, _ = labels
         self.statistics.success_many(
             model,
@@ -385,11 +388,7 @@ class Telemetry:
             encode=float(encode.sum()),
             count=len(traces),
             rows=rows,
-            executions=[
-                (t.timings.execution_rows, t.decode, t.timings.compute, t.encode)
-                for t in traces
-                if t.timings.execution_rows
-            ],
+            executions=executions,
         )
 
     def _fallbacks(self, t: Trace) -> None:
