@@ -51,8 +51,6 @@ class TensorConfig(_Strict):
         return v
 
 
-
-
 #: Where a variant's backend runs: in the gateway process, or in a worker process.
 Isolation = Literal["none", "process"]
 
@@ -83,6 +81,7 @@ class VariantConfig(_Strict):
     inter_op_threads: Annotated[int, Field(ge=0)] | None = None
     signature_name: str | None = None
     isolation: Isolation | None = None
+    execution_timeout_s: Annotated[float, Field(gt=0)] | None = None  # isolated variants
     # An integer model_version that pins this variant too: Triton's clients parse versions
     # as integers (perf_analyzer -x 3), so a named variant needs one to be pinned by them.
     version: Annotated[int, Field(ge=1)] | None = None
@@ -118,6 +117,8 @@ class WarmupConfig(_Strict):
     batch_size: Annotated[int, Field(ge=1)] = 1  # rows, for models with a batch dimension
     # "zeros" | "random" | a .npz file in the model folder, one array per input name
     data: str = "zeros"
+    # Seconds the whole warmup of one variant may take; beyond, the variant fails to load.
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
 
     @field_validator("data")
     @classmethod
@@ -174,6 +175,9 @@ class ModelConfig(_Strict):
     # "process": run the backend in a worker process of its own (backends/isolated/), so
     # a framework that crashes takes down only that worker, which is restarted.
     isolation: Isolation = "none"
+    # Seconds one execution of an isolated variant may run; beyond, its worker is killed and
+    # restarted (backends/isolated/). None: no limit. An in-process call cannot be stopped.
+    execution_timeout_s: Annotated[float, Field(gt=0)] | None = None
     input: list[TensorConfig] = Field(default_factory=list)
     output: list[TensorConfig] = Field(default_factory=list)
     variants: dict[str, VariantConfig] = Field(default_factory=dict)
@@ -192,6 +196,25 @@ class ModelConfig(_Strict):
             raise ValueError(
                 f"[warmup] batch_size = {w.batch_size} exceeds the model's max_batch_size = "
                 f"{self.max_batch_size}; use at most {self.max_batch_size}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _execution_timeout_needs_isolation(self) -> ModelConfig:
+        fix = 'set isolation = "process" (a call in the gateway process cannot be stopped)'
+        for name, v in self.variants.items():
+            if v.execution_timeout_s is not None and (v.isolation or self.isolation) == "none":
+                raise ValueError(
+                    f"[variants.{name}] execution_timeout_s applies to isolated variants only: "
+                    f"{fix} in [variants.{name}]"
+                )
+        isolated = self.isolation == "process" or any(
+            v.isolation == "process" for v in self.variants.values()
+        )
+        if self.execution_timeout_s is not None and not isolated:
+            raise ValueError(
+                f"execution_timeout_s applies to isolated variants only: {fix}, at the top "
+                "level or in [variants.NAME]"
             )
         return self
 

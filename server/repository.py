@@ -28,7 +28,7 @@ from tensorgate.backends import (
     backend_class,
     detect,
 )
-from tensorgate.backends.isolated import IsolatedBackend
+from tensorgate.backends.isolated import IsolatedBackend, Warmup
 from tensorgate.errors import (
     ConfigError,
     InvalidInput,
@@ -42,8 +42,8 @@ from .metrics import Metrics
 from .router import RouteError, RoutePolicy, policy_from_config, validate_policy
 from .scheduler import BatchPolicy, Scheduler
 from .signature import ModelSignature, merge_signatures
-from .statistics import NAMED_VARIANTS_VERSION
-from .warmup import warm_up, warmup_inputs
+from .statistics import named_variants_version
+from .warmup import WarmupTimeout, warm_up, warmup_inputs
 from .writelock import check_not_written
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,8 @@ class Model:
     def statistics_versions(self) -> dict[str, tuple[str, ...]]:
         """What an unpinned ModelStatistics lists, {version: the variants it sums}: integer
         versions and aliased variants (under their integer) one by one, and the other
-        named variants together under version "0" (Triton's clients parse versions as
-        integers)."""
+        named variants together under version "0", or the next integer no variant uses
+        when "0" is a variant directory (Triton's clients parse versions as integers)."""
         versions: dict[str, tuple[str, ...]] = {}
         named: list[str] = []
         for name in self.variants:
@@ -142,7 +142,7 @@ class Model:
             else:
                 versions[alias] = (name,)
         if named:
-            versions[NAMED_VARIANTS_VERSION] = tuple(named)
+            versions[named_variants_version(versions)] = tuple(named)
         return versions
 
     def versions(self, variant: str) -> list[str]:
@@ -280,6 +280,8 @@ class Repository:
         # UNAVAILABLE "loading" (retry), not NOT_FOUND (a model that does not exist).
         self.loading: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
+        # Variants released in the background: their warmup hung past its timeout.
+        self._releasing: set[asyncio.Task[bool]] = set()
 
     # -- lookup -------------------------------------------------------------------------
     def get(self, name: str) -> Model:
@@ -410,6 +412,16 @@ class Repository:
         await asyncio.to_thread(backend.unload)
         return not isinstance(backend, IsolatedBackend)
 
+    def _release_hung(self, v: Variant) -> None:
+        """Release a variant whose execution hangs without waiting for it: an isolated
+        worker is killed; a call in this process cannot be stopped, so its scheduler and
+        backend are released in the background once the call returns."""
+        if isinstance(v.backend, IsolatedBackend):
+            v.backend.kill()
+        task = asyncio.get_running_loop().create_task(self._stop(v))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
     def _export_ready(self, model: Model, gone: bool = False) -> None:
         for v in model.variants.values():
             self.metrics.model_ready.labels(model.name, v.name, v.backend_name).set(
@@ -473,7 +485,7 @@ class Repository:
             if samples is not None:
                 assert warmup is not None
                 try:
-                    await warm_up(v.scheduler, samples, warmup.requests)
+                    await warm_up(v.scheduler, samples, warmup.requests, warmup.timeout_s)
                 except TensorgateError as e:
                     v.state = State.UNAVAILABLE
                     v.reason = (
@@ -481,8 +493,13 @@ class Repository:
                         f"batch_size {warmup.batch_size}): {e}"
                     )
                     log.error("model %s variant %s: %s", name, vname, v.reason)
-                    await self._stop(v)
+                    if isinstance(e, WarmupTimeout):
+                        self._release_hung(v)
+                    else:
+                        await self._stop(v)
                     continue
+                if isinstance(v.backend, IsolatedBackend):  # warm a restarted worker too
+                    v.backend.warmup = Warmup(samples, warmup.requests, warmup.timeout_s)
             v.state = State.READY
         log.info(
             "model %s ready: %s",
@@ -583,7 +600,11 @@ class Repository:
         v.options = options
         backend: Backend
         if pick("isolation") == "process":
-            backend = IsolatedBackend(v.backend_name, label=f"{model.name}/{v.name}")
+            backend = IsolatedBackend(
+                v.backend_name,
+                label=f"{model.name}/{v.name}",
+                execution_timeout=pick("execution_timeout_s"),
+            )
         else:
             backend = backend_class(v.backend_name)()
         signature = backend.load(v.path, options)
