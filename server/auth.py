@@ -16,6 +16,10 @@ without credentials, and neither reveals more than the service names.
 
 Clients send ``authorization: Bearer <token>`` metadata. A missing or wrong token is
 UNAUTHENTICATED; tokens are compared in constant time and never logged.
+
+The policy is swapped in place when the token files change (server/credentials.py): the
+interceptor reads ``policy`` once per call, so a call is judged by the tokens in force when
+it arrives, and calls already accepted are never revisited.
 """
 
 from __future__ import annotations
@@ -59,17 +63,29 @@ class Unauthenticated(TensorgateError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
-def read_token(path: Path | None, env: str, what: str) -> str | None:
-    """The token in file ``path`` (surrounding whitespace removed), else in environment
-    variable ``env``, else None. Raises ValueError for an empty or unreadable token."""
+def parse_token(data: bytes, path: Path, what: str) -> str:
+    """The token in the contents ``data`` of file ``path`` (surrounding whitespace removed).
+    Raises ValueError naming the file when it is not UTF-8 or holds no token."""
+    try:
+        token = data.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} file {path} cannot be read: {e}") from None
+    if not token:
+        raise ValueError(f"{what} file {path} is empty")
+    return token
+
+
+def read_token(path: Path | None, env: str | None, what: str) -> str | None:
+    """The token in file ``path``, else in environment variable ``env``, else None. Raises
+    ValueError for an empty or unreadable token."""
     if path is not None:
         try:
-            token = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
+            data = path.read_bytes()
+        except OSError as e:
             raise ValueError(f"{what} file {path} cannot be read: {e}") from None
-        if not token:
-            raise ValueError(f"{what} file {path} is empty")
-        return token
+        return parse_token(data, path, what)
+    if env is None:
+        return None
     value = os.environ.get(env)
     if value is None:
         return None
@@ -144,6 +160,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without the token their RPC needs (see the module docstring).
 
     Installed only when a token is configured: without one, calls pay nothing for it.
+    ``policy`` may be replaced at any time (a reload); each call reads it once.
     """
 
     def __init__(self, policy: TokenPolicy) -> None:
@@ -154,7 +171,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        needed = self.policy.required(handler_call_details.method)
+        needed = self.policy.required(handler_call_details.method)  # the policy of now
         handler = await continuation(handler_call_details)
         if needed is None or handler is None:
             return handler
