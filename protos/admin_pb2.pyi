@@ -114,7 +114,7 @@ class ModelRoute(_message.Message):
     def __init__(self, model: _Optional[str] = ..., route: _Optional[_Union[RouteSpec, _Mapping]] = ..., default_variant: _Optional[str] = ..., overridden: _Optional[bool] = ..., variants: _Optional[_Iterable[_Union[VariantRoute, _Mapping]]] = ..., shadow_comparisons: _Optional[_Iterable[_Union[ShadowComparison, _Mapping]]] = ...) -> None: ...
 
 class VariantRoute(_message.Message):
-    __slots__ = ("name", "backend", "ready", "share", "circuit", "consecutive_failures", "next_probe_s", "served", "served_as_fallback", "failed", "version")
+    __slots__ = ("name", "backend", "ready", "share", "circuit", "consecutive_failures", "next_probe_s", "served", "served_as_fallback", "failed", "version", "reason")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class VariantRoute(_message.Message):
     SERVED_AS_FALLBACK_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     backend: str
     ready: bool
@@ -137,7 +138,8 @@ class VariantRoute(_message.Message):
     served_as_fallback: int
     failed: int
     version: int
-    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., ready: _Optional[bool] = ..., share: _Optional[float] = ..., circuit: _Optional[_Union[CircuitState, str]] = ..., consecutive_failures: _Optional[int] = ..., next_probe_s: _Optional[float] = ..., served: _Optional[int] = ..., served_as_fallback: _Optional[int] = ..., failed: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., ready: _Optional[bool] = ..., share: _Optional[float] = ..., circuit: _Optional[_Union[CircuitState, str]] = ..., consecutive_failures: _Optional[int] = ..., next_probe_s: _Optional[float] = ..., served: _Optional[int] = ..., served_as_fallback: _Optional[int] = ..., failed: _Optional[int] = ..., version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ShadowComparison(_message.Message):
     __slots__ = ("primary", "shadow", "compared", "failed", "dropped", "worst_abs_diff", "argmax_rows", "argmax_agree")

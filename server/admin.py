@@ -134,6 +134,7 @@ def model_route(model: Model, state: RouteState) -> apb.ModelRoute:
             served_as_fallback=counts.as_fallback,
             failed=counts.failed,
             version=int(model.alias(v.name) or 0),
+            reason=v.reason,
         )
     for (primary, shadow), s in sorted(state.shadow_stats.items()):
         route.shadow_comparisons.add(

@@ -13,7 +13,6 @@ import time
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
-from prometheus_client import start_http_server
 
 from tensorgate.protos import admin_pb2, admin_pb2_grpc
 from tensorgate.protos import grpc_service_pb2 as pb
@@ -22,8 +21,10 @@ from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 from .admin import ADMIN_SERVICE, RoutingAdminServicer
 from .admission import Admission
 from .auth import AuthInterceptor, TokenPolicy
+from .credentials import CredentialWatcher, GrpcTls
 from .interceptors import map_errors
 from .metrics import Metrics, Telemetry
+from .metrics_http import MetricsServer, start_metrics
 from .pipeline import Pipeline
 from .polling import RepositoryPoller
 from .reflection import MethodAwareReflectionServicer
@@ -75,7 +76,9 @@ class Gateway:
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._inference: InferenceServicer | None = None
-        self._metrics_server = None
+        self._metrics_server: MetricsServer | None = None
+        self.credentials: CredentialWatcher | None = None
+        self._credentials_task: asyncio.Task[None] | None = None
         self._poller = (
             RepositoryPoller(
                 self.repository, settings.poll_interval, self.model_health_changed_async
@@ -97,14 +100,15 @@ class Gateway:
         # is the only interceptor, and only when a token is set.
         interceptors: list[grpc.aio.ServerInterceptor] = []
         tokens = TokenPolicy(s.auth_token, s.admin_token)
-        if tokens.enabled:
-            interceptors.append(AuthInterceptor(tokens))
+        auth = AuthInterceptor(tokens) if tokens.enabled else None
+        if auth is not None:
+            interceptors.append(auth)
         server = grpc.aio.server(interceptors=interceptors, options=options)
         self._inference = inference = InferenceServicer(
             self.repository,
             self.pipeline,
             self.statistics,
-            is_ready=lambda: self.ready,
+            is_ready=self.serving,
             models_changed=self.model_health_changed,
             max_tensor_elements=s.max_tensor_elements,
             worker_index=s.worker_index,
@@ -121,9 +125,9 @@ class Gateway:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self._add_reflection(server)
-        credentials = self._tls_credentials()
-        if credentials is not None:
-            self.grpc_port = server.add_secure_port(f"{s.host}:{s.port}", credentials)
+        tls = GrpcTls.from_settings(s)
+        if tls is not None:
+            self.grpc_port = server.add_secure_port(f"{s.host}:{s.port}", tls.credentials())
         else:
             self.grpc_port = server.add_insecure_port(f"{s.host}:{s.port}")
         if self.grpc_port == 0:
@@ -131,11 +135,17 @@ class Gateway:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
-        if s.metrics_port is not None:
-            self._metrics_server, _ = start_http_server(
-                s.metrics_port, addr=s.metrics_host or s.host, registry=self.metrics.registry
-            )
-            self.metrics_port = self._metrics_server.server_port
+        self._metrics_server = metrics = start_metrics(self.metrics.registry, s)
+        if metrics is not None:
+            self.metrics_port = metrics.port
+        self.credentials = CredentialWatcher(
+            s,
+            on_tokens=(lambda policy: setattr(auth, "policy", policy)) if auth else None,
+            on_tls=tls.update if tls is not None else None,
+            on_metrics_token=metrics.set_token if metrics is not None else None,
+            on_metrics_tls=metrics.set_tls if metrics is not None else None,
+        )
+        self._credentials_task = asyncio.create_task(self.credentials.run(), name="credentials")
         started = time.perf_counter()
         await wait_until_written(self.repository.root)  # health NOT_SERVING meanwhile
         if self._poller is not None:
@@ -149,8 +159,8 @@ class Gateway:
             "tensorgate serving gRPC on %s:%d, metrics on %s, %d model(s) loaded in %.1f s",
             s.host,
             self.grpc_port,
-            f"http://{s.metrics_host or s.host}:{self.metrics_port}/metrics"
-            if self.metrics_port
+            f"{metrics.scheme}://{s.metrics_host or s.host}:{self.metrics_port}/metrics"
+            if metrics is not None
             else "(off)",
             sum(m.ready for m in self.repository.models.values()),
             time.perf_counter() - started,
@@ -162,22 +172,15 @@ class Gateway:
             )
             tmp.replace(s.port_file)
 
-    def _tls_credentials(self) -> grpc.ServerCredentials | None:
-        """TLS for the gRPC port when a certificate is configured; with a client CA, clients
-        must present a certificate it signed (mutual TLS)."""
-        s = self.settings
-        if s.tls_cert is None and s.tls_key is None:
-            if s.tls_client_ca is not None:
-                raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
-            return None
-        if s.tls_cert is None or s.tls_key is None:
-            raise ValueError("TLS needs both --tls-cert and --tls-key")
-        client_ca = s.tls_client_ca.read_bytes() if s.tls_client_ca is not None else None
-        return grpc.ssl_server_credentials(
-            [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
-            root_certificates=client_ca,
-            require_client_auth=client_ca is not None,
-        )
+    def serving(self) -> bool:
+        """ServerReady: started, not draining, and ``--require-models`` ready (as health)."""
+        ready = sum(m.ready for m in self.repository.models.values())
+        return self.ready and not self.draining and ready >= self.settings.require_models
+
+    def reload_credentials(self) -> None:
+        """SIGHUP: re-read the credential files now (they are also polled)."""
+        if self.credentials is not None:
+            self.credentials.reload()
 
     def _add_reflection(self, server: grpc.aio.Server) -> None:
         names = (
@@ -256,9 +259,10 @@ class Gateway:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.model_health_changed_async()
         await self.health.enter_graceful_shutdown()  # no later set() turns it back on
-        if self._poll_task is not None:
-            self._poll_task.cancel()
-            await asyncio.gather(self._poll_task, return_exceptions=True)
+        for task in (self._poll_task, self._credentials_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if not await self.admission.wait_idle(grace):
             log.warning(
                 "drain timeout: %d inference request(s) still in flight are cancelled",
@@ -285,8 +289,7 @@ class Gateway:
         self.pipeline.telemetry.flush()
         await self.repository.close()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+            self._metrics_server.close()
 
     async def wait(self) -> None:
         assert self._server is not None
@@ -301,6 +304,7 @@ async def serve(settings: ServerSettings) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload_credentials)
     try:
         await gateway.start()
     except BaseException:  # e.g. an interrupted repository write: close what did start

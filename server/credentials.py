@@ -28,6 +28,7 @@ next poll takes the matching pair. Replacing files atomically (write, then renam
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import threading
@@ -126,6 +127,24 @@ class GrpcTls:
         self._material = material
         self._generation = 0
         self._fetched = 0
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> GrpcTls | None:
+        """The TLS of ``--tls-cert``/``--tls-key``/``--tls-client-ca``, or None without a
+        certificate. Raises CredentialError (a ValueError) naming a file that is unusable."""
+        s = settings
+        if s.tls_cert is None and s.tls_key is None:
+            if s.tls_client_ca is not None:
+                raise CredentialError("--tls-client-ca needs --tls-cert and --tls-key")
+            return None
+        if s.tls_cert is None or s.tls_key is None:
+            raise CredentialError("TLS needs both --tls-cert and --tls-key")
+        paths = [p for p in (s.tls_cert, s.tls_key, s.tls_client_ca) if p is not None]
+        contents = {p: _read(p) for p in paths}
+        for path, data in contents.items():
+            if data is None:
+                raise CredentialError(f"{path} cannot be read")
+        return cls(check_tls(s.tls_cert, s.tls_key, s.tls_client_ca, contents))  # type: ignore[arg-type]
 
     @property
     def material(self) -> TlsMaterial:
@@ -285,10 +304,8 @@ class CredentialWatcher:
         in a thread, off the event loop."""
         self._wake = asyncio.Event()
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
-            except TimeoutError:
-                pass
             self._wake.clear()
             force, self._force = self._force, False
             await asyncio.to_thread(self.check, force)

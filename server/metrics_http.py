@@ -58,7 +58,7 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
 
 
 class _Quiet(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+    def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not logged (one every few seconds, forever)."""
 
 
