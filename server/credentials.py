@@ -282,12 +282,12 @@ class CredentialWatcher:
                         raise CredentialError(f"{missing[0]} cannot be read")
                     value = group.parse(contents)  # type: ignore[arg-type]
                 except (CredentialError, ValueError) as e:
-                    log.error("credentials: %s; keeping the %s in use", e, group.what)
+                    log.error("%s; keeping the %s in use", e, group.what)
                     continue
                 group.apply(value)
                 applied.append(group.what)
                 log.info(
-                    "credentials: %s reloaded from %s",
+                    "%s reloaded from %s",
                     group.what,
                     ", ".join(str(p) for p in group.paths),
                 )
