@@ -281,7 +281,7 @@ class Repository:
         self.loading: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         # Variants released in the background: their warmup hung past its timeout.
-        self._releasing: set[asyncio.Task[bool]] = set()
+        self._releasing: set[asyncio.Task[None]] = set()
 
     # -- lookup -------------------------------------------------------------------------
     def get(self, name: str) -> Model:
@@ -416,9 +416,19 @@ class Repository:
         """Release a variant whose execution hangs without waiting for it: an isolated
         worker is killed; a call in this process cannot be stopped, so its scheduler and
         backend are released in the background once the call returns."""
-        if isinstance(v.backend, IsolatedBackend):
-            v.backend.kill()
-        task = asyncio.get_running_loop().create_task(self._stop(v))
+        # Detached now, so that nothing else (a refused reload's cleanup) waits on them.
+        scheduler, backend = v.scheduler, v.backend
+        v.scheduler, v.backend = None, None
+        if isinstance(backend, IsolatedBackend):
+            backend.kill()
+
+        async def release() -> None:
+            if scheduler is not None:
+                await scheduler.close()
+            if backend is not None:
+                await asyncio.to_thread(backend.unload)
+
+        task = asyncio.get_running_loop().create_task(release())
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
 
