@@ -97,7 +97,8 @@ def default_demo_dir() -> Path:
 @click.option(
     "--tls-cert",
     type=EXISTING_FILE,
-    help="Serve gRPC over TLS with this certificate chain (PEM); needs --tls-key.",
+    help="Serve gRPC over TLS with this certificate chain (PEM); needs --tls-key. Token and "
+    "TLS files are re-read when they change and on SIGHUP (docs/security.md).",
 )
 @click.option(
     "--tls-key",
