@@ -10,9 +10,16 @@ extras=all
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-# torch==2.13.0 is pinned in pyproject.toml: it is the CPU build; any other version or an
-# open range pulls a multi-GB CUDA build.
+# torch==2.13.0 is pinned in pyproject.toml (an open range downloads a newer release). From
+# PyPI it is the CUDA build (~3 GB with its nvidia packages); it runs on the CPU.
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]"
+# The CUDA build pulls in `triton` (torch's GPU kernel compiler). Importing it in a process
+# that already loaded TensorFlow crashes that process (segfault in libtriton's LLVM), and a
+# gateway loads both when a model has tf and pt2 variants. On a machine without an NVIDIA
+# GPU nothing uses it (inductor compiles CPU kernels in C++), so it is removed there.
+if ! command -v nvidia-smi >/dev/null 2>&1 && .venv/bin/python -m pip show -q triton 2>/dev/null; then
+  .venv/bin/python -m pip uninstall -q -y triton
+fi
 
 if [ "$extras" = dev ]; then
   # tritonclient pins protobuf < 7 and registers its own `inference` protos: it lives in
