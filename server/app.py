@@ -1,5 +1,6 @@
-"""The gateway process: gRPC server (inference, health, reflection), metrics endpoint,
-model repository, and orderly start-up and shutdown.
+"""The gateway process: a gRPC front end (native or grpcio: server/frontends/) in front of
+the shared servicers and pipeline, the metrics endpoint, the model repository, and orderly
+start-up and shutdown.
 """
 
 from __future__ import annotations
@@ -10,24 +11,17 @@ import logging
 import signal
 import time
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
-
-from tensorgate.protos import admin_pb2, admin_pb2_grpc
-from tensorgate.protos import grpc_service_pb2 as pb
-from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
-
-from .admin import ADMIN_SERVICE, RoutingAdminServicer
+from . import frontends
+from .admin import RoutingAdminServicer
 from .admission import Admission
-from .auth import AuthInterceptor, TokenPolicy
-from .credentials import CredentialWatcher, GrpcTls
-from .interceptors import map_errors
+from .auth import TokenPolicy
+from .credentials import CredentialWatcher
+from .frontends import FrontEnd, Services
+from .frontends.grpcio import INFERENCE_SERVICE
 from .metrics import Metrics, Telemetry
 from .metrics_http import MetricsServer, start_metrics
 from .pipeline import Pipeline
 from .polling import RepositoryPoller
-from .reflection import MethodAwareReflectionServicer
 from .repository import Repository
 from .router import Router
 from .servicer import InferenceServicer
@@ -37,8 +31,6 @@ from .writelock import wait_until_written
 
 log = logging.getLogger(__name__)
 
-INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 #: Seconds the drain holds new calls after the last accepted one finished, before the gRPC
 #: server stops (then they are refused with UNAVAILABLE).
 DRAIN_LINGER = 0.5
@@ -69,13 +61,11 @@ class Gateway:
             Telemetry(self.metrics, self.statistics),
             admission=self.admission,
         )
-        self.health = health.aio.HealthServicer()
         self.ready = False
         self.draining = False
         self.grpc_port = 0
         self.metrics_port: int | None = None
-        self._server: grpc.aio.Server | None = None
-        self._inference: InferenceServicer | None = None
+        self.front_end: FrontEnd | None = None
         self._metrics_server: MetricsServer | None = None
         self.credentials: CredentialWatcher | None = None
         self._credentials_task: asyncio.Task[None] | None = None
@@ -91,20 +81,8 @@ class Gateway:
 
     async def start(self) -> None:
         s = self.settings
-        options = [
-            ("grpc.max_receive_message_length", s.max_message_bytes),
-            ("grpc.max_send_message_length", s.max_message_bytes),
-            ("grpc.so_reuseport", 1 if s.reuse_port else 0),
-        ]
-        # Errors become statuses inside each servicer method (map_errors); the token check
-        # is the only interceptor, and only when a token is set.
-        interceptors: list[grpc.aio.ServerInterceptor] = []
-        tokens = TokenPolicy(s.auth_token, s.admin_token)
-        auth = AuthInterceptor(tokens) if tokens.enabled else None
-        if auth is not None:
-            interceptors.append(auth)
-        server = grpc.aio.server(interceptors=interceptors, options=options)
-        self._inference = inference = InferenceServicer(
+        kind = frontends.resolve(s.front_end)
+        inference = InferenceServicer(
             self.repository,
             self.pipeline,
             self.statistics,
@@ -113,39 +91,23 @@ class Gateway:
             max_tensor_elements=s.max_tensor_elements,
             worker_index=s.worker_index,
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            map_errors(inference, pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]), server
+        tokens = TokenPolicy(s.auth_token, s.admin_token)  # replaced in place on reloads
+        services = Services(
+            settings=s,
+            inference=inference,
+            admin=RoutingAdminServicer(self.repository, self.router),
+            tokens=tokens,
         )
-        admin_pb2_grpc.add_RoutingAdminServicer_to_server(
-            map_errors(
-                RoutingAdminServicer(self.repository, self.router),
-                admin_pb2.DESCRIPTOR.services_by_name["RoutingAdmin"],
-            ),
-            server,
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        self._add_reflection(server)
-        tls = GrpcTls.from_settings(s)
-        if tls is not None:
-            self.grpc_port = server.add_secure_port(f"{s.host}:{s.port}", tls.credentials())
-        else:
-            self.grpc_port = server.add_insecure_port(f"{s.host}:{s.port}")
-        if self.grpc_port == 0:
-            raise OSError(f"could not bind gRPC port {s.host}:{s.port}")
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await server.start()
-        self._server = server
+        front_end = frontends.build(kind, services)
+        await front_end.start()
+        self.front_end = front_end
+        self.grpc_port = front_end.port
+        log.info("front end: %s", front_end.name)
+        await self._set_health(False)
         self._metrics_server = metrics = start_metrics(self.metrics.registry, s)
         if metrics is not None:
             self.metrics_port = metrics.port
-        self.credentials = CredentialWatcher(
-            s,
-            on_tokens=(lambda policy: setattr(auth, "policy", policy)) if auth else None,
-            on_tls=tls.update if tls is not None else None,
-            on_metrics_token=metrics.set_token if metrics is not None else None,
-            on_metrics_tls=metrics.set_tls if metrics is not None else None,
-        )
-        self._credentials_task = asyncio.create_task(self.credentials.run(), name="credentials")
+        self._watch_credentials(tokens, front_end, metrics)
         started = time.perf_counter()
         await wait_until_written(self.repository.root)  # health NOT_SERVING meanwhile
         if self._poller is not None:
@@ -172,6 +134,21 @@ class Gateway:
             )
             tmp.replace(s.port_file)
 
+    def _watch_credentials(
+        self, tokens: TokenPolicy, front_end: FrontEnd, metrics: MetricsServer | None
+    ) -> None:
+        """Re-read the token and TLS files on SIGHUP and when they change
+        (server/credentials.py): the token policy is replaced in place (front ends read it
+        per call), the front end takes new TLS material for its next handshakes."""
+        self.credentials = CredentialWatcher(
+            self.settings,
+            on_tokens=tokens.replace if tokens.enabled else None,
+            on_tls=lambda m: front_end.reload_tls(m.cert_chain, m.private_key, m.client_ca),
+            on_metrics_token=metrics.set_token if metrics is not None else None,
+            on_metrics_tls=metrics.set_tls if metrics is not None else None,
+        )
+        self._credentials_task = asyncio.create_task(self.credentials.run(), name="credentials")
+
     def serving(self) -> bool:
         """ServerReady: started, not draining, and ``--require-models`` ready (as health)."""
         ready = sum(m.ready for m in self.repository.models.values())
@@ -182,47 +159,18 @@ class Gateway:
         if self.credentials is not None:
             self.credentials.reload()
 
-    def _add_reflection(self, server: grpc.aio.Server) -> None:
-        names = (
-            INFERENCE_SERVICE,
-            ADMIN_SERVICE,
-            health.SERVICE_NAME,
-            reflection.SERVICE_NAME,
-            REFLECTION_V1,
-        )
-        servicer = MethodAwareReflectionServicer(names)
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
-        # grpc.reflection.v1 has the same messages as v1alpha under another package name, so
-        # the same servicer answers both (grpcurl asks v1 first, ghz v1alpha).
-        server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    REFLECTION_V1,
-                    {
-                        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
-                            servicer.ServerReflectionInfo,
-                            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-                            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
-                        )
-                    },
-                ),
-            )
-        )
-
-    async def _set_health(self, status: int) -> None:
-        await self.health.set("", status)
-        await self.health.set(INFERENCE_SERVICE, status)
+    async def _set_health(self, serving: bool) -> None:
+        assert self.front_end is not None
+        await self.front_end.set_health("", serving)
+        await self.front_end.set_health(INFERENCE_SERVICE, serving)
 
     async def model_health_changed_async(self) -> None:
         """Per-model health entries: a model name is SERVING while it has a ready variant.
         The server's own entry is SERVING once started, while ``require_models`` are ready."""
+        if self.front_end is None:
+            return
         for name, model in self.repository.models.items():
-            await self.health.set(
-                name,
-                health_pb2.HealthCheckResponse.SERVING
-                if model.ready and not self.draining
-                else health_pb2.HealthCheckResponse.NOT_SERVING,
-            )
+            await self.front_end.set_health(name, model.ready and not self.draining)
         if not self.ready or self.draining:
             return
         ready = sum(m.ready for m in self.repository.models.values())
@@ -235,11 +183,7 @@ class Gateway:
                 self.settings.require_models,
             )
         self._enough = enough
-        await self._set_health(
-            health_pb2.HealthCheckResponse.SERVING
-            if enough
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        await self._set_health(enough)
 
     def model_health_changed(self) -> None:
         asyncio.get_running_loop().create_task(self.model_health_changed_async())
@@ -253,12 +197,13 @@ class Gateway:
         self.draining = True
         self.ready = False
         inflight = self.admission.start_draining()
-        if self._inference is not None:
-            self._inference.end_streams()
+        if self.front_end is not None:
+            self.front_end.end_streams()
         log.info("draining: %d inference request(s) in flight, up to %.1f s", inflight, grace)
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.model_health_changed_async()
-        await self.health.enter_graceful_shutdown()  # no later set() turns it back on
+        if self.front_end is not None:
+            await self._set_health(False)
+            await self.model_health_changed_async()
+            await self.front_end.enter_graceful_shutdown()  # no later set() turns it back on
         for task in (self._poll_task, self._credentials_task):
             if task is not None:
                 task.cancel()
@@ -275,12 +220,12 @@ class Gateway:
             # instead: each caller's latest call then waits in a handler, none in the core.
             self.admission.hold_arrivals()
             await asyncio.sleep(min(DRAIN_LINGER, max(0.0, until - time.monotonic())))
-        if self._server is not None:
+        if self.front_end is not None:
             # Stopping sends GOAWAY and closes the port: callers' next calls are refused
             # with UNAVAILABLE by their own channel. Then the held calls are answered
             # "draining", and other calls (metadata, repository, open streams) get what
             # time is left.
-            stopping = asyncio.create_task(self._server.stop(max(0.0, until - time.monotonic())))
+            stopping = asyncio.create_task(self.front_end.stop(max(0.0, until - time.monotonic())))
             await asyncio.sleep(STOP_SETTLE)
             self.admission.release_held()
             await stopping
@@ -292,8 +237,8 @@ class Gateway:
             self._metrics_server.close()
 
     async def wait(self) -> None:
-        assert self._server is not None
-        await self._server.wait_for_termination()
+        assert self.front_end is not None
+        await self.front_end.wait()
 
 
 async def serve(settings: ServerSettings) -> None:

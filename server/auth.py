@@ -17,9 +17,10 @@ without credentials, and neither reveals more than the service names.
 Clients send ``authorization: Bearer <token>`` metadata. A missing or wrong token is
 UNAUTHENTICATED; tokens are compared in constant time and never logged.
 
-The policy is swapped in place when the token files change (server/credentials.py): the
-interceptor reads ``policy`` once per call, so a call is judged by the tokens in force when
-it arrives, and calls already accepted are never revisited.
+The policy's tokens are replaced in place when the token files change
+(server/credentials.py, ``TokenPolicy.replace``): the interceptor asks the policy once per
+call, so a call is judged by the tokens in force when it arrives, and calls already accepted
+are never revisited.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import hmac
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,29 +94,55 @@ def read_token(path: Path | None, env: str | None, what: str) -> str | None:
     return value.strip()
 
 
-@dataclass(frozen=True)
 class TokenPolicy:
-    """Which token each RPC needs. ``None`` tokens are not required."""
+    """Which token each RPC needs. ``None`` tokens are not required.
 
-    inference_token: str | None = None
-    admin_token: str | None = None
+    One object for the life of the server: ``replace`` swaps its tokens in place, so every
+    front end that holds it follows a reload.
+    """
+
+    def __init__(self, inference_token: str | None = None, admin_token: str | None = None):
+        # One tuple, replaced in one assignment: a call sees the old pair or the new one.
+        self._tokens = (inference_token, admin_token)
+
+    @property
+    def inference_token(self) -> str | None:
+        return self._tokens[0]
+
+    @property
+    def admin_token(self) -> str | None:
+        return self._tokens[1]
 
     @property
     def enabled(self) -> bool:
-        return self.inference_token is not None or self.admin_token is not None
+        return self._tokens != (None, None)
+
+    def replace(self, other: TokenPolicy) -> None:
+        """Take ``other``'s tokens from the next call on (a reload)."""
+        self._tokens = other._tokens
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TokenPolicy) and self._tokens == other._tokens
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:  # never print the tokens
+        inference, admin = ("<set>" if t is not None else None for t in self._tokens)
+        return f"TokenPolicy(inference_token={inference}, admin_token={admin})"
 
     def required(self, method: str) -> tuple[str, str] | None:
         """(token, which) that ``method`` (a full '/service/Method' path) needs, or None."""
+        inference, admin = self._tokens
         if method.startswith(OPEN_PREFIXES):
             return None
         if method in ADMIN_METHODS or method.startswith(ADMIN_PREFIXES):
-            if self.admin_token is not None:
-                return self.admin_token, "admin token"
-            if self.inference_token is not None:
-                return self.inference_token, "token"
+            if admin is not None:
+                return admin, "admin token"
+            if inference is not None:
+                return inference, "token"
             return None
-        if self.inference_token is not None:
-            return self.inference_token, "token"
+        if inference is not None:
+            return inference, "token"
         return None
 
 
@@ -160,7 +186,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without the token their RPC needs (see the module docstring).
 
     Installed only when a token is configured: without one, calls pay nothing for it.
-    ``policy`` may be replaced at any time (a reload); each call reads it once.
+    The policy's tokens may be replaced at any time (a reload); each call reads them once.
     """
 
     def __init__(self, policy: TokenPolicy) -> None:
@@ -171,7 +197,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        needed = self.policy.required(handler_call_details.method)  # the policy of now
+        needed = self.policy.required(handler_call_details.method)  # the tokens of now
         handler = await continuation(handler_call_details)
         if needed is None or handler is None:
             return handler

@@ -269,7 +269,12 @@ class CredentialWatcher:
     def check(self, force: bool = False) -> list[str]:
         """Re-read the files; apply each group that changed (every group when ``force``)
         and parses. Returns what was applied. Safe to call from any thread."""
-        applied: list[str] = []
+        return self._apply(self._read_changes(force))
+
+    def _read_changes(self, force: bool) -> list[tuple[_Group, Any]]:
+        """(group, parsed value) of each group whose files changed and parse; logs an error
+        naming the file for each that does not."""
+        changes: list[tuple[_Group, Any]] = []
         with self._check_lock:
             for group in self._groups:
                 contents = {p: _read(p) for p in group.paths}
@@ -280,18 +285,17 @@ class CredentialWatcher:
                 try:
                     if missing:
                         raise CredentialError(f"{missing[0]} cannot be read")
-                    value = group.parse(contents)  # type: ignore[arg-type]
+                    changes.append((group, group.parse(contents)))  # type: ignore[arg-type]
                 except (CredentialError, ValueError) as e:
                     log.error("%s; keeping the %s in use", e, group.what)
-                    continue
-                group.apply(value)
-                applied.append(group.what)
-                log.info(
-                    "%s reloaded from %s",
-                    group.what,
-                    ", ".join(str(p) for p in group.paths),
-                )
-        return applied
+        return changes
+
+    @staticmethod
+    def _apply(changes: list[tuple[_Group, Any]]) -> list[str]:
+        for group, value in changes:
+            group.apply(value)
+            log.info("%s reloaded from %s", group.what, ", ".join(str(p) for p in group.paths))
+        return [group.what for group, _ in changes]
 
     def reload(self) -> None:
         """Ask for a re-read of every file now (SIGHUP); the running ``run()`` does it."""
@@ -301,14 +305,15 @@ class CredentialWatcher:
 
     async def run(self) -> None:
         """Poll until cancelled; ``reload()`` wakes it early. File reads and TLS checks run
-        in a thread, off the event loop."""
+        in a thread, off the event loop; the callbacks are called on the loop."""
         self._wake = asyncio.Event()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
             self._wake.clear()
             force, self._force = self._force, False
-            await asyncio.to_thread(self.check, force)
+            # Reading and checking off the loop; the new credentials are handed over on it.
+            self._apply(await asyncio.to_thread(self._read_changes, force))
 
     def start_thread(self, stop: threading.Event) -> threading.Thread:
         """Poll on a daemon thread until ``stop`` is set (a process without an event loop:

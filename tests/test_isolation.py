@@ -33,6 +33,9 @@ from .serverproc import ServerProcess, wait_until
 from .slowmodel import build_slow_onnx, slow_inputs
 from .test_reliability import LoadThreads, x64
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 WORKER_MODULE = "tensorgate.backends.isolated"
 BACKED_CONFIG = """default_variant = "main"
 

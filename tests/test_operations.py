@@ -35,6 +35,9 @@ from .slowmodel import build_slow_onnx, slow_inputs
 from .test_reliability import replace_file, x64
 from .test_security import _issue
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 OLD_TOKEN = "old-token-0123456789"
 NEW_TOKEN = "new-token-9876543210"
 METRICS_TOKEN = "scrape-token-4242"

@@ -31,6 +31,9 @@ from . import modelfactory as mf
 from .serverproc import ServerProcess, wait_until
 from .slowmodel import build_slow_onnx, slow_inputs
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 TENSORS = """
 [[input]]
 name = "x"
