@@ -11,6 +11,8 @@ import shutil
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -551,3 +553,28 @@ def test_variant_zero_and_named_variants_have_their_own_statistics(
     assert counts == {"0": 1, "1": 2, "2": 3 + 4}, counts
     pinned = stub.ModelStatistics(pb.ModelStatisticsRequest(name="zero", version="0"), timeout=10)
     assert [(s.version, s.inference_count) for s in pinned.model_stats] == [("0", 1)]
+
+
+@pytest.mark.parametrize("broken", ["token", "cert"])
+def test_serve_refuses_unusable_metrics_credentials(
+    repo: Path, certs: Certs, tmp_path: Path, broken: str
+) -> None:
+    cert, key = certs.pair("server-a")
+    token = tmp_path / "metrics-token"
+    token.write_text("" if broken == "token" else METRICS_TOKEN)
+    if broken == "cert":
+        cert = tmp_path / "cut.crt"
+        cert.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "tensorgate.server.cli", "serve", "-r", str(repo),
+         "--port", "0", "--metrics-port", "0", "--metrics-token-file", str(token),
+         "--metrics-tls-cert", str(cert), "--metrics-tls-key", str(key)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    expected = (
+        f"--metrics-token-file file {token} is empty"
+        if broken == "token"
+        else f"--metrics-tls-cert {cert} / --metrics-tls-key {key} cannot be used"
+    )
+    assert expected in " ".join(done.stderr.split()), done.stderr

@@ -225,6 +225,10 @@ def serve(
         auth_token = read_token(auth_token_file, INFERENCE_TOKEN_ENV, "--auth-token-file")
         admin_token = read_token(admin_token_file, ADMIN_TOKEN_ENV, "--admin-token-file")
         read_token(metrics_token_file, None, "--metrics-token-file")
+        if metrics_tls_cert is not None and metrics_tls_key is not None:
+            from ..metrics_http import tls_context
+
+            tls_context(metrics_tls_cert, metrics_tls_key)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     from ..eventloop import resolve
