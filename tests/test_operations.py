@@ -27,8 +27,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tensorgate.codec import decode_response, encode_request
+from tensorgate.errors import ConfigError
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
+from tensorgate.server.config import load_model_config
 from tensorgate.server.demo import build_mlp_onnx, mlp_reference, mlp_weights
 from tensorgate.server.servicer import WORKER_METADATA_KEY
 
@@ -578,3 +580,29 @@ def test_serve_refuses_unusable_metrics_credentials(
         else f"--metrics-tls-cert {cert} / --metrics-tls-key {key} cannot be used"
     )
     assert expected in " ".join(done.stderr.split()), done.stderr
+
+
+@pytest.mark.parametrize(
+    ("toml", "error"),
+    [
+        ('isolation = "process"\nexecution_timeout_s = 2\n', None),
+        ('[variants.a]\nisolation = "process"\nexecution_timeout_s = 2\n', None),
+        ('execution_timeout_s = 2\n[variants.a]\nisolation = "process"\n', None),
+        ('isolation = "process"\n[variants.a]\nexecution_timeout_s = 2\n', None),
+        ("execution_timeout_s = 2\n", "execution_timeout_s applies to isolated variants only"),
+        (
+            '[variants.a]\nisolation = "none"\nexecution_timeout_s = 2\n',
+            r"\[variants.a\] execution_timeout_s applies to isolated variants only",
+        ),
+        ('isolation = "process"\nexecution_timeout_s = 0\n', "greater than 0"),
+        ("[warmup]\ntimeout_s = 0\n", "greater than 0"),
+    ],
+)
+def test_timeout_keys_in_config(tmp_path: Path, toml: str, error: str | None) -> None:
+    (tmp_path / "config.toml").write_text(toml)
+    if error is None:
+        load_model_config(tmp_path)
+        return
+    with pytest.raises(ConfigError, match=error) as info:
+        load_model_config(tmp_path)
+    assert str(tmp_path / "config.toml") in str(info.value)
