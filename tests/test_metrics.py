@@ -59,7 +59,9 @@ BACKENDS = {
 
 
 @pytest.fixture(scope="module")
-def gateway(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def gateway(
+    front_end: str, demo_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     with ServerProcess(demo_repo, tmp_path_factory.mktemp("metrics")) as proc:
         yield proc
 

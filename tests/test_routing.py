@@ -498,7 +498,7 @@ def routing_repo(tmp_path_factory: pytest.TempPathFactory, demo_repo: Path) -> P
 
 @pytest.fixture(scope="module")
 def gateway(
-    routing_repo: Path, tmp_path_factory: pytest.TempPathFactory
+    front_end: str, routing_repo: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     proc = ServerProcess(routing_repo, tmp_path_factory.mktemp("routing-server"))
     with proc:
