@@ -423,7 +423,7 @@ REQUIRED = 10  # more models than the repository has
 
 @pytest.fixture(scope="module")
 def ops_server(
-    ops_repo: Path, certs: Certs, tmp_path_factory: pytest.TempPathFactory
+    front_end: str, ops_repo: Path, certs: Certs, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     workdir = tmp_path_factory.mktemp("ops-server")
     write_text(workdir / "metrics-token", METRICS_TOKEN)
