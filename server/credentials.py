@@ -12,11 +12,14 @@ contents with what it saw last; a change, or SIGHUP (``reload()``), re-reads a g
 (the two token files; the certificate, key and client CA) and hands the parsed result to
 whoever serves with it:
 
-- tokens: a new ``TokenPolicy`` that the interceptor reads on each call, so new calls are
-  judged by the new tokens and calls in flight are never revisited;
-- gRPC TLS: ``GrpcTls`` holds the certificate configuration that grpc's dynamic server
-  credentials fetch at the start of every handshake: new connections get the new certificate
-  and client CA, open connections (and their calls) go on with the old until they close.
+- tokens: a new ``TokenPolicy`` whose tokens replace those of the one the front ends hold
+  (``TokenPolicy.replace``), read once per call: new calls are judged by the new tokens and
+  calls in flight are never revisited;
+- gRPC TLS: the front end's ``reload_tls`` (for grpcio, ``GrpcTls`` here: the certificate
+  configuration that grpc's dynamic server credentials fetch at the start of every
+  handshake): new connections get the new certificate and client CA, open connections (and
+  their calls) go on with the old until they close;
+- /metrics: ``MetricsServer.set_token`` and ``set_tls``.
 
 A file that does not parse (an empty token, a PEM block cut short, a key that does not match
 its certificate) keeps the credentials in use and logs an error naming the file; the next
