@@ -299,13 +299,8 @@ def _report(result: Any) -> None:
     from rich.table import Table
 
     console = Console(width=None if sys.stdout.isatty() else 200)
-    used = dict.fromkeys(o.target.precision for o in result.outcomes)
-    judged = "; ".join(
-        f"{p}: {next(o.tolerance for o in result.outcomes if o.target.precision == p)}"
-        for p in used
-    )
     table = Table(
-        title=f"parity with the source model: {result.samples} samples ({judged})",
+        title=f"parity with the source model: {result.samples} samples",
         title_justify="left",
     )
     table.add_column("variant")
@@ -337,10 +332,13 @@ def _report(result: Any) -> None:
             verdict,
         )
     console.print(table)
+    for precision in dict.fromkeys(o.target.precision for o in result.outcomes):
+        t = next(o.tolerance for o in result.outcomes if o.target.precision == precision)
+        console.print(f"{precision} judged by {t}", highlight=False)
     for o in result.outcomes:
         line = _glance(result, o)
         if line is not None:
-            console.print(line)
+            console.print(line, highlight=False)
     if result.written:
         console.print(
             f"wrote {result.out} (default variant '{result.default_variant}'); serve it with: "

@@ -257,8 +257,9 @@ def convert(
             t = outcome.tolerance
             try:
                 outcome.comparison = compare(
-                    references, got.outputs, names, t.atol, t.rtol, t.min_top1
-                )
+                    references, got.outputs, names, t.atol, t.rtol,
+                    scaled=t.scaled, min_top1=t.min_top1,
+                )  # fmt: skip
             except OutputMismatch as exc:
                 outcome.error = str(exc)
         write_config()  # now with what parity measured, for the rollout gates

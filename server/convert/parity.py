@@ -7,9 +7,11 @@ inputs; each sample gives every dynamic dimension one size from 1 to 4) or come 
 gateway's own repository (config.toml, backend detection, the merged signature) and run by
 the backend classes that will serve them: a variant that passes here is one that serves.
 
-A variant agrees when every output element satisfies
-``|variant - source| <= atol + rtol * |source|`` (numpy's ``allclose`` rule) and, for a
-reduced precision, when the arg-max over the last axis agrees on enough rows
+An FP32 variant agrees when every output element satisfies
+``|variant - source| <= atol + rtol * |source|`` (numpy's ``allclose`` rule). A reduced
+precision's error grows with the size of the values it rounds, so its tolerance T is set
+against each output's scale: ``|variant - source| <= T * max(1, max |source|)`` over every
+output of every sample, and the arg-max over the last axis must agree on enough rows
 (``Tolerance.min_top1``). Each call of a variant is timed: ``p50_ms`` is its median.
 """
 
@@ -99,24 +101,33 @@ def npz_samples(path: Path, inputs: Sequence[TensorDecl], count: int) -> list[Sa
 # -- comparing --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Tolerance:
-    """What a variant is judged by: the ``allclose`` rule's two terms and, for a reduced
+    """What a variant is judged by: the ``allclose`` rule's two terms, with ``scaled`` the
+    absolute term multiplied by ``max(1, max |source|)`` of each output, and, for a reduced
     precision, the least share of rows whose arg-max must agree with the source's."""
 
     atol: float
-    rtol: float
+    rtol: float = 0.0
+    scaled: bool = False
     min_top1: float | None = None
 
     def as_json(self) -> dict[str, object]:
-        return {"atol": self.atol, "rtol": self.rtol, "min_top1_agreement": self.min_top1}
+        return {
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "scaled_by_output_max": self.scaled,
+            "min_top1_agreement": self.min_top1,
+        }
 
     def __str__(self) -> str:
-        text = f"atol {self.atol:g}, rtol {self.rtol:g}"
+        if not self.scaled:
+            text = f"atol {self.atol:g}, rtol {self.rtol:g}"
+        else:
+            text = f"|diff| <= {self.atol:g} x max(1, max |source|)"
         return text if self.min_top1 is None else f"{text}, top-1 >= {self.min_top1:.0%}"
 
 
-#: The tolerance of a reduced precision, ``--tolerance PRECISION=T`` (T is both the absolute
-#: and the relative term: a few units in the last place of the narrower format, on values of
-#: any size), and the top-1 agreement every reduced variant needs.
+#: The tolerance T of a reduced precision, ``--tolerance PRECISION=T``, and the top-1
+#: agreement every reduced variant needs.
 REDUCED_TOLERANCE = {"fp16": 1e-2, "bf16": 1e-2, "int8": 5e-2}
 REDUCED_MIN_TOP1 = 0.99
 
@@ -142,7 +153,7 @@ def parse_tolerances(text: str, atol: float, rtol: float) -> dict[str, Tolerance
     tolerances = {"fp32": Tolerance(given.get("fp32", atol), rtol)}
     for name, default in REDUCED_TOLERANCE.items():
         t = given.get(name, default)
-        tolerances[name] = Tolerance(t, t, REDUCED_MIN_TOP1)
+        tolerances[name] = Tolerance(t, 0.0, scaled=True, min_top1=REDUCED_MIN_TOP1)
     return tolerances
 
 
@@ -179,10 +190,13 @@ def compare(
     outputs: Sequence[str],
     atol: float,
     rtol: float,
+    *,
+    scaled: bool = False,
     min_top1: float | None = None,
 ) -> Comparison:
-    """Compare a variant's results with the source's, sample by sample. With ``min_top1``,
-    a variant whose top-1 agreement is lower does not pass either."""
+    """Compare a variant's results with the source's, sample by sample, by ``Tolerance``'s
+    rule: with ``scaled`` the absolute term is ``atol * max(1, max |source|)`` of each output;
+    with ``min_top1``, a variant whose top-1 agreement is lower does not pass either."""
     max_abs = max_rel = 0.0
     agree = rows = 0
     passed = True
@@ -211,7 +225,9 @@ def compare(
             sizeable = np.abs(b) > atol
             if sizeable.any():
                 max_rel = max(max_rel, float((diff[sizeable] / np.abs(b[sizeable])).max()))
-            passed &= not bool(np.any(diff > atol + rtol * np.abs(np.nan_to_num(b))))
+            limit = atol * max(1.0, float(np.abs(np.nan_to_num(b)).max(initial=0.0)))
+            absolute = limit if scaled else atol
+            passed &= not bool(np.any(diff > absolute + rtol * np.abs(np.nan_to_num(b))))
             if ref.ndim >= 1 and ref.shape[-1] >= 2 and ref.size:
                 flat_a = a.reshape(-1, ref.shape[-1])
                 flat_b = b.reshape(-1, ref.shape[-1])
