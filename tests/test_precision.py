@@ -460,3 +460,26 @@ def test_reduced_tolerance_is_scaled_and_needs_top1() -> None:
     c = compare(ref, flipped, ["y"], 0.1, 0.0, scaled=True, min_top1=0.99)
     assert c.top1_agreement == 0.5 and not c.passed
     assert compare(ref, flipped, ["y"], 0.1, 0.0, scaled=True).passed  # no top-1 rule
+
+
+def test_nothing_to_quantize_is_not_produced_and_int8_missing_fails(tmp_path: Path) -> None:
+    """A model without a layer that dynamic quantization handles gets no "int8" copy of its
+    FP32 file; no format in int8 at all is an error."""
+    source = tmp_path / "squash.py"
+    source.write_text(
+        "import torch\n\n\nclass Squash(torch.nn.Module):\n"
+        "    def forward(self, x: torch.Tensor) -> torch.Tensor:\n"
+        "        return torch.tanh(x) * 2.0\n\n\ndef build():\n    return Squash()\n"
+    )
+    out = tmp_path / "models" / "squash"
+    run = tensorgate(
+        "convert", "pytorch", f"{source}:build", "--input", "x:FP32:-1,4", "--out", str(out),
+        "--to", "torchscript,onnx", "--precision", "int8",
+    )  # fmt: skip
+    assert run.returncode == 1, run.stdout + run.stderr
+    parity = json.loads((out / "parity.json").read_text())
+    assert "quantize_dynamic found no layer to quantize" in parity["torch-int8"]["error"]
+    assert "quantize_dynamic found no weights to quantize" in parity["onnx-int8"]["error"]
+    assert parity["torch"]["passed"] and parity["onnx"]["passed"]
+    assert "error: no format could be produced in int8" in run.stderr
+    assert "variants" not in tomllib.loads((out / "config.toml").read_text())
