@@ -1,7 +1,8 @@
 """Reduced precisions: ``tensorgate convert --precision`` writing real reduced variants of
 the demo scorer (a 64-256-256-10 MLP) from PyTorch and from a SavedModel, judged, listed in
 config.toml and served by the real server; and ``[variants.NAME] precision = "bf16"``
-serving an FP32 torch file in bfloat16 autocast through the real server.
+serving an FP32 torch file in bfloat16 autocast through the real server. The tests that
+talk gRPC run against both front ends (the ``front_end`` fixture, tests/conftest.py).
 
 The PyTorch conversion compiles two AOTInductor packages (pt2, pt2-bf16; about 40 s of CPU
 each): the conversions run once per session, in fixtures, and the tests read what they wrote.
@@ -136,13 +137,15 @@ def calibrated(
 
 @pytest.fixture(scope="module")
 def gateway(
+    front_end: str,
     precise_repo: Path,
     ranker: Converted,
     scorer: Converted,
     calibrated: Converted,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ServerProcess]:
-    """The real server on the repository the conversions wrote, as they wrote it."""
+    """The real server on the repository the conversions wrote, as they wrote it, with
+    each front end (tests/conftest.py)."""
     for converted in (ranker, scorer, calibrated):
         assert converted.run.returncode == 0, converted.run.stdout + converted.run.stderr
     proc = ServerProcess(precise_repo, tmp_path_factory.mktemp("precise-server"))
@@ -340,6 +343,7 @@ def test_every_reduced_variant_serves_close_answers(gateway: ServerProcess) -> N
         assert client.infer("scorer", {"input": x}, timeout=60).variant == "tf"
 
 
+@pytest.mark.usefixtures("front_end")
 def test_bf16_precision_serves_an_fp32_file_in_mixed_precision(
     ranker: Converted, tmp_path: Path
 ) -> None:

@@ -55,10 +55,10 @@ def _parity_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 "tolerance",
                 default="",
                 metavar="PRECISION=T,...",
-                help="Tolerance per reduced precision, e.g. int8=0.1,fp16=0.02: a variant "
-                "agrees when |variant - source| <= T + T * |source| and the arg-max agrees "
-                "on 99 % of rows. Defaults fp16=0.01, bf16=0.01, int8=0.05; fp32=T sets "
-                "--atol.",
+                help="Tolerance T per reduced precision, e.g. int8=0.1,fp16=0.02: a variant "
+                "agrees when |variant - source| <= T x max(1, max |source|) for every output "
+                "and the arg-max agrees on 99 % of rows. Defaults fp16=0.01, bf16=0.01, "
+                "int8=0.05; fp32=T sets --atol.",
             ),
             click.option(
                 "--data",

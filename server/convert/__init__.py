@@ -127,9 +127,9 @@ class Conversion:
     @property
     def missing_precisions(self) -> list[str]:
         """Precisions asked for that no format could be produced in."""
+        asked = dict.fromkeys(o.target.precision for o in self.outcomes)
         produced = {o.target.precision for o in self.outcomes if o.produced}
-        return [p for p in dict.fromkeys(o.target.precision for o in self.outcomes)
-                if p not in produced]  # fmt: skip
+        return [p for p in asked if p not in produced]
 
     def baseline(self, outcome: Outcome) -> Outcome | None:
         """The FP32 variant of ``outcome``'s format, when it was written and timed."""
