@@ -347,9 +347,9 @@ def test_every_reduced_variant_serves_close_answers(gateway: ServerProcess) -> N
 def test_bf16_precision_serves_an_fp32_file_in_mixed_precision(
     ranker: Converted, tmp_path: Path
 ) -> None:
-    """``precision = "bf16"`` on the converted FP32 TorchScript file and on an
-    ExportedProgram: close to FP32 answers in the signature's datatype; refused with a
-    clear reason by ONNX Runtime and by compiled AOTInductor code."""
+    """``precision = "bf16"`` on the converted FP32 TorchScript file (in the gateway and in
+    a worker process) and on an ExportedProgram: close to FP32 answers in the signature's
+    datatype; refused with a clear reason by ONNX Runtime and by compiled AOTInductor code."""
     from tensorgate.server.demo.pt2 import build_mlp_pt2
 
     assert ranker.run.returncode == 0, ranker.run.stderr
@@ -358,6 +358,7 @@ def test_bf16_precision_serves_an_fp32_file_in_mixed_precision(
     for variant in ("torch", "pt2", "onnx"):
         shutil.copytree(ranker.model_dir / variant, model_dir / variant)
     shutil.copytree(ranker.model_dir / "torch", model_dir / "torch-autocast")
+    shutil.copytree(ranker.model_dir / "torch", model_dir / "isolated")
     build_mlp_pt2(model_dir / "program" / "model.pt2", mlp_weights(TORCH_WEIGHTS_SEED), False)
     config = tomllib.loads((ranker.model_dir / "config.toml").read_text())
     tensors = "".join(
@@ -369,13 +370,13 @@ def test_bf16_precision_serves_an_fp32_file_in_mixed_precision(
         'default_variant = "torch"\n' + tensors + "".join(
             f'[variants.{v}]\nprecision = "bf16"\n'
             for v in ("torch-autocast", "program", "pt2", "onnx")
-        )
+        ) + '[variants.isolated]\nprecision = "bf16"\nisolation = "process"\n'
     )  # fmt: skip
     x = np.random.default_rng(8).standard_normal((5, 64)).astype(np.float32)
     with ServerProcess(root, tmp_path) as server, Client(server.address) as client:
         index = {m["version"]: m for m in client.repository_index() if m["name"] == "mixed"}
         fp32 = client.infer("mixed", {"input": x}, version="torch", timeout=60)["output"]
-        for variant in ("torch-autocast", "program"):
+        for variant in ("torch-autocast", "program", "isolated"):
             assert index[variant]["state"] == "READY", index[variant]
             got = client.infer("mixed", {"input": x}, version=variant, timeout=60)["output"]
             assert got.dtype == np.float32, variant
