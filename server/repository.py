@@ -573,14 +573,23 @@ class Repository:
 
         if v.state is State.UNAVAILABLE:  # nothing to load (reason already recorded)
             raise BackendError(v.reason)
+        vcfg = cfg.variants.get(v.name)
         options = BackendOptions(
             device=pick("device"),
             intra_op_threads=pick("intra_op_threads"),
             inter_op_threads=pick("inter_op_threads"),
             instances=cfg.instances.count,
             signature_name=pick("signature_name"),
+            precision=(vcfg.precision if vcfg else None) or "fp32",
         )
         v.options = options
+        if options.precision not in backend_class(v.backend_name).precisions:
+            raise BackendError(
+                f'[variants.{v.name}] precision = "{options.precision}": the '
+                f"{v.backend_name} backend runs a model in the precision of its file; only "
+                "the torchscript and torch_export backends take it (or convert the file: "
+                "tensorgate convert --precision, docs/convert.md)"
+            )
         backend: Backend
         if pick("isolation") == "process":
             backend = IsolatedBackend(v.backend_name, label=f"{model.name}/{v.name}")
