@@ -1,6 +1,6 @@
 """``tensorgate.admin.v1.RoutingAdmin``: read and change each model's routing at run time.
 
-Thin, like the inference servicer: the checks are ``router.validate_policy`` (the same as
+Thin, like the inference servicer: the checks are ``policy.validate_policy`` (the same as
 for config.toml) and the change is one ``RouteState.set_policy``. A change lasts until the
 model is reloaded or the server restarts; config.toml is the source of truth.
 """
@@ -13,16 +13,9 @@ from tensorgate.errors import ConfigError
 from tensorgate.protos import admin_pb2 as apb
 from tensorgate.protos import admin_pb2_grpc as apb_grpc
 
+from .policy import RouteError, RoutePolicy, ShadowPolicy, make_policy, validate_policy
 from .repository import Model, Repository
-from .router import (
-    RouteError,
-    RoutePolicy,
-    Router,
-    RouteState,
-    ShadowPolicy,
-    make_policy,
-    validate_policy,
-)
+from .router import Router, RouteState
 
 log = logging.getLogger(__name__)
 
