@@ -28,6 +28,7 @@ from .pipeline import Pipeline
 from .polling import RepositoryPoller
 from .reflection import MethodAwareReflectionServicer
 from .repository import Repository
+from .rollouts import Rollouts
 from .router import Router
 from .servicer import InferenceServicer
 from .settings import ServerSettings
@@ -61,6 +62,7 @@ class Gateway:
             ).set(state),
             metrics=self.metrics,
         )
+        self.rollouts = Rollouts(self.repository, self.router, self.metrics, settings.state_dir)
         self.admission = Admission(settings.max_inflight)
         self.pipeline = Pipeline(
             self.repository,
@@ -114,7 +116,7 @@ class Gateway:
         )
         admin_pb2_grpc.add_RoutingAdminServicer_to_server(
             map_errors(
-                RoutingAdminServicer(self.repository, self.router),
+                RoutingAdminServicer(self.repository, self.router, self.rollouts),
                 admin_pb2.DESCRIPTOR.services_by_name["RoutingAdmin"],
             ),
             server,
@@ -141,6 +143,7 @@ class Gateway:
         if self._poller is not None:
             self._poller.prime()  # changes made while loading are picked up by the first poll
         await self.repository.load_all()
+        self.rollouts.open()
         self.ready = True
         await self.model_health_changed_async()
         if self._poller is not None:
@@ -259,6 +262,7 @@ class Gateway:
         if self._poll_task is not None:
             self._poll_task.cancel()
             await asyncio.gather(self._poll_task, return_exceptions=True)
+        await self.rollouts.close()
         if not await self.admission.wait_idle(grace):
             log.warning(
                 "drain timeout: %d inference request(s) still in flight are cancelled",

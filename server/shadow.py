@@ -39,6 +39,8 @@ class ShadowStats:
     failed: int = 0
     dropped: int = 0
     worst_abs_diff: float = 0.0
+    # The largest difference since a rollout last reset it (the start of its phase).
+    window_worst_abs_diff: float = 0.0
     argmax_rows: int = 0
     argmax_agree: int = 0
 
@@ -133,6 +135,7 @@ class Shadows:
             inflight[name] -= 1
         diff = divergence.max_abs_diff
         stats.compared += 1
+        stats.window_worst_abs_diff = max(stats.window_worst_abs_diff, diff)
         stats.argmax_rows += divergence.argmax_rows
         stats.argmax_agree += divergence.argmax_agree
         if m is not None:

@@ -46,6 +46,8 @@ EXPECTED = {
     "tensorgate_shadow_requests": {"model", "primary", "shadow", "outcome"},
     "tensorgate_shadow_max_abs_diff": {"model", "primary", "shadow"},
     "tensorgate_shadow_argmax_agreement": {"model", "primary", "shadow", "agree"},
+    "tensorgate_rollout_weight": {"model", "variant"},
+    "tensorgate_rollout_state": {"model", "state"},
 }
 BACKENDS = {
     "torch": "torchscript",
