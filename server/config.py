@@ -51,8 +51,6 @@ class TensorConfig(_Strict):
         return v
 
 
-
-
 #: Where a variant's backend runs: in the gateway process, or in a worker process.
 Isolation = Literal["none", "process"]
 

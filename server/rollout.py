@@ -177,10 +177,9 @@ def judge(
     window: Window,
     candidate: str,
     source: str,
-    reference_p99: float | None = None,
 ) -> list[Gate]:
-    """The gates over ``window``. ``reference_p99``: ``source``'s p99 from an earlier window,
-    used when this one has too few of its requests (the last step gives it none)."""
+    """The gates over ``window``. The p99 ratio needs both variants' requests in the same
+    window, so the shadow phase and a step of 100 % (``source`` gets none) do not judge it."""
     n = settings.judge_after
     gates = [
         Gate(
@@ -203,13 +202,13 @@ def judge(
             )
         )
     cand, src = window.of(candidate), window.of(source)
-    src_p99 = quantile(0.99, src.buckets) if src.requests >= n else reference_p99
+    src_p99 = quantile(0.99, src.buckets)
     ratio = quantile(0.99, cand.buckets) / src_p99 if src_p99 else 0.0
     gates.append(
         Gate(
             name="max_p99_ratio",
             limit=settings.max_p99_ratio,
-            judged=cand.requests >= n and bool(src_p99),
+            judged=cand.requests >= n and src.requests >= n and src_p99 > 0,
             value=ratio,
             ok=ratio <= settings.max_p99_ratio,
         )

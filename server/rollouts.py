@@ -241,22 +241,19 @@ class Rollouts:
 
     # -- leading -------------------------------------------------------------------------
     async def _lead(self, status: Status, local: LocalRollout) -> None:
-        reference: float | None = None  # the source's p99 when it last had enough requests
         try:
             while status.state in RUNNING:
                 await asyncio.sleep(TICK_S)
                 if status.state not in RUNNING:  # aborted meanwhile
                     break
-                reference = await self._tick(status, local, reference)
+                await self._tick(status, local)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # never leave the routing half-way
             log.exception("rollout %s of %s failed", status.id, status.model)
             await self._end(status, local, "internal error", f"internal error: {e}")
 
-    async def _tick(
-        self, status: Status, local: LocalRollout, reference: float | None
-    ) -> float | None:
+    async def _tick(self, status: Status, local: LocalRollout) -> None:
         s, name = status.settings, status.model
         if local.replaced(self.repository):
             await self._end(
@@ -266,10 +263,10 @@ class Rollouts:
                 "the model was reloaded or unloaded; its routing is config.toml's",
                 restore=False,
             )
-            return reference
+            return
         if self.dir is not None and (self.dir / f"{name}.{status.id}.abort").exists():
             await self._end(status, local, "aborted", "aborted by an admin call")
-            return reference
+            return
         candidate = local.model.variants[status.to_variant]
         if not candidate.ready:
             await self._end(
@@ -278,12 +275,9 @@ class Rollouts:
                 "candidate not ready",
                 f"{status.to_variant} is no longer ready: {candidate.reason}",
             )
-            return reference
+            return
         window = self._window(status, local)
-        source = window.of(status.from_variant)
-        if source.requests >= s.judge_after:
-            reference = quantile(0.99, source.buckets)
-        gates = judge(s, window, status.to_variant, status.from_variant, reference)
+        gates = judge(s, window, status.to_variant, status.from_variant)
         self._fill(status, local, window, gates)
         broken = breach(gates)
         now = time.time()
@@ -295,11 +289,11 @@ class Rollouts:
                 broken.name,
                 f"gate {broken.name}: {broken.value:.4g}, not {relation} {broken.limit:g}",
             )
-            return reference
+            return
         if phase_done(s, status.state, now - status.phase_started, window, status.to_variant):
             if status.state == STEP and status.step == len(s.steps):
                 await self._promote(status, local)
-                return reference
+                return
             status.step += 1
             status.state = STEP
             status.weight = s.steps[status.step - 1]
@@ -309,7 +303,6 @@ class Rollouts:
             )
             log.info("rollout %s of %s: %s", status.id, name, status.message)
         self._publish(status, local)
-        return reference
 
     def _window(self, status: Status, local: LocalRollout) -> Window:
         """This process's window plus every follower's for the same phase."""
