@@ -11,6 +11,7 @@ dozen ``--min-requests``) so that the file runs in well under two minutes.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -55,6 +56,9 @@ from .serverproc import ServerProcess
 FAST = ("--shadow-seconds", "0.5", "--step-seconds", "0.5", "--min-requests", "40")
 FAST += ("--max-p99-ratio", "3")
 THREADS = 4
+#: The module's gateway keeps its admin service behind this token; the helpers send it.
+ADMIN_TOKEN = "rollout-admin-token"
+AUTH = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 
 
 # =========================================================================================
@@ -232,7 +236,9 @@ def write_models(root: Path, names: list[str]) -> Path:
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = write_models(tmp_path_factory.mktemp("rollout") / "models", list(MODELS))
-    with ServerProcess(root, root.parent) as proc:
+    token = root.parent / "admin-token"
+    token.write_text(ADMIN_TOKEN)
+    with ServerProcess(root, root.parent, "--admin-token-file", str(token)) as proc:
         yield proc
     assert proc.proc is not None and proc.proc.returncode == 0, proc.log()
 
@@ -297,6 +303,7 @@ def cli(server: ServerProcess, *args: str, timeout: float = 90) -> subprocess.Co
         capture_output=True,
         text=True,
         timeout=timeout,
+        env={**os.environ, "TENSORGATE_TOKEN": ADMIN_TOKEN},
     )
 
 
@@ -304,7 +311,7 @@ def status(server: ServerProcess, model: str) -> dict:
     """GetRollout, as ``tensorgate rollout status --json`` prints it."""
     with grpc.insecure_channel(server.address) as channel:
         stub = apb_grpc.RoutingAdminStub(channel)
-        reply = stub.GetRollout(apb.GetRolloutRequest(model=model), timeout=10)
+        reply = stub.GetRollout(apb.GetRolloutRequest(model=model), timeout=10, metadata=AUTH)
     return json_format.MessageToDict(
         reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
@@ -313,7 +320,9 @@ def status(server: ServerProcess, model: str) -> dict:
 def route(server: ServerProcess, model: str) -> apb.ModelRoute:
     with grpc.insecure_channel(server.address) as channel:
         stub = apb_grpc.RoutingAdminStub(channel)
-        return stub.GetRoutes(apb.GetRoutesRequest(model=model), timeout=10).models[0]
+        return stub.GetRoutes(apb.GetRoutesRequest(model=model), timeout=10, metadata=AUTH).models[
+            0
+        ]
 
 
 def rolled_back(server: ServerProcess, model: str, candidate: str, gate: str) -> dict:
@@ -416,7 +425,7 @@ def test_refusals(gateway: ServerProcess) -> None:
 
         def refused(code: grpc.StatusCode, fragment: str, **fields) -> None:
             with pytest.raises(grpc.RpcError) as e:
-                stub.StartRollout(apb.StartRolloutRequest(**fields), timeout=10)
+                stub.StartRollout(apb.StartRolloutRequest(**fields), timeout=10, metadata=AUTH)
             assert e.value.code() == code, e.value.details()
             assert fragment in e.value.details()
 
@@ -432,6 +441,7 @@ def test_refusals(gateway: ServerProcess) -> None:
             first = stub.StartRollout(
                 apb.StartRolloutRequest(model="refused", to_variant="b", step_seconds=60),
                 timeout=10,
+                metadata=AUTH,
             )
             refused(grpc.StatusCode.FAILED_PRECONDITION, "already running", model="refused",
                     to_variant="b")  # fmt: skip
@@ -443,13 +453,25 @@ def test_refusals(gateway: ServerProcess) -> None:
                         route=apb.RouteSpec(weights={"a": 1}),
                     ),
                     timeout=10,
+                    metadata=AUTH,
                 )
             assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            ended = stub.AbortRollout(apb.AbortRolloutRequest(model="refused"), timeout=10)
+            ended = stub.AbortRollout(
+                apb.AbortRolloutRequest(model="refused"), timeout=10, metadata=AUTH
+            )
         assert (ended.id, ended.state, ended.reason) == (first.id, "rolled_back", "aborted")
         with pytest.raises(grpc.RpcError) as e:
-            stub.AbortRollout(apb.AbortRolloutRequest(model="refused"), timeout=10)
+            stub.AbortRollout(apb.AbortRolloutRequest(model="refused"), timeout=10, metadata=AUTH)
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # none running
+        # Every rollout call needs the admin token.
+        for call, request in (
+            (stub.StartRollout, apb.StartRolloutRequest(model="refused", to_variant="b")),
+            (stub.GetRollout, apb.GetRolloutRequest(model="refused")),
+            (stub.AbortRollout, apb.AbortRolloutRequest(model="refused")),
+        ):
+            with pytest.raises(grpc.RpcError) as e:
+                call(request, timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     done = cli(gateway, "start", "refused", "--to", "b", "--steps", "50,25", "--wait")
     assert done.returncode == 2 and "steps 50,25" in done.stderr
 
