@@ -174,6 +174,7 @@ class Rollouts:
             message=f"shadow: mirroring {settings.shadow_fraction:.0%} of requests to {candidate}",
         )
         local = LocalRollout(self.metrics, model, state, source, candidate)
+        self._fill(status, local, Window(), judge(settings, Window(), candidate, source))
         self._led[name] = (status, local)
         with self._shared_lock():
             other = self.running(name)  # another worker may have started one meanwhile

@@ -80,11 +80,11 @@ def render(r) -> list[object]:
     for v in r.variants:
         p99 = f"{v.p99_ms:.2f}" if v.requests else "-"
         variants.add_row(v.name, f"{v.weight:g}", str(v.requests), str(v.errors), p99)
-    gates = Table(
-        title=f"gates · {r.compared} shadow comparisons, max |diff| {r.max_abs_diff:.3g}, "
-        f"arg-max agreement {r.argmax_agreement:.1%}",
-        title_justify="left",
+    divergence = Text(
+        f"shadow: {r.compared} comparisons, max |diff| {r.max_abs_diff:.3g}, "
+        f"arg-max agreement {r.argmax_agreement:.1%}"
     )
+    gates = Table(title="gates", title_justify="left")
     for column in ("gate", "value", "limit", "verdict"):
         gates.add_column(column)
     for g in r.gates:
@@ -96,7 +96,7 @@ def render(r) -> list[object]:
             else "[dim]gathering[/dim]"
         )
         gates.add_row(g.name, f"{g.value:.4g}", f"{g.limit:g}", verdict)
-    out: list[object] = [head, variants, gates]
+    out: list[object] = [head, variants, divergence, gates]
     if r.message:
         out.append(Text(r.message, style=color))
     return out
