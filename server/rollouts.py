@@ -13,9 +13,9 @@ rollout through files in the supervisor's state directory (``settings.state_dir`
   other worker **follows** it: applies the same phase's routing on top of its own routing
   from before, restores that routing on ``rolled_back``, makes the candidate its default
   on ``promoted``, and answers GetRollout from it.
-- ``MODEL.ID.PID.json``: each follower's numbers for the current phase; the leader sums
-  them with its own, so the gates read every worker's requests.
-- ``MODEL.ID.abort``: an AbortRollout that landed on a follower; the leader acts on it.
+- ``ID/PID.json``: each follower's numbers for the current phase; the leader sums them
+  with its own, so the gates read every worker's requests.
+- ``ID/abort``: an AbortRollout that landed on a follower; the leader acts on it.
 
 A follower whose leader stops writing for ``STALE_S`` (it died) restores its routing.
 """
@@ -202,6 +202,8 @@ class Rollouts:
 
     def get(self, name: str) -> Status:
         """The model's running rollout, else the last one that ended."""
+        if self.dir is not None:
+            self._follow_once()  # so that what this answers is what this worker applies
         led = self._led.get(name)
         record = self._record(name)
         if record is not None and (led is None or record.started > led[0].started):
@@ -227,7 +229,7 @@ class Rollouts:
             await self._end(led[0], led[1], "aborted", "aborted by an admin call")
             return led[0]
         assert self.dir is not None  # a rollout led by another worker
-        (self.dir / f"{name}.{status.id}.abort").touch()
+        (self._scratch(status.id) / "abort").touch()
         until = time.monotonic() + ABORT_WAIT_S
         while time.monotonic() < until:
             await asyncio.sleep(TICK_S / 2)
@@ -265,7 +267,7 @@ class Rollouts:
                 restore=False,
             )
             return
-        if self.dir is not None and (self.dir / f"{name}.{status.id}.abort").exists():
+        if self.dir is not None and (self._scratch(status.id) / "abort").exists():
             await self._end(status, local, "aborted", "aborted by an admin call")
             return
         candidate = local.model.variants[status.to_variant]
@@ -310,7 +312,7 @@ class Rollouts:
         window = local.meter.window()
         if self.dir is None:
             return window
-        for path in self.dir.glob(f"{status.model}.{status.id}.*.json"):
+        for path in self._scratch(status.id).glob("*.json"):
             try:
                 data = json.loads(path.read_text())
             except (OSError, ValueError):
@@ -418,8 +420,6 @@ class Rollouts:
         assert self.dir is not None
         for path in self.dir.glob("*.json"):
             name = path.stem
-            if "." in name:
-                continue  # a follower's window
             status = self._record(name)
             if status is None or status.id in self._finished:
                 continue
@@ -447,7 +447,7 @@ class Rollouts:
                 continue
             window = local.meter.window()
             write_json(
-                self.dir / f"{name}.{status.id}.{os.getpid()}.json",
+                self._scratch(status.id) / f"{os.getpid()}.json",
                 {"phase": [status.state, status.step], "window": window.model_dump()},
             )
 
@@ -455,8 +455,14 @@ class Rollouts:
         self._following.pop(name, None)
         self._finished.add(rollout_id)
         with contextlib.suppress(OSError):
-            assert self.dir is not None
-            (self.dir / f"{name}.{rollout_id}.{os.getpid()}.json").unlink()
+            (self._scratch(rollout_id) / f"{os.getpid()}.json").unlink()
+
+    def _scratch(self, rollout_id: str) -> Path:
+        """The directory of one rollout's follower windows and abort request."""
+        assert self.dir is not None
+        path = self.dir / rollout_id
+        path.mkdir(exist_ok=True)
+        return path
 
     @contextlib.contextmanager
     def _shared_lock(self):

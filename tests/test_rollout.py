@@ -19,6 +19,7 @@ import time
 import tomllib
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -488,7 +489,54 @@ def test_one_rollout_drives_every_worker(tmp_path: Path) -> None:
         before = Counter(traffic.served)
         time.sleep(1.5)
         after = Counter(traffic.served)
-    new = after - before
-    assert {worker for _, worker in new} == {"0", "1"}, new  # both workers served...
-    assert {variant for variant, _ in new} == {"b"}, new  # ...and both route to "b"
-    assert tomllib.loads((root / "equal" / "config.toml").read_text())["default_variant"] == "b"
+        new = after - before
+        assert {worker for _, worker in new} == {"0", "1"}, new  # both workers served...
+        assert {variant for variant, _ in new} == {"b"}, new  # ...and both route to "b"
+        assert tomllib.loads((root / "equal" / "config.toml").read_text())["default_variant"] == "b"
+        # A rollout started on one worker, watched and aborted through the other.
+        with worker_channels(server.address) as (lead, other):
+            first = lead.StartRollout(
+                apb.StartRolloutRequest(
+                    model="equal", to_variant="a", steps=[50, 100], shadow_seconds=0,
+                    step_seconds=60, min_requests=5,
+                ),
+                timeout=10,
+            )  # fmt: skip
+            deadline = time.monotonic() + 30
+            while (
+                other.GetRollout(apb.GetRolloutRequest(model="equal"), timeout=10).state != "step"
+            ):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            for stub in (lead, other):  # the follower applies the step too
+                (r,) = stub.GetRoutes(apb.GetRoutesRequest(model="equal"), timeout=10).models
+                assert dict(r.route.weights) == {"a": 50, "b": 50}
+            ended = other.AbortRollout(apb.AbortRolloutRequest(model="equal"), timeout=10)
+            assert (ended.id, ended.state, ended.reason) == (first.id, "rolled_back", "aborted")
+            for stub in (lead, other):  # both back to the routing before it
+                (r,) = stub.GetRoutes(apb.GetRoutesRequest(model="equal"), timeout=10).models
+                assert not r.route.weights and r.default_variant == "b" and not r.overridden
+
+
+@contextmanager
+def worker_channels(address: str) -> Iterator[tuple[apb_grpc.RoutingAdminStub, ...]]:
+    """Admin stubs on two connections that reach different workers (told by the worker
+    trailer of a ModelInfer on the same connection)."""
+    found: dict[str, grpc.Channel] = {}
+    opened = []
+    try:
+        for _ in range(64):
+            channel = grpc.insecure_channel(address, [("grpc.use_local_subchannel_pool", 1)])
+            opened.append(channel)
+            x = np.zeros((1, 64), np.float32)
+            _, call = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer.with_call(
+                codec.encode_request("equal", {"input": x}), timeout=10
+            )
+            found.setdefault(dict(call.trailing_metadata())[WORKER_METADATA_KEY], channel)
+            if len(found) == 2:
+                yield tuple(apb_grpc.RoutingAdminStub(found[w]) for w in ("0", "1"))
+                return
+        raise AssertionError("64 connections all reached one worker")
+    finally:
+        for channel in opened:
+            channel.close()
