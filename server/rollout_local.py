@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import tomlkit
@@ -27,58 +28,71 @@ from .router import RouteState
 from .writelock import holding
 
 
+@dataclass(frozen=True)
+class _Variant:
+    served: int
+    failed: int
+    buckets: list[float]  # request duration histogram counts
+
+
+@dataclass(frozen=True)
+class _Pair:
+    compared: int
+    failed: int
+    rows: int
+    agree: int
+
+
 class Meter:
     """One process's numbers for the current phase: its counters now minus at the phase's
     start (``begin``)."""
 
-    def __init__(self, metrics: Metrics, model: Model, state: RouteState, pair: tuple[str, str]):
+    def __init__(
+        self, metrics: Metrics, model: Model, state: RouteState, pair: tuple[str, str]
+    ) -> None:
         self.metrics, self.model, self.state, self.pair = metrics, model, state, pair
-        self._start: dict[str, object] = {}
+        self._variants: dict[str, _Variant] = {}
+        self._pairs: dict[tuple[str, str], _Pair] = {}
 
-    def _now(self) -> dict[str, object]:
-        numbers: dict[str, object] = {}
+    def _now(self) -> tuple[dict[str, _Variant], dict[tuple[str, str], _Pair]]:
+        variants = {}
         for name in self.pair:
             counts = self.state.counts[name]
             backend = self.model.variants[name].backend_name
-            numbers[name] = (
-                counts.served,
-                counts.failed,
-                latency_counts(self.metrics, self.model.name, name, backend),
-            )
-        for key, s in self.state.shadow_stats.items():
-            if self.pair[1] in key:
-                numbers[key] = (s.compared, s.failed, s.argmax_rows, s.argmax_agree)
-        return numbers
+            buckets = latency_counts(self.metrics, self.model.name, name, backend)
+            variants[name] = _Variant(counts.served, counts.failed, buckets)
+        pairs = {
+            key: _Pair(s.compared, s.failed, s.argmax_rows, s.argmax_agree)
+            for key, s in self.state.shadow_stats.items()
+            if self.pair[1] in key  # the candidate served or was mirrored to
+        }
+        return variants, pairs
 
     def begin(self) -> None:
         source, candidate = self.pair
         for key in ((source, candidate), (candidate, source)):
             self.state.shadow(*key).window_worst_abs_diff = 0.0
-        self._start = self._now()
+        self._variants, self._pairs = self._now()
 
     def window(self) -> Window:
-        now, start = self._now(), self._start
+        variants, pairs = self._now()
         w = Window()
-        for name in self.pair:
-            served, failed, buckets = now[name]  # type: ignore[misc]
-            s_served, s_failed, s_buckets = start.get(name, (0, 0, [0.0] * len(buckets)))  # type: ignore[misc]
+        for name, current in variants.items():
+            start = self._variants.get(name, _Variant(0, 0, [0.0] * len(current.buckets)))
             w.variants[name] = VariantWindow(
-                requests=served - s_served,
-                errors=failed - s_failed,
-                buckets=[a - b for a, b in zip(buckets, s_buckets, strict=True)],
+                requests=current.served - start.served,
+                errors=current.failed - start.failed,
+                buckets=[a - b for a, b in zip(current.buckets, start.buckets, strict=True)],
             )
         candidate = self.pair[1]
-        for key, s in self.state.shadow_stats.items():
-            if candidate not in key:
-                continue
-            compared, failed, rows, agree = now[key]  # type: ignore[misc]
-            s0 = start.get(key, (0, 0, 0, 0))
-            w.compared += compared - s0[0]  # type: ignore[index]
-            if key[1] == candidate:  # a mirror to the candidate that failed there
-                w.mirror_errors += failed - s0[1]  # type: ignore[index]
-            w.argmax_rows += rows - s0[2]  # type: ignore[index]
-            w.argmax_agree += agree - s0[3]  # type: ignore[index]
-            w.max_abs_diff = max(w.max_abs_diff, s.window_worst_abs_diff)
+        for key, now in pairs.items():
+            before = self._pairs.get(key, _Pair(0, 0, 0, 0))
+            w.compared += now.compared - before.compared
+            if key[1] == candidate:  # mirrors to the candidate that failed there
+                w.mirror_errors += now.failed - before.failed
+            w.argmax_rows += now.rows - before.rows
+            w.argmax_agree += now.agree - before.agree
+            w.max_abs_diff = max(w.max_abs_diff, self.state.shadow_stats[key].window_worst_abs_diff)
         return w
 
 

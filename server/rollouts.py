@@ -175,12 +175,13 @@ class Rollouts:
         )
         local = LocalRollout(self.metrics, model, state, source, candidate)
         self._fill(status, local, Window(), judge(settings, Window(), candidate, source))
-        self._led[name] = (status, local)
         with self._shared_lock():
-            other = self.running(name)  # another worker may have started one meanwhile
-            if other is not None and other.id != status.id:
-                del self._led[name]
-                raise RolloutRefused(f"a rollout is already running on model '{name}'")
+            other = self._record(name)  # another worker may have started one meanwhile
+            if other is not None and other.state in RUNNING:
+                raise RolloutRefused(
+                    f"a rollout of '{other.to_variant}' is already running on model '{name}'"
+                )
+            self._led[name] = (status, local)
             self._publish(status, local)
         log.info(
             "rollout %s of %s/%s started (from %s): steps %s, gates: max |diff| %g, p99 ratio "

@@ -407,6 +407,7 @@ def test_abort_restores_the_routing(gateway: ServerProcess) -> None:
     before = route(gateway, "aborted")
     with Traffic(gateway.address, "aborted"):
         slow_steps = ("--shadow-seconds", "0", "--step-seconds", "60", "--min-requests", "5")
+        slow_steps += ("--max-p99-ratio", "1000")  # nothing but the abort ends it
         done = cli(gateway, "start", "aborted", "--to", "b", "--steps", "50,100", *slow_steps)
         assert done.returncode == 0, done.stderr
         while status(gateway, "aborted")["state"] != "step":
@@ -498,7 +499,7 @@ def test_one_rollout_drives_every_worker(tmp_path: Path) -> None:
             first = lead.StartRollout(
                 apb.StartRolloutRequest(
                     model="equal", to_variant="a", steps=[50, 100], shadow_seconds=0,
-                    step_seconds=60, min_requests=5,
+                    step_seconds=60, min_requests=5, max_p99_ratio=1000,
                 ),
                 timeout=10,
             )  # fmt: skip
