@@ -51,6 +51,9 @@ from tensorgate.server.servicer import VARIANT_METADATA_KEY, WORKER_METADATA_KEY
 
 from .serverproc import ServerProcess
 
+# Every test that talks gRPC runs against both front ends (issue 18).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 # Quick phases: the file's whole run stays well under two minutes. The p99 limit is loose:
 # the traffic below saturates a small machine, and mirroring every request doubles one
 # side's load; the slow variant is ten times slower.
