@@ -71,7 +71,7 @@ class Settings(BaseModel):
         at_least("shadow_seconds", self.shadow_seconds, 0.0, "a number of seconds >= 0")
         at_least("min_requests", self.min_requests, 1, "a count >= 1")
         at_least("max_abs_diff", self.max_abs_diff, 0.0, "a difference >= 0")
-        at_least("max_p99_ratio", self.max_p99_ratio, 0.0, "a ratio > 0, e.g. 1.25")
+        at_least("max_p99_ratio", self.max_p99_ratio, 1e-9, "a ratio > 0, e.g. 1.25")
         fractions = {
             "shadow_fraction": self.shadow_fraction,
             "max_error_rate": self.max_error_rate,

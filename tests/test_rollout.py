@@ -86,6 +86,8 @@ def test_settings_refuse_steps_that_do_not_increase_within_1_to_100() -> None:
         Settings(shadow_fraction=1.5).check()
     with pytest.raises(InvalidInput, match="min_argmax_agreement"):
         Settings(min_argmax_agreement=2.0).check()
+    with pytest.raises(InvalidInput, match="max_p99_ratio"):
+        Settings(max_p99_ratio=0).check()
 
 
 def test_quantile_interpolates_like_prometheus() -> None:
@@ -372,6 +374,8 @@ def test_an_equal_variant_is_promoted_and_kept_after_a_restart(tmp_path: Path) -
         assert shown.returncode == 0, shown.stderr
         for fragment in ("promoted", "max_abs_diff", "max_p99_ratio", "p99 ms", "holds"):
             assert fragment in shown.stdout, shown.stdout
+        watched = cli(server, "status", "equal", "--watch", "--json")  # ended: one line
+        assert watched.returncode == 0 and json.loads(watched.stdout)["state"] == "promoted"
         assert json.loads(cli(server, "status", "equal", "--json").stdout) == status(
             server, "equal"
         ) | {"elapsed_s": json.loads(cli(server, "status", "equal", "--json").stdout)["elapsed_s"]}
