@@ -159,7 +159,7 @@ class RoutingConfig(_Strict):
     """``[routing]``: how unpinned requests are split between variants, and what happens when
     a variant fails. Only the shapes are checked here; what needs the model's variant names
     (unknown variants, all-zero weights, fallback cycles) is checked by
-    ``router.validate_policy`` when the model loads, the same check the admin API uses."""
+    ``policy.validate_policy`` when the model loads, the same check the admin API uses."""
 
     weights: dict[str, float] | None = None
     sticky_key: str | None = None
