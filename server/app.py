@@ -23,6 +23,7 @@ from .metrics_http import MetricsServer, start_metrics
 from .pipeline import Pipeline
 from .polling import RepositoryPoller
 from .repository import Repository
+from .rollouts import Rollouts
 from .router import Router
 from .servicer import InferenceServicer
 from .settings import ServerSettings
@@ -54,6 +55,7 @@ class Gateway:
             ).set(state),
             metrics=self.metrics,
         )
+        self.rollouts = Rollouts(self.repository, self.router, self.metrics, settings.state_dir)
         self.admission = Admission(settings.max_inflight)
         self.pipeline = Pipeline(
             self.repository,
@@ -95,7 +97,7 @@ class Gateway:
         services = Services(
             settings=s,
             inference=inference,
-            admin=RoutingAdminServicer(self.repository, self.router),
+            admin=RoutingAdminServicer(self.repository, self.router, self.rollouts),
             tokens=tokens,
         )
         front_end = frontends.build(kind, services)
@@ -113,6 +115,7 @@ class Gateway:
         if self._poller is not None:
             self._poller.prime()  # changes made while loading are picked up by the first poll
         await self.repository.load_all()
+        self.rollouts.open()
         self.ready = True
         await self.model_health_changed_async()
         if self._poller is not None:
@@ -208,6 +211,7 @@ class Gateway:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        await self.rollouts.close()
         if not await self.admission.wait_idle(grace):
             log.warning(
                 "drain timeout: %d inference request(s) still in flight are cancelled",
