@@ -24,6 +24,9 @@ from tensorgate.server.scheduler import BatchPolicy, Scheduler, Timings
 
 from .serverproc import ServerProcess
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 
 class RowSums(Backend):
     """Returns each row's sum and the batch size it was computed in; can be held closed."""

@@ -33,6 +33,9 @@ from .slowmodel import build_slow_onnx, slow_inputs, slow_reference
 from .tcpproxy import TcpProxy
 from .test_server import _identity_value
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 # Steps of the slow model that keep its one instance busy for a second or more (64 rows).
 LONG = 30_000
 FACES = ["sync", "aio"]

@@ -30,6 +30,9 @@ from tensorgate.server.convert.tensors import TensorDecl, parse_tensor_decl
 
 from .serverproc import ServerProcess
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 CLI = (sys.executable, "-m", "tensorgate.server.cli")
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 

@@ -36,6 +36,9 @@ from tensorgate.server.demo import build_mlp_onnx, mlp_weights
 
 from .serverproc import REPO_ROOT, ServerProcess, wait_until
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 K8S = REPO_ROOT / "deploy" / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())

@@ -38,6 +38,9 @@ from tensorgate.server.demo import (
 from .modelfactory import write_broken_model
 from .serverproc import ServerProcess, run_triton_script, wait_until
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 ATOL = 1e-5
 WORKER_MODULE = "tensorgate.backends.isolated"
 #: The scorer's variants: one of each kind of file, no config.toml (the files say it all).

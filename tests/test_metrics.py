@@ -25,6 +25,9 @@ from tensorgate.server.metrics import LATENCY_BUCKETS
 
 from .serverproc import REPO_ROOT, ServerProcess
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 VARIANT = {"model", "variant", "backend"}
 # Every metric the gateway exports, with its label names. A new metric must be added here
 # and to docs/metrics.md.

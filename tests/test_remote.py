@@ -32,6 +32,9 @@ from tensorgate.server.demo import build_mlp_onnx, mlp_reference, mlp_weights
 from . import modelfactory as mf
 from .serverproc import ServerProcess
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 RNG = np.random.default_rng(7)
 # Remote variants wait on the network, not the CPU: several calls may be in flight at once.
 FRONT_CONFIG = "[instances]\ncount = 4\n"

@@ -55,6 +55,9 @@ from tensorgate.server.router import (
 from . import modelfactory as mf
 from .serverproc import ServerProcess
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 SIGMAS = 4.5  # binomial tolerance: a correct router fails a check about once in 150,000 runs
 
 

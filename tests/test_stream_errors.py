@@ -18,6 +18,9 @@ from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 
 from .serverproc import ServerProcess
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 PLUGIN = textwrap.dedent(
     '''
     from pathlib import Path

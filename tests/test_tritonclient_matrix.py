@@ -26,6 +26,9 @@ from tensorgate.datatypes import DATATYPES, by_name
 from .interop_models import FRAMEWORKS, Framework, ModelSpec, sample_inputs, write_models
 from .serverproc import ServerProcess, run_triton_script, serve
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 # Runs under the tritonclient interpreter. argv: address, workdir, spec (JSON).
 # Prints {case id: what came back, or {"error": "..."}}.
 MATRIX_SCRIPT = r"""

@@ -20,6 +20,9 @@ from tensorgate.server.demo import mlp_reference, mlp_weights
 
 from .serverproc import ServerProcess
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 ATOL = 1e-5
 #: What backends/tf_savedmodel.py says when ``import tensorflow`` fails.
 NOT_INSTALLED = "needs TensorFlow, which is not installed"
