@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tensorgate.clients import Client
 
 from . import test_ghz, test_security
@@ -20,6 +22,7 @@ ghz = test_ghz.ghz
 certs, repo = test_security.certs, test_security.repo
 tls_server, mtls_server = test_security.tls_server, test_security.mtls_server
 
+pytestmark = pytest.mark.usefixtures("front_end")
 BEARER = json.dumps({"authorization": f"Bearer {INFERENCE_TOKEN}"})
 
 
