@@ -1,16 +1,18 @@
 """ghz, ``tensorgate bench`` and h2load against one gateway, one after another, with the
 same request: how their figures compare (docs/ghz.md, "How ghz's figures compare").
 
-One server serves the demo repository; each tool sends ``data/scorer.json`` pinned to the
-scorer's ``onnx`` variant with the same concurrency over the same number of connections
-(ghz ``-c C --connections K``, ``tensorgate bench -c C --connections K``, h2load ``-c K -m
-C/K``: C calls in flight over K HTTP/2 connections), for ``-D`` seconds after a 2-s
-warm-up. For each run: what the tool reports (requests/s, latency, status codes), what the
-server counted for the same run (ModelStatistics), the server's CPU per request and the
-tool's own CPU per request (the tool shares the machine's cores with the server).
+One server (per ``--front-end``) serves the demo repository; each tool sends
+``data/scorer.json`` pinned to the scorer's ``onnx`` variant with the same concurrency over
+the same number of connections (ghz ``-c C --connections K``, ``tensorgate bench -c C
+--connections K``, h2load ``-c K -m C/K``: C calls in flight over K HTTP/2 connections),
+for ``-D`` seconds after a 2-s warm-up. For each run: what the tool reports (requests/s,
+latency, status codes), what the server counted for the same run (ModelStatistics), the
+server's CPU per request and the tool's own CPU per request (the tool shares the machine's
+cores with the server).
 
     .venv/bin/python loadtest/ghz_compare.py [-D 8] [-c 16] [--connections 4] [--rounds 1]
-        [--repository DIR]     # default: the demo, written to a temporary folder
+        [--front-end python[,native]] [--repository DIR]   # default: the demo, written
+                                                            # to a temporary folder
 
 Writes ``loadtest/results/ghz-compare-<time>.json`` and the table beside it (``.md``).
 Needs ghz (``bash scripts/install_ghz.sh``) and h2load (``apt-get install nghttp2-client``,
@@ -34,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_path  # loadtest/bench_path.py: starts a gateway and yields (address, pid)
+from benchmark import gateway  # loadtest/benchmark.py: starts a gateway, yields (address, pid)
 from common import REPO_ROOT, results_path, tree_cpu_seconds, write_results
 from make_requests import delimited, grpc_frame, load_request
 
@@ -154,9 +156,9 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         f"c={args.c} over {args.connections} connections, {args.D} s a run, {MODEL}/{VARIANT} "
         "(data/scorer.json)",
         "",
-        "| tool | requests/s (tool) | served/s (server) | mean ms | p50 ms | p99 ms "
+        "| front end | tool | requests/s (tool) | served/s (server) | mean ms | p50 ms | p99 ms "
         "| status codes | server CPU us/req | tool CPU us/req |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(v: float | None) -> str:
@@ -164,8 +166,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
 
     for r in rows:
         lines.append(
-            f"| {r['tool']} | {r['rps']:.0f} | {r['server_rps']:.0f} | {f(r['mean_ms'])} "
-            f"| {f(r['p50_ms'])} | {f(r['p99_ms'])} | {r['codes']} "
+            f"| {r['front_end']} | {r['tool']} | {r['rps']:.0f} | {r['server_rps']:.0f} "
+            f"| {f(r['mean_ms'])} | {f(r['p50_ms'])} | {f(r['p99_ms'])} | {r['codes']} "
             f"| {r['server_cpu_us_per_request']:.0f} | {r['tool_cpu_us_per_request']:.0f} |"
         )
     return "\n".join(lines) + "\n"
@@ -178,6 +180,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=4, help="HTTP/2 connections")
     parser.add_argument("--rounds", type=int, default=1, help="the three tools, N times")
     parser.add_argument("--repository", type=Path, help="serve this instead of the demo")
+    parser.add_argument(
+        "--front-end", default="python", help="the gateway's front ends, comma-separated"
+    )
     args = parser.parse_args()
     if args.c % args.connections:
         parser.error("-c must be a multiple of --connections (h2load: -c K -m C/K)")
@@ -199,14 +204,16 @@ def main() -> int:
             "h2load": h2load_run(h2_body, args.c, args.connections),
         }
         rows = []
-        with bench_path.gateway(sys.executable, repo, work) as (address, pid):
-            for _ in range(args.rounds):
-                for name, run in tools.items():
-                    print(f"{name} ...", file=sys.stderr, flush=True)
-                    rows.append(measure(name, run, address, pid, args.D))
+        for front_end in args.front_end.split(","):
+            with gateway(repo, work, "--front-end", front_end) as (address, pid):
+                for _ in range(args.rounds):
+                    for name, run in tools.items():
+                        print(f"{front_end}: {name} ...", file=sys.stderr, flush=True)
+                        row = measure(name, run, address, pid, args.D)
+                        rows.append({"front_end": front_end, **row})
     settings = {"c": args.c, "connections": args.connections, "seconds": args.D,
                 "model": MODEL, "variant": VARIANT, "request": "loadtest/data/scorer.json",
-                "ghz": ghz}  # fmt: skip
+                "front_ends": args.front_end.split(","), "ghz": ghz}  # fmt: skip
     path = write_results(results_path("ghz-compare"), {"settings": settings, "runs": rows}, started)
     md = table(rows, args)
     path.with_suffix(".md").write_text(f"`{path.name}`\n\n{md}")
