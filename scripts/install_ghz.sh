@@ -16,8 +16,8 @@ BIN="$TOOLS/bin/ghz"
 if ! command -v go >/dev/null 2>&1; then
   cat >&2 <<EOF
 install_ghz.sh: 'go' is not on PATH; ghz $GHZ_VERSION is built with 'go install'.
-Install Go 1.19 or newer (Debian 12, Ubuntu 23.04+: apt-get install -y golang-go; or a release
-from the Go project's downloads page, with its bin folder on PATH), then run again:
+Install Go 1.18 or newer (Debian/Ubuntu: apt-get install -y golang-go; or a release from
+the Go project's downloads page, with its bin folder on PATH), then run again:
   bash scripts/install_ghz.sh
 EOF
   exit 1
