@@ -799,11 +799,14 @@ def _best(rows: list[dict]) -> dict | None:
     return max(rows, key=lambda r: r["rps"], default=None)
 
 
-def targets(rows: list[dict]) -> list[str]:
-    """Issue 10's targets, as ratios inside this run (c=8 and c=32 where it names both)."""
-    lines = []
+class Ratios:
+    """Target lines of a report: ``ratio`` of two runs against a goal, ``p99`` beside it."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
 
     def ratio(
+        self,
         name: str,
         a: dict | None,
         b: dict | None,
@@ -812,22 +815,27 @@ def targets(rows: list[dict]) -> list[str]:
         key: str = "rps",
     ) -> None:
         if a is None or b is None or not a.get(key) or not b.get(key):
-            lines.append(f"- {name}: not measured")
+            self.lines.append(f"- {name}: not measured")
             return
         value = a[key] / b[key]
         ok = value <= goal if lower_is_better else value >= goal
-        lines.append(
+        self.lines.append(
             f"- {name}: {value:.2f}x (goal {'<=' if lower_is_better else '>='} {goal}x) "
             f"{'REACHED' if ok else 'missed'} [{a['label']} {a[key]} vs {b['label']} {b[key]}]"
         )
 
-    def p99(a: dict | None, b: dict | None) -> None:
+    def p99(self, a: dict | None, b: dict | None) -> None:
         if a and b and a.get("p99_ms") and b.get("p99_ms"):
-            lines.append(
+            self.lines.append(
                 f"  p99 {a['p99_ms']} ms vs {b['p99_ms']} ms: "
                 f"{'no worse' if a['p99_ms'] <= b['p99_ms'] else 'worse'}"
             )
 
+
+def targets(rows: list[dict]) -> list[str]:
+    """Issue 10's targets, as ratios inside this run (c=8 and c=32 where it names both)."""
+    r = Ratios()
+    lines, ratio, p99 = r.lines, r.ratio, r.p99
     one = "tensorgate (1 worker, ONNX Runtime)"
     for c in (8, 32):
         tg1 = _best(_pick(rows, one, c, exact=True))
@@ -876,7 +884,7 @@ def targets(rows: list[dict]) -> list[str]:
     lines.append(
         "- 4. steadiness (five runs in a row, perf_analyzer at c=4): loadtest/stability.py"
     )
-    return lines + ["", "Issue 18 (the native front end):", ""] + native_targets(rows)
+    return [*lines, "", "Issue 18 (the native front end):", "", *native_targets(rows)]
 
 
 TRITON = "Triton 2.51 native front end, Python backend"
@@ -884,26 +892,12 @@ TRITON = "Triton 2.51 native front end, Python backend"
 
 def native_targets(rows: list[dict]) -> list[str]:
     """Issue 18's targets, as ratios inside this run."""
-    lines: list[str] = []
+    r = Ratios()
+    lines, p99 = r.lines, r.p99
 
     def ratio(name: str, a: dict | None, b: dict | None, goal: float, lower: bool = False,
               key: str = "rps") -> None:  # fmt: skip
-        if a is None or b is None or not a.get(key) or not b.get(key):
-            lines.append(f"- {name}: not measured")
-            return
-        value = a[key] / b[key]
-        ok = value <= goal if lower else value >= goal
-        lines.append(
-            f"- {name}: {value:.2f}x (goal {'<=' if lower else '>='} {goal}x) "
-            f"{'REACHED' if ok else 'missed'} [{a['label']} {a[key]} vs {b['label']} {b[key]}]"
-        )
-
-    def p99(a: dict | None, b: dict | None) -> None:
-        if a and b and a.get("p99_ms") and b.get("p99_ms"):
-            lines.append(
-                f"  p99 {a['p99_ms']} ms vs {b['p99_ms']} ms: "
-                f"{'no worse' if a['p99_ms'] <= b['p99_ms'] else 'worse'}"
-            )
+        r.ratio(name, a, b, goal, lower, key)
 
     small = [r for r in rows if not r.get("_wide")]
     wide = [r for r in rows if r.get("_wide")]

@@ -23,6 +23,7 @@ from .metrics import Metrics, Telemetry
 from .pipeline import Pipeline
 from .polling import RepositoryPoller
 from .repository import Repository
+from .rollouts import Rollouts
 from .router import Router
 from .servicer import InferenceServicer
 from .settings import ServerSettings
@@ -54,6 +55,7 @@ class Gateway:
             ).set(state),
             metrics=self.metrics,
         )
+        self.rollouts = Rollouts(self.repository, self.router, self.metrics, settings.state_dir)
         self.admission = Admission(settings.max_inflight)
         self.pipeline = Pipeline(
             self.repository,
@@ -92,7 +94,7 @@ class Gateway:
         services = Services(
             settings=s,
             inference=inference,
-            admin=RoutingAdminServicer(self.repository, self.router),
+            admin=RoutingAdminServicer(self.repository, self.router, self.rollouts),
             tokens=TokenPolicy(s.auth_token, s.admin_token),
         )
         front_end = frontends.build(kind, services)
@@ -111,6 +113,7 @@ class Gateway:
         if self._poller is not None:
             self._poller.prime()  # changes made while loading are picked up by the first poll
         await self.repository.load_all()
+        self.rollouts.open()
         self.ready = True
         await self.model_health_changed_async()
         if self._poller is not None:
@@ -180,6 +183,7 @@ class Gateway:
         if self._poll_task is not None:
             self._poll_task.cancel()
             await asyncio.gather(self._poll_task, return_exceptions=True)
+        await self.rollouts.close()
         if not await self.admission.wait_idle(grace):
             log.warning(
                 "drain timeout: %d inference request(s) still in flight are cancelled",

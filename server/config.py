@@ -51,7 +51,8 @@ class TensorConfig(_Strict):
         return v
 
 
-
+#: ``[variants.NAME] precision``: what a variant computes in.
+PRECISIONS = ("fp32", "bf16")
 
 #: Where a variant's backend runs: in the gateway process, or in a worker process.
 Isolation = Literal["none", "process"]
@@ -86,8 +87,22 @@ class VariantConfig(_Strict):
     # An integer model_version that pins this variant too: Triton's clients parse versions
     # as integers (perf_analyzer -x 3), so a named variant needs one to be pinned by them.
     version: Annotated[int, Field(ge=1)] | None = None
+    # "bf16": serve an FP32 torch file in bfloat16 mixed precision (autocast), without
+    # converting it. None: "fp32", the file's own arithmetic.
+    precision: str | None = None
 
     _device = field_validator("device")(_check_device)
+
+    @field_validator("precision")
+    @classmethod
+    def _known_precision(cls, v: str | None) -> str | None:
+        if v is not None and v not in PRECISIONS:
+            raise ValueError(
+                f'precision \'{v}\': use "fp32" (the model file\'s own arithmetic) or "bf16" '
+                "(a torchscript or torch_export variant run in bfloat16 autocast); files "
+                "converted to fp16 or int8 need no key (see docs/convert.md)"
+            )
+        return v
 
 
 class InstancesConfig(_Strict):
@@ -144,7 +159,7 @@ class RoutingConfig(_Strict):
     """``[routing]``: how unpinned requests are split between variants, and what happens when
     a variant fails. Only the shapes are checked here; what needs the model's variant names
     (unknown variants, all-zero weights, fallback cycles) is checked by
-    ``router.validate_policy`` when the model loads, the same check the admin API uses."""
+    ``policy.validate_policy`` when the model loads, the same check the admin API uses."""
 
     weights: dict[str, float] | None = None
     sticky_key: str | None = None

@@ -39,6 +39,8 @@ class ServerSettings:
     # worker processes (SO_REUSEPORT), and this worker's index, sent as trailing metadata.
     reuse_port: bool = False
     worker_index: int | None = None
+    # A directory every worker of one supervisor shares (rollouts: server/rollouts.py).
+    state_dir: Path | None = None
     # The asyncio event loop implementation (server/eventloop.py): "auto" (uvloop when it
     # is installed), "uvloop" or "asyncio".
     event_loop: str = "auto"

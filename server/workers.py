@@ -18,7 +18,9 @@ SIGTERM to the workers, waits for their drain and exits 0. It serves ``/metrics`
 the workers run prometheus-client in multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, a
 directory the supervisor creates and removes), so counters and histograms are summed over
 every worker that ever ran, and gauges are combined by their ``multiprocess_mode``.
-``ModelStatistics`` stays per worker: it answers for the worker the call lands on.
+``ModelStatistics`` stays per worker: it answers for the worker the call lands on. Rollouts
+are shared through the same state directory (``rollouts/``, see ``server/rollouts.py``), so
+one rollout drives every worker whichever worker its admin calls land on.
 """
 
 from __future__ import annotations
@@ -307,6 +309,7 @@ class Supervisor:
             port_file=w.port_file,
             reuse_port=True,
             worker_index=w.index,
+            state_dir=self._state_dir,
         )
         proc = subprocess.Popen(
             [sys.executable, "-m", "tensorgate.server.workers"],

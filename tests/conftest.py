@@ -25,7 +25,8 @@ FRONT_ENDS = tuple(os.environ.get("TENSORGATE_TEST_FRONT_ENDS", "python,native")
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Tests that take the ``front_end`` fixture (directly, through ``server`` /
     ``module_server``, or a module's ``pytestmark = pytest.mark.usefixtures("front_end")``)
-    run once per front end."""
+    run once per front end. A module- or session-scoped fixture that starts a server must
+    take ``front_end`` itself, or one server would be reused under both parameters."""
     if "front_end" in metafunc.fixturenames:
         metafunc.parametrize("front_end", FRONT_ENDS, indirect=True, scope="session")
 

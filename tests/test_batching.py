@@ -216,7 +216,7 @@ BATCHED_VARIANTS = ("onnx", "torch", "tf")
 
 
 @pytest.fixture(scope="module")
-def batched_server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory):
+def batched_server(front_end: str, demo_repo: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("batched") / "models"
     for variant in BATCHED_VARIANTS:
         shutil.copytree(demo_repo / "scorer" / variant, root / "scorer" / variant)

@@ -52,7 +52,9 @@ def stream_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gateway(stream_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def gateway(
+    front_end: str, stream_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     with ServerProcess(stream_repo, tmp_path_factory.mktemp("gateway")) as proc:
         yield proc
     assert proc.proc is not None and proc.proc.returncode == 0, proc.log()

@@ -177,6 +177,7 @@ def converted_tf(repo: Path, savedmodel: Path) -> Converted:
 
 @pytest.fixture(scope="module")
 def gateway(
+    front_end: str,
     repo: Path,
     converted_torch: Converted,
     converted_tf: Converted,

@@ -482,7 +482,10 @@ def _substitute(argv: list[str], values: dict[str, str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def image_server(
-    dockerfile: list[Instruction], small_repo: Path, tmp_path_factory: pytest.TempPathFactory
+    front_end: str,
+    dockerfile: list[Instruction],
+    small_repo: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str], Path]]:
     """The image's CMD, run as it is but for the repository path and the ports (any free
     port, on loopback, so that nothing here collides with another server)."""

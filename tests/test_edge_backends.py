@@ -188,7 +188,9 @@ def edge_repo(tmp_path_factory: pytest.TempPathFactory, edge_files: dict[str, Pa
 
 
 @pytest.fixture(scope="module")
-def server(edge_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(
+    front_end: str, edge_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     with ServerProcess(edge_repo, tmp_path_factory.mktemp("edge-server")) as proc:
         yield proc
     assert proc.proc is not None and proc.proc.returncode == 0, proc.log()

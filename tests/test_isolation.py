@@ -60,7 +60,7 @@ def isolated_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(
-    isolated_repo: Path, tmp_path_factory: pytest.TempPathFactory
+    front_end: str, isolated_repo: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     proc = ServerProcess(isolated_repo, tmp_path_factory.mktemp("isolation-server"))
     with proc:

@@ -67,7 +67,9 @@ def slow_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def limited(slow_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def limited(
+    front_end: str, slow_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     args = (
         "--max-inflight", str(MAX_INFLIGHT),
         "--max-message-bytes", str(MAX_MESSAGE_BYTES),

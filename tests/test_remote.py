@@ -91,7 +91,7 @@ def x64(n: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def back(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def back(front_end: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     repo = build_back_repo(tmp_path_factory.mktemp("back") / "models")
     with ServerProcess(repo, tmp_path_factory.mktemp("back-run")) as proc:
         yield proc
@@ -103,7 +103,9 @@ def front_repo(tmp_path_factory: pytest.TempPathFactory, back: ServerProcess) ->
 
 
 @pytest.fixture(scope="module")
-def front(front_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def front(
+    front_end: str, front_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     proc = ServerProcess(front_repo, tmp_path_factory.mktemp("front-run"))
     with proc:
         yield proc

@@ -156,7 +156,7 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def matrix_server(
-    written: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+    front_end: str, written: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     repo = next(iter(written.values())).parents[2]
     yield from serve(repo, tmp_path_factory.mktemp("matrix-server"))

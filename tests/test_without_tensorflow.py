@@ -34,7 +34,7 @@ raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
 
 @pytest.fixture(scope="module")
 def no_tf_server(
-    demo_repo: Path, tmp_path_factory: pytest.TempPathFactory
+    front_end: str, demo_repo: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     shadow = tmp_path_factory.mktemp("no_tensorflow")
     (shadow / "tensorflow").mkdir()
