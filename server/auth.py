@@ -104,6 +104,7 @@ class TokenPolicy:
     def __init__(self, inference_token: str | None = None, admin_token: str | None = None):
         # One tuple, replaced in one assignment: a call sees the old pair or the new one.
         self._tokens = (inference_token, admin_token)
+        self._listeners: list[Callable[[], None]] = []
 
     @property
     def inference_token(self) -> str | None:
@@ -118,8 +119,15 @@ class TokenPolicy:
         return self._tokens != (None, None)
 
     def replace(self, other: TokenPolicy) -> None:
-        """Take ``other``'s tokens from the next call on (a reload)."""
+        """Take ``other``'s tokens from the next call on (a reload), then tell the listeners."""
         self._tokens = other._tokens
+        for listener in self._listeners:
+            listener()
+
+    def on_replace(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after each ``replace``: for a holder that copies a token out
+        (e.g. into a native server) instead of asking the policy per call."""
+        self._listeners.append(listener)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TokenPolicy) and self._tokens == other._tokens

@@ -30,6 +30,7 @@ from tensorgate.codec import decode_response, encode_request
 from tensorgate.errors import ConfigError
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
+from tensorgate.server.auth import TokenPolicy
 from tensorgate.server.config import load_model_config
 from tensorgate.server.demo import build_mlp_onnx, mlp_reference, mlp_weights
 from tensorgate.server.servicer import WORKER_METADATA_KEY
@@ -606,3 +607,18 @@ def test_timeout_keys_in_config(tmp_path: Path, toml: str, error: str | None) ->
     with pytest.raises(ConfigError, match=error) as info:
         load_model_config(tmp_path)
     assert str(tmp_path / "config.toml") in str(info.value)
+
+
+def test_token_policy_is_replaced_in_place() -> None:
+    policy = TokenPolicy(OLD_TOKEN)
+    infer = "/inference.GRPCInferenceService/ModelInfer"
+    copied: list[tuple[str, str] | None] = []  # what a holder that copies the token sees
+    policy.on_replace(lambda: copied.append(policy.required(infer)))
+    policy.replace(TokenPolicy(NEW_TOKEN, "admin"))
+    assert policy.required(infer) == (NEW_TOKEN, "token")
+    assert policy.required("/inference.GRPCInferenceService/RepositoryIndex") == (
+        "admin",
+        "admin token",
+    )
+    assert copied == [(NEW_TOKEN, "token")]
+    assert OLD_TOKEN not in repr(policy) and NEW_TOKEN not in repr(policy)
