@@ -109,9 +109,15 @@ impl Gateway {
             tonic_health::server::HealthService::from_health_reporter(health),
         );
         let reflection = || {
+            // Both reflection versions list (and describe) both: as the grpcio front end.
             Builder::configure()
+                .include_reflection_service(false)
                 .register_encoded_file_descriptor_set(DESCRIPTORS)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(
+                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                )
         };
         Ok(Self {
             state,
