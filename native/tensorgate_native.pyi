@@ -8,8 +8,9 @@ where the spec left them open:
   The stop is over when every connection closed, or when no call waits for Python and no
   ModelStreamInfer stream is open (health Watch streams do not hold it), or after ``grace``.
   Calls still waiting then end UNAVAILABLE and Python receives their ``("cancel", slot)``.
-- ServerLive and ServerReady are answered in Rust (they work while Python is busy); the
-  inference token they need is given by ``set_live_ready_token``.
+- ServerLive is answered in Rust (it answers while Python is busy); the inference token it
+  needs is given by ``set_live_ready_token``. ServerReady goes to Python like the other cold
+  RPCs: readiness is the gateway's to know (no flag to keep in step).
 - A result's ``data`` is copied once into the reply (bytes, or any C-contiguous buffer).
 - Request deadlines (``grpc-timeout``) are enforced in Rust too: DEADLINE_EXCEEDED
   "Deadline Exceeded", and Python gets ``("cancel", slot)``.
@@ -78,9 +79,8 @@ class Server:
         """grpc.health.v1 status of ``service`` ("" for the server): 1 SERVING,
         2 NOT_SERVING."""
 
-    def set_ready(self, ready: bool) -> None: ...
     def set_live_ready_token(self, token: str | None) -> None:
-        """The bearer token ServerLive and ServerReady need (None: open)."""
+        """The bearer token ServerLive needs (None: open)."""
 
     def reload_tls(
         self, cert_pem: bytes, key_pem: bytes, client_ca_pem: bytes | None = None

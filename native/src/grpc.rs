@@ -1,11 +1,10 @@
 //! The gRPC surface: one hyper service that routes each call by path. Health and reflection
-//! are tonic's; ServerLive and ServerReady are answered here; ModelInfer and ModelStreamInfer
+//! are tonic's; ServerLive is answered here (it answers while Python is busy); ModelInfer and ModelStreamInfer
 //! are decoded here and handed to Python; every other inference or admin RPC goes to Python
 //! as bytes.
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -26,7 +25,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use crate::handover::{Failure, Hub, Item, Metadata, Outcome, Reply};
 use crate::pb::inference::{
     ModelInferRequest, ModelInferResponse, ModelStreamInferResponse, ServerLiveRequest,
-    ServerLiveResponse, ServerReadyRequest, ServerReadyResponse,
+    ServerLiveResponse,
 };
 
 pub const INFERENCE: &str = "/inference.GRPCInferenceService/";
@@ -43,8 +42,7 @@ pub const DESCRIPTORS: &[u8] = tonic::include_file_descriptor_set!("descriptor")
 pub struct State {
     pub hub: Arc<Hub>,
     pub max_message: usize,
-    pub ready: AtomicBool,
-    /// The inference token ServerLive and ServerReady need (None: open).
+    /// The inference token ServerLive needs (None: open).
     pub live_ready_token: RwLock<Option<String>>,
     /// True once the drain asked open streams to end.
     pub draining: watch::Sender<bool>,
@@ -56,7 +54,6 @@ impl State {
         Arc::new(Self {
             hub,
             max_message,
-            ready: AtomicBool::new(false),
             live_ready_token: RwLock::new(None),
             draining: watch::channel(false).0,
             streams: watch::channel(0).0,
@@ -189,11 +186,6 @@ async fn serve_gateway(state: Arc<State>, req: http::Request<Body>) -> http::Res
         Some("ServerLive") => {
             grpc(tonic_prost::ProstCodec::default(), &state)
                 .unary(Live(state.clone()), req)
-                .await
-        }
-        Some("ServerReady") => {
-            grpc(tonic_prost::ProstCodec::default(), &state)
-                .unary(ReadyRpc(state.clone()), req)
                 .await
         }
         _ => {
@@ -389,25 +381,6 @@ impl tower_service::Service<Request<ServerLiveRequest>> for Live {
         std::future::ready(match check_token(&self.0, &req) {
             Some(status) => Err(status),
             None => Ok(Response::new(ServerLiveResponse { live: true })),
-        })
-    }
-}
-
-struct ReadyRpc(Arc<State>);
-
-impl tower_service::Service<Request<ServerReadyRequest>> for ReadyRpc {
-    type Response = Response<ServerReadyResponse>;
-    type Error = Status;
-    type Future = Now<ServerReadyResponse>;
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
-        Poll::Ready(Ok(()))
-    }
-    fn call(&mut self, req: Request<ServerReadyRequest>) -> Self::Future {
-        std::future::ready(match check_token(&self.0, &req) {
-            Some(status) => Err(status),
-            None => Ok(Response::new(ServerReadyResponse {
-                ready: self.0.ready.load(Ordering::Relaxed),
-            })),
         })
     }
 }

@@ -143,13 +143,6 @@ impl Server {
         py.detach(|| self.core.set_health(service, status));
     }
 
-    fn set_ready(&self, ready: bool) {
-        self.core
-            .state
-            .ready
-            .store(ready, std::sync::atomic::Ordering::Relaxed);
-    }
-
     #[pyo3(signature = (token))]
     fn set_live_ready_token(&self, token: Option<String>) {
         *self.core.state.live_ready_token.write().unwrap() = token;

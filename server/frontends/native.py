@@ -37,16 +37,19 @@ from tensorgate.protos import admin_pb2
 from tensorgate.protos import grpc_service_pb2 as pb
 
 from ..auth import TokenPolicy
-from ..interceptors import status_of
+from ..interceptors import map_errors, status_of
+from .base import Services, tls_files
 
 log = logging.getLogger(__name__)
 
 INFERENCE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 ADMIN = admin_pb2.DESCRIPTOR.services_by_name["RoutingAdmin"]
 MODEL_INFER = f"/{INFERENCE.full_name}/ModelInfer"
-#: A Rust worker thread is enough for the transport of one process (the machine's cores go
-#: to Python and the frameworks); more with ``TENSORGATE_NATIVE_THREADS``.
+SERVER_LIVE = f"/{INFERENCE.full_name}/ServerLive"
+#: Rust worker threads: one is enough for the transport of one process (the cores go to
+#: Python and the frameworks; scale with --workers).
 WORKER_THREADS = 1
+SERVING, NOT_SERVING = 1, 2  # grpc.health.v1 HealthCheckResponse.ServingStatus
 LISTEN_BACKLOG = 1024
 
 Result = tuple[Any, ...]
@@ -266,3 +269,81 @@ class Dispatcher:
         except Aborted as e:
             return failure(e.code, e.details)
         return (0, reply.SerializeToString(), context.trailers)
+
+
+class NativeFrontEnd:
+    """The ``FrontEnd`` over ``tensorgate_native.Server`` (see the module docstring)."""
+
+    name = "native"
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.port = 0
+        self._server: Any = None
+        self._dispatcher: Dispatcher | None = None
+        self._health: dict[str, bool] = {}
+        self._health_frozen = False
+        self._stopped: asyncio.Event | None = None
+
+    async def start(self) -> None:
+        import tensorgate_native
+
+        s = self.services.settings
+        pem = tls_files(s)
+        sock = bind(s.host, s.port, s.reuse_port)
+        self.port = sock.getsockname()[1]
+        try:
+            server = tensorgate_native.Server(
+                fd=sock.fileno(),
+                max_message_bytes=s.max_message_bytes,
+                tls=pem,
+                worker_threads=WORKER_THREADS,
+            )
+        except BaseException:
+            sock.close()
+            raise
+        sock.detach()  # the Rust server owns the descriptor now
+        tokens = self.services.tokens
+        needed = tokens.required(SERVER_LIVE)
+        server.set_live_ready_token(None if needed is None else needed[0])
+        inference = map_errors(self.services.inference, INFERENCE)
+        admin = map_errors(self.services.admin, ADMIN)
+        self._dispatcher = Dispatcher(server, inference, admin, tokens, inference.serve_native)
+        self._dispatcher.attach(asyncio.get_running_loop())
+        self._stopped = asyncio.Event()
+        self._server = server
+        for service, serving in self._health.items():
+            server.set_health(service, SERVING if serving else NOT_SERVING)
+        server.start()
+
+    async def set_health(self, service: str, serving: bool) -> None:
+        if self._health_frozen:
+            return
+        self._health[service] = serving
+        if self._server is not None:
+            self._server.set_health(service, SERVING if serving else NOT_SERVING)
+
+    async def enter_graceful_shutdown(self) -> None:
+        for service in self._health:
+            await self.set_health(service, False)
+        self._health_frozen = True
+
+    def end_streams(self) -> None:
+        if self._server is not None:
+            self._server.end_streams()
+
+    async def stop(self, grace: float) -> None:
+        server = self._server
+        if server is None:
+            return
+        server.stop(grace)
+        # The loop keeps serving the hand-over while Rust drains.
+        await asyncio.get_running_loop().run_in_executor(None, server.wait)
+        if self._dispatcher is not None:
+            self._dispatcher.detach()
+        assert self._stopped is not None
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        assert self._stopped is not None
+        await self._stopped.wait()
