@@ -780,6 +780,40 @@ mod tests {
     }
 
     #[test]
+    fn raw_inputs_are_views_of_the_request_bytes() {
+        let request = ModelInferRequest {
+            model_name: "m".into(),
+            raw_input_contents: vec![Bytes::from(vec![7u8; 4096])],
+            ..Default::default()
+        };
+        let wire = Bytes::from(request.encode_to_vec());
+        let decoded = ModelInferRequest::decode(wire.clone()).unwrap();
+        let raw = &decoded.raw_input_contents[0];
+        let start = wire.as_ptr() as usize;
+        assert!((start..start + wire.len()).contains(&(raw.as_ptr() as usize)));
+        assert_eq!(raw.len(), 4096);
+    }
+
+    #[test]
+    fn replies_carry_raw_outputs() {
+        let reply = ModelInferResponse {
+            model_name: "m".into(),
+            raw_output_contents: vec![Bytes::from_static(&[1, 2, 3, 4])],
+            ..Default::default()
+        };
+        let wrapped = stream_reply(
+            Default::default(),
+            Ok(Outcome::Reply {
+                message: Reply::Infer(reply.clone()),
+                trailers: vec![],
+            }),
+        );
+        assert_eq!(wrapped.error_message, "");
+        let decoded = ModelStreamInferResponse::decode(wrapped.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(decoded.infer_response.unwrap(), reply);
+    }
+
+    #[test]
     fn failed_stream_requests_echo_the_request() {
         let failure = Failure {
             code: 3,
