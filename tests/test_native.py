@@ -48,8 +48,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def native(repo: Path, workdir: Path, *args: str) -> ServerProcess:
-    return ServerProcess(repo, workdir, "--front-end", "native", *args)
+def native(repo: Path, workdir: Path, *args: str, **kwargs) -> ServerProcess:
+    return ServerProcess(repo, workdir, "--front-end", "native", *args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -214,37 +214,37 @@ def test_live_while_python_computes_and_cancellation_frees_the_queue(
 
 
 def test_tokens_on_hot_cold_and_live_calls(repo: Path, tmp_path: Path) -> None:
-    with native(repo, tmp_path, env={"TENSORGATE_AUTH_TOKEN": TOKEN}) as proc:
-        with grpc.insecure_channel(proc.address) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            calls = {
-                "ServerLive": lambda md: stub.ServerLive(pb.ServerLiveRequest(), metadata=md),
-                "ModelMetadata": lambda md: stub.ModelMetadata(
-                    pb.ModelMetadataRequest(name="mlp"), metadata=md
-                ),
-                "ModelInfer": lambda md: stub.ModelInfer(
-                    encode_request("mlp", {"input": x64(1)}), metadata=md
-                ),
-                "ModelStreamInfer": lambda md: list(
-                    stub.ModelStreamInfer(
-                        iter([encode_request("mlp", {"input": x64(1)})]), metadata=md
-                    )
-                ),
-            }
-            for name, call in calls.items():
-                for metadata, message in (
-                    ((), "this call needs the server's token: send metadata "
-                     "'authorization: Bearer <token>'"),
-                    ((("authorization", "Bearer wrong"),), "the bearer token is not the token"),
-                ):  # fmt: skip
-                    with pytest.raises(grpc.RpcError) as info:
-                        call(metadata)
-                    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
-                    assert info.value.details() == message, name
-                assert call((("authorization", f"Bearer {TOKEN}"),)), name
-            # Health and reflection stay open.
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    with (
+        native(repo, tmp_path, env={"TENSORGATE_AUTH_TOKEN": TOKEN}) as proc,
+        grpc.insecure_channel(proc.address) as channel,
+    ):
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        calls = {
+            "ServerLive": lambda md: stub.ServerLive(pb.ServerLiveRequest(), metadata=md),
+            "ModelMetadata": lambda md: stub.ModelMetadata(
+                pb.ModelMetadataRequest(name="mlp"), metadata=md
+            ),
+            "ModelInfer": lambda md: stub.ModelInfer(
+                encode_request("mlp", {"input": x64(1)}), metadata=md
+            ),
+            "ModelStreamInfer": lambda md: list(
+                stub.ModelStreamInfer(iter([encode_request("mlp", {"input": x64(1)})]), metadata=md)
+            ),
+        }
+        for name, call in calls.items():
+            for metadata, message in (
+                ((), "this call needs the server's token: send metadata "
+                 "'authorization: Bearer <token>'"),
+                ((("authorization", "Bearer wrong"),), "the bearer token is not the token"),
+            ):  # fmt: skip
+                with pytest.raises(grpc.RpcError) as info:
+                    call(metadata)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+                assert info.value.details() == message, name
+            assert call((("authorization", f"Bearer {TOKEN}"),)), name
+        # Health and reflection stay open.
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
     assert proc.proc is not None and proc.proc.returncode == 0, proc.log()
 
 

@@ -77,7 +77,7 @@ class CallContext:
     """The part of ``grpc.aio.ServicerContext`` the servicers use, for a call that came
     through the native front end."""
 
-    __slots__ = ("_metadata", "_deadline", "trailers", "_code", "_details")
+    __slots__ = ("_code", "_deadline", "_details", "_metadata", "trailers")
 
     def __init__(self, metadata: Mapping[str, str], timeout: float | None) -> None:
         self._metadata = metadata
@@ -194,13 +194,13 @@ class Dispatcher:
         for item in self._server.take():
             kind, slot = item[0], item[1]
             if kind == "infer":
-                tasks[slot] = loop.create_task(self._infer(slot, item[2], item[3], item[4], item[5]))
+                tasks[slot] = loop.create_task(self._infer(*item[1:]))
             elif kind == "cancel":
                 task = tasks.pop(slot, None)
                 if task is not None:
                     task.cancel()
             elif kind == "cold":
-                tasks[slot] = loop.create_task(self._call(slot, item[2], item[3], item[4], item[5]))
+                tasks[slot] = loop.create_task(self._call(*item[1:]))
             elif kind == "open":
                 self._done(slot, self._open(item[2], item[3]))
 
