@@ -139,7 +139,7 @@ impl Gateway {
         if path.starts_with(REFLECTION_V1ALPHA) {
             return (self.reflection_v1alpha)(req);
         }
-        let status = Status::unimplemented(format!("unknown service {path}"));
+        let status = Status::unimplemented("Method not found!"); // as grpcio words it
         Box::pin(async move { status.into_http() })
     }
 }
