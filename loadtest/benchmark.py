@@ -88,6 +88,8 @@ BLOCKS = (
     "torchserve",
     "kserve",
     "pytriton",
+    "triton",
+    "big",
     "wide",
 )
 # The peers' install script and the file it leaves behind, by block.
@@ -96,7 +98,24 @@ PEER_INSTALLS = {
     "torchserve": ("install_torchserve.sh", "venv-torchserve/bin/torchserve"),
     "kserve": ("install_kserve.sh", "venv-kserve/bin/python"),
     "pytriton": ("install_pytriton.sh", "venv-pytriton/bin/python"),
+    "triton": ("install_pytriton.sh", "venv-pytriton/bin/python"),  # its bundled tritonserver
 }
+
+
+def _front_ends() -> list[str]:
+    """The gateway's front ends to run (``TG_FRONT_ENDS``; default: both where the native
+    extension is installed)."""
+    import importlib.util
+
+    default = "python,native" if importlib.util.find_spec("tensorgate_native") else "python"
+    return [f for f in os.environ.get("TG_FRONT_ENDS", default).split(",") if f]
+
+
+def _tg_label(front_end: str, what: str) -> str:
+    """Run labels: the python front end keeps the labels of earlier results files."""
+    return f"tensorgate{' native' if front_end == 'native' else ''} ({what})"
+
+
 IO_CONFIG = "\n" + MLP_TENSORS
 PLAIN_CONFIG = 'default_variant = "onnx"\n' + IO_CONFIG
 BATCHED_CONFIG = (
@@ -206,6 +225,7 @@ def wide_peers_home(onnx: Path, torchscript: Path) -> Path:
         "venv-tools",
         "venv-mlserver",
         "venv-torchserve",
+        "venv-pytriton",
         "perf_analyzer",
         "perf_analyzer-2.60.0",
         "apt-trixie",
@@ -368,31 +388,99 @@ def block_tensorgate(run: Run) -> None:
     plain = small_repository(run.work / "small-plain", batched=False)
     batched = small_repository(run.work / "small-batched", batched=True)
     configs = {
-        "1w": ("tensorgate (1 worker, ONNX Runtime)", plain, ("--workers", "1"), ()),
-        "2w": ("tensorgate (2 workers, ONNX Runtime)", plain, ("--workers", "2"), ()),
+        "1w": ("1 worker, ONNX Runtime", plain, ("--workers", "1"), ()),
+        "2w": ("2 workers, ONNX Runtime", plain, ("--workers", "2"), ()),
         "1wb": (
-            "tensorgate (1 worker, ONNX Runtime, dynamic batching 32, 500 us)",
+            "1 worker, ONNX Runtime, dynamic batching 32, 500 us",
             batched,
             ("--workers", "1"),
             (),
         ),
         "2wb": (
-            "tensorgate (2 workers, ONNX Runtime, dynamic batching 32, 500 us)",
+            "2 workers, ONNX Runtime, dynamic batching 32, 500 us",
             batched,
             ("--workers", "2"),
             (),
         ),
-        "torch": (
-            "tensorgate (1 worker, TorchScript)",
-            plain,
-            ("--workers", "1"),
-            ("--version", "torch"),
-        ),
+        "torch": ("1 worker, TorchScript", plain, ("--workers", "1"), ("--version", "torch")),
     }
-    for label, repo, args, extra in _chosen(configs, "TG_CONFIGS"):
+    for front_end in _front_ends():
+        for what, repo, args, extra in _chosen(configs, "TG_CONFIGS"):
+            label = _tg_label(front_end, what)
+            log(label)
+            with gateway(repo, run.work, *args, "--front-end", front_end) as (address, pid):
+                bench_target(run, address, pid, label, *extra)
+
+
+def block_triton(run: Run, home: Path = PEERS_HOME, c: str | None = None) -> None:
+    """Triton 2.51's own C++ server, the MLP in its Python backend, plain and batched."""
+    log("Triton 2.51 native front end (peers' bench_triton.sh)")
+    sh(
+        ["bash", str(PEERS_DIR / "bench_triton.sh")],
+        env={**run.env, "PEERS_HOME": str(home), "C": c or run.c},
+    )
+
+
+#: The 1 MB block: FP32 [1, BIG_ELEMENTS] in and out of an ONNX Identity.
+BIG_ELEMENTS = 262_144
+
+
+def big_repository(root: Path) -> tuple[Path, Path]:
+    """Model ``mlp`` (the peers' scripts' name) = ONNX Identity over FP32 [-1, 262144], and
+    a sample request of 1 MB."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["output"])],
+        "identity",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", BIG_ELEMENTS])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", BIG_ELEMENTS])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (root / "mlp" / "onnx").mkdir(parents=True)
+    onnx.save(model, root / "mlp" / "onnx" / "model.onnx")
+    sample = root / "big_input.npy"
+    np.save(sample, np.random.default_rng(0).random((1, BIG_ELEMENTS), dtype=np.float32))
+    return root, sample
+
+
+def block_big(run: Run) -> None:
+    """1 MB FP32 requests and replies (ONNX Identity), each front end, c=8."""
+    repo, sample = big_repository(run.work / "big")
+    for front_end in _front_ends():
+        label = _tg_label(front_end, "1 worker, 1 MB FP32 in and out, ONNX Identity")
         log(label)
-        with gateway(repo, run.work, *args) as (address, pid):
-            bench_target(run, address, pid, label, *extra)
+        with gateway(repo, run.work, "--front-end", front_end) as (address, pid):
+            sh(
+                [
+                    "bash",
+                    str(PEERS_DIR / "bench_target.sh"),
+                    "--target",
+                    address,
+                    "--model",
+                    "mlp",
+                    "--input",
+                    "input",
+                    "--datatype",
+                    "FP32",
+                    "--shape",
+                    f"1,{BIG_ELEMENTS}",
+                    "--output",
+                    "output",
+                    "--data-npy",
+                    str(sample),
+                    "-c",
+                    "8",
+                    "-D",
+                    str(run.d),
+                    "--pid",
+                    str(pid),
+                    "--label",
+                    label,
+                ],
+                env=run.env,
+            )
 
 
 def _busy_cores_seconds() -> float:
@@ -611,16 +699,24 @@ def block_wide(run: Run) -> None:
         "1wb": ("1", True),
         "2wb": ("2", True),
     }
-    for workers, batched in _chosen(configs, "WIDE_TG_CONFIGS"):
-        label = f"wide: tensorgate ({workers} worker{'s' if workers != '1' else ''}, " + (
-            "ONNX Runtime, dynamic batching 32, 2 ms)" if batched else "ONNX Runtime, no batching)"
-        )
-        log(label)
-        repo = run.work / f"wide-{batched}"
-        if not repo.exists():
-            wide_repository(repo, onnx, batched)
-        with gateway(repo, run.work, "--workers", workers) as (address, pid):
-            bench_target(run, address, pid, label, c="32", home=home)
+    for front_end in _front_ends():
+        for workers, batched in _chosen(configs, "WIDE_TG_CONFIGS"):
+            label = "wide: " + _tg_label(
+                front_end,
+                f"{workers} worker{'s' if workers != '1' else ''}, "
+                + ("ONNX Runtime, dynamic batching 32, 2 ms" if batched else "ONNX Runtime"),
+            )
+            log(label)
+            repo = run.work / f"wide-{batched}"
+            if not repo.exists():
+                wide_repository(repo, onnx, batched)
+            with gateway(repo, run.work, "--workers", workers, "--front-end", front_end) as (
+                address,
+                pid,
+            ):
+                bench_target(run, address, pid, label, c="32", home=home)
+    if os.environ.get("WIDE_TRITON", "1") == "1" and (PEERS_HOME / "venv-pytriton").exists():
+        block_triton(run, home, c="32")
     block_mlserver(run, home, c="32", variants=os.environ.get("WIDE_MLS", "0:plain 0:batched"))
     block_torchserve(run, home, c="32", configs=os.environ.get("WIDE_TS", "1 1b32"))
 
@@ -703,11 +799,14 @@ def _best(rows: list[dict]) -> dict | None:
     return max(rows, key=lambda r: r["rps"], default=None)
 
 
-def targets(rows: list[dict]) -> list[str]:
-    """Issue 10's targets, as ratios inside this run (c=8 and c=32 where it names both)."""
-    lines = []
+class Ratios:
+    """Target lines of a report: ``ratio`` of two runs against a goal, ``p99`` beside it."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
 
     def ratio(
+        self,
         name: str,
         a: dict | None,
         b: dict | None,
@@ -716,22 +815,27 @@ def targets(rows: list[dict]) -> list[str]:
         key: str = "rps",
     ) -> None:
         if a is None or b is None or not a.get(key) or not b.get(key):
-            lines.append(f"- {name}: not measured")
+            self.lines.append(f"- {name}: not measured")
             return
         value = a[key] / b[key]
         ok = value <= goal if lower_is_better else value >= goal
-        lines.append(
+        self.lines.append(
             f"- {name}: {value:.2f}x (goal {'<=' if lower_is_better else '>='} {goal}x) "
             f"{'REACHED' if ok else 'missed'} [{a['label']} {a[key]} vs {b['label']} {b[key]}]"
         )
 
-    def p99(a: dict | None, b: dict | None) -> None:
+    def p99(self, a: dict | None, b: dict | None) -> None:
         if a and b and a.get("p99_ms") and b.get("p99_ms"):
-            lines.append(
+            self.lines.append(
                 f"  p99 {a['p99_ms']} ms vs {b['p99_ms']} ms: "
                 f"{'no worse' if a['p99_ms'] <= b['p99_ms'] else 'worse'}"
             )
 
+
+def targets(rows: list[dict]) -> list[str]:
+    """Issue 10's targets, as ratios inside this run (c=8 and c=32 where it names both)."""
+    r = Ratios()
+    lines, ratio, p99 = r.lines, r.ratio, r.p99
     one = "tensorgate (1 worker, ONNX Runtime)"
     for c in (8, 32):
         tg1 = _best(_pick(rows, one, c, exact=True))
@@ -780,6 +884,55 @@ def targets(rows: list[dict]) -> list[str]:
     lines.append(
         "- 4. steadiness (five runs in a row, perf_analyzer at c=4): loadtest/stability.py"
     )
+    return [*lines, "", "Issue 18 (the native front end):", "", *native_targets(rows)]
+
+
+TRITON = "Triton 2.51 native front end, Python backend"
+
+
+def native_targets(rows: list[dict]) -> list[str]:
+    """Issue 18's targets, as ratios inside this run."""
+    r = Ratios()
+    lines, p99 = r.lines, r.p99
+
+    def ratio(name: str, a: dict | None, b: dict | None, goal: float, lower: bool = False,
+              key: str = "rps") -> None:  # fmt: skip
+        r.ratio(name, a, b, goal, lower, key)
+
+    small = [r for r in rows if not r.get("_wide")]
+    wide = [r for r in rows if r.get("_wide")]
+    one = "tensorgate native (1 worker, ONNX Runtime)"
+    batched = "tensorgate native (1 worker, ONNX Runtime, dynamic batching 32, 500 us)"
+    plain_t = _best(_pick(small, f"{TRITON} (plain)", 32, exact=True))
+    batched_t = {c: _best(_pick(small, f"{TRITON} (dynamic", c)) for c in (8, 32)}
+    n1 = _best(_pick(small, one, 32, exact=True))
+    ratio("1. unbatched, c=32: native vs Triton plain", n1, plain_t, 1.5)
+    ratio("1. unbatched, c=32: native vs the grpc.aio echo (parse)", n1,
+          _best(_pick(small, "grpc.aio echo (parse)", 32)), 1.0)  # fmt: skip
+    nb = {c: _best(_pick(small, batched, c, exact=True)) for c in (8, 32)}
+    ratio("2. batched, c=32: native vs Triton batched", nb[32], batched_t[32], 1.25)
+    p99(nb[32], batched_t[32])
+    ratio("2. batched, c=8: native vs Triton batched", nb[8], batched_t[8], 1.0)
+    ratio("3. CPU/request unbatched c=32, native vs Triton plain", n1, plain_t, 1.0, lower=True,
+          key="server_cpu_ms_per_req")  # fmt: skip
+    ratio("3. CPU/request batched c=32, native vs Triton batched", nb[32], batched_t[32], 1.0,
+          lower=True, key="server_cpu_ms_per_req")  # fmt: skip
+    n2 = _best(_pick(small, "tensorgate native (2 workers, ONNX Runtime)", 32, exact=True))
+    ratio("4. native --workers 2 vs --workers 1, c=32", n2, n1, 1.5)
+    wn = _best(_pick(wide, "wide: tensorgate native (1 worker, ONNX Runtime)", 32, exact=True))
+    wnb = _best(_pick(wide, "wide: tensorgate native (1 worker, ONNX Runtime, dynamic", 32))
+    wt = _best(_pick(wide, f"wide: {TRITON} (plain)", 32, exact=True))
+    wtb = _best(_pick(wide, f"wide: {TRITON} (dynamic", 32))
+    ratio("5. compute-bound, plain: native vs Triton", wn, wt, 1.0)
+    ratio("5. compute-bound, plain: CPU/request native vs Triton", wn, wt, 1.0, lower=True,
+          key="server_cpu_ms_per_req")  # fmt: skip
+    ratio("5. compute-bound, batched: native vs Triton", wnb, wtb, 1.0)
+    ratio("5. compute-bound, batched: CPU/request native vs Triton", wnb, wtb, 1.0, lower=True,
+          key="server_cpu_ms_per_req")  # fmt: skip
+    big = "1 worker, 1 MB FP32 in and out, ONNX Identity"
+    ratio("6. 1 MB requests and replies: native vs python front end (MB/s)",
+          _best(_pick(small, _tg_label("native", big), 8, exact=True)),
+          _best(_pick(small, _tg_label("python", big), 8, exact=True)), 2.0)  # fmt: skip
     return lines
 
 
@@ -837,6 +990,8 @@ def main() -> None:
             "torchserve": block_torchserve,
             "kserve": block_kserve,
             "pytriton": block_pytriton,
+            "triton": block_triton,
+            "big": block_big,
             "wide": block_wide,
         }
         for name in BLOCKS:

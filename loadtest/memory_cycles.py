@@ -43,7 +43,7 @@ from tensorgate.server.demo import (  # noqa: E402
     mlp_reference,
     mlp_weights,
 )
-from tests.serverproc import ServerProcess  # noqa: E402
+from tests.serverproc import FRONT_END, ServerProcess  # noqa: E402
 
 NAMED = MLP_TENSORS
 
@@ -119,7 +119,10 @@ def main() -> None:
     parser.add_argument("--frameworks", default="onnx,torch,tf,onnx-isolated")
     parser.add_argument("--out", "--json", type=Path, help="results file (default "
                         "loadtest/results/memory-cycles-<UTC time>.json)")  # fmt: skip
+    parser.add_argument("--front-end", default="python", choices=("python", "native"),
+                        help="the gateway's gRPC front end")  # fmt: skip
     args = parser.parse_args()
+    FRONT_END["current"] = args.front_end
     started = time.time()
     out = args.out or results_path("memory-cycles")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -59,7 +59,7 @@ from tensorgate.server.demo import (  # noqa: E402
     mlp_reference,
     mlp_weights,
 )
-from tests.serverproc import ServerProcess  # noqa: E402
+from tests.serverproc import FRONT_END, ServerProcess  # noqa: E402
 
 MODELS = ("mlp", "iso", "torch")
 BAD_ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
@@ -305,7 +305,10 @@ def main() -> int:
     parser.add_argument("--kill-every", type=float, default=15.0, help="seconds between kills")
     parser.add_argument("--out", "--json", type=Path, help="results file (default "
                         "loadtest/results/soak-<UTC time>.json)")  # fmt: skip
+    parser.add_argument("--front-end", default="python", choices=("python", "native"),
+                        help="the gateway's gRPC front end")  # fmt: skip
     args = parser.parse_args()
+    FRONT_END["current"] = args.front_end
     started = time.time()
     out = args.out or results_path("soak")
 

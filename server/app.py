@@ -1,5 +1,6 @@
-"""The gateway process: gRPC server (inference, health, reflection), metrics endpoint,
-model repository, and orderly start-up and shutdown.
+"""The gateway process: a gRPC front end (native or grpcio: server/frontends/) in front of
+the shared servicers and pipeline, the metrics endpoint, the model repository, and orderly
+start-up and shutdown.
 """
 
 from __future__ import annotations
@@ -10,23 +11,17 @@ import logging
 import signal
 import time
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import start_http_server
 
-from tensorgate.protos import admin_pb2, admin_pb2_grpc
-from tensorgate.protos import grpc_service_pb2 as pb
-from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
-
-from .admin import ADMIN_SERVICE, RoutingAdminServicer
+from . import frontends
+from .admin import RoutingAdminServicer
 from .admission import Admission
-from .auth import AuthInterceptor, TokenPolicy
-from .interceptors import map_errors
+from .auth import TokenPolicy
+from .frontends import FrontEnd, Services
+from .frontends.grpcio import INFERENCE_SERVICE
 from .metrics import Metrics, Telemetry
 from .pipeline import Pipeline
 from .polling import RepositoryPoller
-from .reflection import MethodAwareReflectionServicer
 from .repository import Repository
 from .router import Router
 from .servicer import InferenceServicer
@@ -36,8 +31,6 @@ from .writelock import wait_until_written
 
 log = logging.getLogger(__name__)
 
-INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 #: Seconds the drain holds new calls after the last accepted one finished, before the gRPC
 #: server stops (then they are refused with UNAVAILABLE).
 DRAIN_LINGER = 0.5
@@ -68,13 +61,11 @@ class Gateway:
             Telemetry(self.metrics, self.statistics),
             admission=self.admission,
         )
-        self.health = health.aio.HealthServicer()
         self.ready = False
         self.draining = False
         self.grpc_port = 0
         self.metrics_port: int | None = None
-        self._server: grpc.aio.Server | None = None
-        self._inference: InferenceServicer | None = None
+        self.front_end: FrontEnd | None = None
         self._metrics_server = None
         self._poller = (
             RepositoryPoller(
@@ -88,19 +79,8 @@ class Gateway:
 
     async def start(self) -> None:
         s = self.settings
-        options = [
-            ("grpc.max_receive_message_length", s.max_message_bytes),
-            ("grpc.max_send_message_length", s.max_message_bytes),
-            ("grpc.so_reuseport", 1 if s.reuse_port else 0),
-        ]
-        # Errors become statuses inside each servicer method (map_errors); the token check
-        # is the only interceptor, and only when a token is set.
-        interceptors: list[grpc.aio.ServerInterceptor] = []
-        tokens = TokenPolicy(s.auth_token, s.admin_token)
-        if tokens.enabled:
-            interceptors.append(AuthInterceptor(tokens))
-        server = grpc.aio.server(interceptors=interceptors, options=options)
-        self._inference = inference = InferenceServicer(
+        kind = frontends.resolve(s.front_end)
+        inference = InferenceServicer(
             self.repository,
             self.pipeline,
             self.statistics,
@@ -109,28 +89,18 @@ class Gateway:
             max_tensor_elements=s.max_tensor_elements,
             worker_index=s.worker_index,
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            map_errors(inference, pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]), server
+        services = Services(
+            settings=s,
+            inference=inference,
+            admin=RoutingAdminServicer(self.repository, self.router),
+            tokens=TokenPolicy(s.auth_token, s.admin_token),
         )
-        admin_pb2_grpc.add_RoutingAdminServicer_to_server(
-            map_errors(
-                RoutingAdminServicer(self.repository, self.router),
-                admin_pb2.DESCRIPTOR.services_by_name["RoutingAdmin"],
-            ),
-            server,
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        self._add_reflection(server)
-        credentials = self._tls_credentials()
-        if credentials is not None:
-            self.grpc_port = server.add_secure_port(f"{s.host}:{s.port}", credentials)
-        else:
-            self.grpc_port = server.add_insecure_port(f"{s.host}:{s.port}")
-        if self.grpc_port == 0:
-            raise OSError(f"could not bind gRPC port {s.host}:{s.port}")
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await server.start()
-        self._server = server
+        front_end = frontends.build(kind, services)
+        await front_end.start()
+        self.front_end = front_end
+        self.grpc_port = front_end.port
+        log.info("front end: %s", front_end.name)
+        await self._set_health(False)
         if s.metrics_port is not None:
             self._metrics_server, _ = start_http_server(
                 s.metrics_port, addr=s.metrics_host or s.host, registry=self.metrics.registry
@@ -162,64 +132,18 @@ class Gateway:
             )
             tmp.replace(s.port_file)
 
-    def _tls_credentials(self) -> grpc.ServerCredentials | None:
-        """TLS for the gRPC port when a certificate is configured; with a client CA, clients
-        must present a certificate it signed (mutual TLS)."""
-        s = self.settings
-        if s.tls_cert is None and s.tls_key is None:
-            if s.tls_client_ca is not None:
-                raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
-            return None
-        if s.tls_cert is None or s.tls_key is None:
-            raise ValueError("TLS needs both --tls-cert and --tls-key")
-        client_ca = s.tls_client_ca.read_bytes() if s.tls_client_ca is not None else None
-        return grpc.ssl_server_credentials(
-            [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
-            root_certificates=client_ca,
-            require_client_auth=client_ca is not None,
-        )
-
-    def _add_reflection(self, server: grpc.aio.Server) -> None:
-        names = (
-            INFERENCE_SERVICE,
-            ADMIN_SERVICE,
-            health.SERVICE_NAME,
-            reflection.SERVICE_NAME,
-            REFLECTION_V1,
-        )
-        servicer = MethodAwareReflectionServicer(names)
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
-        # grpc.reflection.v1 has the same messages as v1alpha under another package name, so
-        # the same servicer answers both (grpcurl asks v1 first, ghz v1alpha).
-        server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    REFLECTION_V1,
-                    {
-                        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
-                            servicer.ServerReflectionInfo,
-                            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-                            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
-                        )
-                    },
-                ),
-            )
-        )
-
-    async def _set_health(self, status: int) -> None:
-        await self.health.set("", status)
-        await self.health.set(INFERENCE_SERVICE, status)
+    async def _set_health(self, serving: bool) -> None:
+        assert self.front_end is not None
+        await self.front_end.set_health("", serving)
+        await self.front_end.set_health(INFERENCE_SERVICE, serving)
 
     async def model_health_changed_async(self) -> None:
         """Per-model health entries: a model name is SERVING while it has a ready variant.
         The server's own entry is SERVING once started, while ``require_models`` are ready."""
+        if self.front_end is None:
+            return
         for name, model in self.repository.models.items():
-            await self.health.set(
-                name,
-                health_pb2.HealthCheckResponse.SERVING
-                if model.ready and not self.draining
-                else health_pb2.HealthCheckResponse.NOT_SERVING,
-            )
+            await self.front_end.set_health(name, model.ready and not self.draining)
         if not self.ready or self.draining:
             return
         ready = sum(m.ready for m in self.repository.models.values())
@@ -232,11 +156,7 @@ class Gateway:
                 self.settings.require_models,
             )
         self._enough = enough
-        await self._set_health(
-            health_pb2.HealthCheckResponse.SERVING
-            if enough
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        await self._set_health(enough)
 
     def model_health_changed(self) -> None:
         asyncio.get_running_loop().create_task(self.model_health_changed_async())
@@ -250,12 +170,13 @@ class Gateway:
         self.draining = True
         self.ready = False
         inflight = self.admission.start_draining()
-        if self._inference is not None:
-            self._inference.end_streams()
+        if self.front_end is not None:
+            self.front_end.end_streams()
         log.info("draining: %d inference request(s) in flight, up to %.1f s", inflight, grace)
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.model_health_changed_async()
-        await self.health.enter_graceful_shutdown()  # no later set() turns it back on
+        if self.front_end is not None:
+            await self._set_health(False)
+            await self.model_health_changed_async()
+            await self.front_end.enter_graceful_shutdown()  # no later set() turns it back on
         if self._poll_task is not None:
             self._poll_task.cancel()
             await asyncio.gather(self._poll_task, return_exceptions=True)
@@ -271,12 +192,12 @@ class Gateway:
             # instead: each caller's latest call then waits in a handler, none in the core.
             self.admission.hold_arrivals()
             await asyncio.sleep(min(DRAIN_LINGER, max(0.0, until - time.monotonic())))
-        if self._server is not None:
+        if self.front_end is not None:
             # Stopping sends GOAWAY and closes the port: callers' next calls are refused
             # with UNAVAILABLE by their own channel. Then the held calls are answered
             # "draining", and other calls (metadata, repository, open streams) get what
             # time is left.
-            stopping = asyncio.create_task(self._server.stop(max(0.0, until - time.monotonic())))
+            stopping = asyncio.create_task(self.front_end.stop(max(0.0, until - time.monotonic())))
             await asyncio.sleep(STOP_SETTLE)
             self.admission.release_held()
             await stopping
@@ -289,8 +210,8 @@ class Gateway:
             self._metrics_server.server_close()
 
     async def wait(self) -> None:
-        assert self._server is not None
-        await self._server.wait_for_termination()
+        assert self.front_end is not None
+        await self.front_end.wait()
 
 
 async def serve(settings: ServerSettings) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar
 
 import grpc
 
@@ -16,6 +17,7 @@ import tensorgate
 from tensorgate import codec
 from tensorgate.datatypes import by_name
 from tensorgate.errors import InvalidInput, ModelNotFound, ModelNotReady, TensorgateError
+from tensorgate.inference import InferenceRequest, InferenceResponse
 from tensorgate.limits import MAX_ELEMENTS
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
@@ -34,6 +36,7 @@ EXTENSIONS = ["model_repository", "model_configuration", "statistics"]
 STREAM_WINDOW = 128
 #: A stream request's own timeout, in microseconds: Triton's request parameter.
 TIMEOUT_PARAMETER = "timeout"
+R = TypeVar("R")
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -168,26 +171,48 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self.statistics.report(wanted)
 
     # -- inference ------------------------------------------------------------------------
-    async def _infer(
-        self, msg: pb.ModelInferRequest, context: grpc.aio.ServicerContext, stream: bool = False
-    ) -> tuple[pb.ModelInferResponse, str]:
-        """One ModelInfer, unary or streamed: decode, serve, encode. Returns the reply and
-        the variant that served it."""
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
+    async def serve(
+        self,
+        model: str,
+        decode: Callable[[], InferenceRequest],
+        encode: Callable[[InferenceResponse], R],
+        metadata: Mapping[str, str],
+        deadline: float | None,
+        stream: bool = False,
+    ) -> tuple[R, str]:
+        """One inference request, from either front end: admit and measure it, ``decode`` it
+        (the front end's decoder: protobuf or the native hand-over), serve it through the
+        pipeline, ``encode`` the reply. ``deadline`` is the call's, in ``time.monotonic()``
+        time; a streamed request's ``timeout`` parameter narrows it. Returns the encoded
+        reply and the variant that served it; raises what the pipeline raises."""
         pipeline = self.pipeline
         if pipeline.admission.holding:  # the drain's last moment: see Gateway.stop
             await pipeline.admission.held()
-        with pipeline.call(msg.model_name) as trace:
-            if stream and TIMEOUT_PARAMETER in msg.parameters:
-                deadline = _stream_deadline(msg.parameters[TIMEOUT_PARAMETER], deadline)
-            request = codec.decode_request(msg, self._max_elements)
-            request.metadata = _CallMetadata(context)
+        with pipeline.call(model) as trace:
+            request = decode()
+            request.metadata = metadata
+            if stream and TIMEOUT_PARAMETER in request.parameters:
+                deadline = stream_deadline(request.parameters[TIMEOUT_PARAMETER], deadline)
             trace.decoded()
             response = await pipeline.infer(request, deadline, trace)
             trace.encoding()
-            reply = codec.encode_response(response)
+            reply = encode(response)
         return reply, response.variant
+
+    async def _infer(
+        self, msg: pb.ModelInferRequest, context: grpc.aio.ServicerContext, stream: bool = False
+    ) -> tuple[pb.ModelInferResponse, str]:
+        """One ModelInfer, unary or streamed, through ``serve``."""
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        return await self.serve(
+            msg.model_name,
+            lambda: codec.decode_request(msg, self._max_elements),
+            codec.encode_response,
+            _CallMetadata(context),
+            deadline,
+            stream,
+        )
 
     async def ModelInfer(self, request, context):
         reply, variant = await self._infer(request, context)
@@ -219,9 +244,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 served, _ = await self._infer(request, context, stream=True)
                 reply = pb.ModelStreamInferResponse(infer_response=served)
             except Exception as e:
-                code, message = status_of(e, "ModelStreamInfer")
                 reply = pb.ModelStreamInferResponse(
-                    error_message=f"{code.name}: {message}",
+                    error_message=stream_error(e),
                     infer_response=pb.ModelInferResponse(
                         model_name=request.model_name,
                         model_version=request.model_version,
@@ -346,17 +370,28 @@ class LoadFailed(TensorgateError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
-def _stream_deadline(param: pb.InferParameter, deadline: float | None) -> float | None:
+#: The protocol's name for each kind of decoded parameter value, for messages.
+_PARAMETER_KINDS = ((bool, "bool_param"), (int, "int64_param"), (float, "double_param"),
+                    (str, "string_param"))  # fmt: skip
+
+
+def stream_deadline(micros: object, deadline: float | None) -> float | None:
     """A stream request's deadline: now + its ``timeout`` parameter (microseconds; 0: none),
     within the stream's own ``deadline``."""
-    choice = param.WhichOneof("parameter_choice")
-    if choice not in ("int64_param", "uint64_param"):
+    if isinstance(micros, bool) or not isinstance(micros, int):
+        kind = next((k for t, k in _PARAMETER_KINDS if isinstance(micros, t)), None)
         raise InvalidInput(
             f"request parameter '{TIMEOUT_PARAMETER}' is the request's timeout in "
-            f"microseconds and must be int64_param or uint64_param, not {choice}"
+            f"microseconds and must be int64_param or uint64_param, not {kind}"
         )
-    micros = getattr(param, choice)
     if micros <= 0:
         return deadline
     own = time.monotonic() + micros / 1e6
     return own if deadline is None else min(own, deadline)
+
+
+def stream_error(error: Exception) -> str:
+    """A failed streamed request's ``error_message``: "CODE: message", the status a unary
+    call would end with (the stream itself goes on, as in Triton)."""
+    code, message = status_of(error, "ModelStreamInfer")
+    return f"{code.name}: {message}"

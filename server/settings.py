@@ -42,6 +42,9 @@ class ServerSettings:
     # The asyncio event loop implementation (server/eventloop.py): "auto" (uvloop when it
     # is installed), "uvloop" or "asyncio".
     event_loop: str = "auto"
+    # The gRPC front end (server/frontends/): "python" (grpc.aio), "native" (the Rust
+    # extension) or "auto" (native when the extension is installed).
+    front_end: str = "python"
 
     def __repr__(self) -> str:  # never print the tokens
         hidden = {"auth_token", "admin_token"}

@@ -22,6 +22,9 @@ from .inference import InferenceRequest, InferenceResponse, InputTensor
 from .limits import MAX_ELEMENTS
 
 _LEN = struct.Struct("<I")
+#: Raw tensor contents: bytes, or any object with the buffer protocol (numpy arrays, the
+#: native front end's views over a request's bytes).
+Buffer = bytes | bytearray | memoryview | np.ndarray
 _CONTENT_FIELDS = (
     "bool_contents",
     "int_contents",
@@ -118,31 +121,42 @@ def serialize_bytes(arr: np.ndarray) -> bytes:
 
 
 def decode_raw(
-    buf: bytes,
+    buf: Buffer,
     dt: Datatype,
     shape: tuple[int, ...],
     what: str,
     max_elements: int = MAX_ELEMENTS,
 ) -> np.ndarray:
+    """A tensor over ``buf`` (bytes, or any read-only buffer: the native front end's views
+    of the request), without a copy where the datatype allows."""
     count = element_count(shape, what, max_elements)
     if dt.name == "BYTES":
         return deserialize_bytes(buf, count, what).reshape(shape)
     expected = count * dt.itemsize
-    if len(buf) != expected:
+    size = len(buf) if isinstance(buf, bytes) else memoryview(buf).nbytes
+    if size != expected:
         raise InvalidInput(
-            f"{what}: raw contents hold {len(buf)} bytes, but {dt.name} {list(shape)} needs "
+            f"{what}: raw contents hold {size} bytes, but {dt.name} {list(shape)} needs "
             f"{expected} ({count} elements x {dt.itemsize} bytes)"
         )
     return np.frombuffer(buf, dtype=dt.numpy).reshape(shape)
 
 
+def typed_fields(contents: pb.InferTensorContents) -> dict[str, Sequence[object]]:
+    """The non-empty typed fields of an ``InferTensorContents``, by field name: the form
+    ``decode_typed`` and ``decode_parts`` take (the native front end builds it in Rust)."""
+    return {f: v for f in _CONTENT_FIELDS if len(v := getattr(contents, f))}
+
+
 def decode_typed(
-    contents: pb.InferTensorContents,
+    contents: Mapping[str, Sequence[object]],
     dt: Datatype,
     shape: tuple[int, ...],
     what: str,
     max_elements: int = MAX_ELEMENTS,
 ) -> np.ndarray:
+    """A tensor from typed contents: ``contents`` maps the non-empty fields of
+    InferTensorContents (``typed_fields``) to their values (sequences or 1-D arrays)."""
     count = element_count(shape, what, max_elements)
     if dt.contents_field is None:
         raise InvalidInput(
@@ -150,12 +164,12 @@ def decode_typed(
             "raw_input_contents"
         )
     for field in _CONTENT_FIELDS:
-        if field != dt.contents_field and len(getattr(contents, field)):
+        if field != dt.contents_field and len(contents.get(field, ())):
             raise InvalidInput(
                 f"{what}: datatype {dt.name} expects its values in '{dt.contents_field}', "
                 f"but '{field}' is set"
             )
-    values = getattr(contents, dt.contents_field)
+    values = contents.get(dt.contents_field, ())
     if len(values) != count:
         raise InvalidInput(
             f"{what}: '{dt.contents_field}' holds {len(values)} value(s) but shape "
@@ -177,45 +191,83 @@ def decode_typed(
     return wide.astype(dt.numpy).reshape(shape)
 
 
+#: An input as ``decode_parts`` takes it: (name, datatype, shape, typed contents).
+InputParts = tuple[str, str, Sequence[int], Mapping[str, Sequence[object]]]
+
+
 def decode_request(msg: pb.ModelInferRequest, max_elements: int = MAX_ELEMENTS) -> InferenceRequest:
-    """ModelInferRequest -> InferenceRequest. Raises InvalidInput for anything malformed
-    at the wire level, including a tensor of more than ``max_elements`` elements (the
-    model's signature is checked later, by the pipeline)."""
+    """ModelInferRequest -> InferenceRequest (``decode_parts`` over the message's fields)."""
     raw = msg.raw_input_contents
-    if raw and len(raw) != len(msg.inputs):
+    return decode_parts(
+        msg.model_name,
+        msg.model_version,
+        msg.id,
+        [
+            (
+                t.name,
+                t.datatype,
+                t.shape,
+                typed_fields(t.contents) if not raw or t.HasField("contents") else {},
+            )
+            for t in msg.inputs
+        ],
+        raw,
+        [o.name for o in msg.outputs],
+        decode_parameters(msg.parameters),
+        max_elements,
+    )
+
+
+def decode_parts(
+    model: str,
+    version: str,
+    request_id: str,
+    inputs: Sequence[InputParts],
+    raw: Sequence[Buffer],
+    outputs: Sequence[str],
+    parameters: dict[str, object],
+    max_elements: int = MAX_ELEMENTS,
+) -> InferenceRequest:
+    """A ModelInferRequest's parts -> InferenceRequest: the one decoder of both front ends
+    (the grpcio one reads the parts from a protobuf message, the native one gets them from
+    Rust). ``inputs`` are (name, datatype, shape, typed contents by field name, only the
+    non-empty fields), ``raw`` the raw_input_contents buffers, ``parameters`` decoded.
+    Raises InvalidInput for anything malformed at the wire level, including a tensor of
+    more than ``max_elements`` elements (the model's signature is checked later, by the
+    pipeline)."""
+    if raw and len(raw) != len(inputs):
         raise InvalidInput(
-            f"raw_input_contents has {len(raw)} entries but the request has {len(msg.inputs)} "
+            f"raw_input_contents has {len(raw)} entries but the request has {len(inputs)} "
             "inputs; with raw contents every input needs exactly one entry, in input order"
         )
-    inputs: list[InputTensor] = []
+    tensors: list[InputTensor] = []
     seen: set[str] = set()
-    for i, t in enumerate(msg.inputs):
-        what = f"input '{t.name}'"
-        if t.name in seen:
+    for i, (name, datatype, dims, contents) in enumerate(inputs):
+        what = f"input '{name}'"
+        if name in seen:
             raise InvalidInput(f"{what} appears more than once in the request")
-        seen.add(t.name)
-        dt = _datatype(t.datatype, what)
-        shape = tuple(t.shape)
+        seen.add(name)
+        dt = _datatype(datatype, what)
+        shape = tuple(dims)
         if raw:
-            if t.HasField("contents") and any(len(getattr(t.contents, f)) for f in _CONTENT_FIELDS):
+            if contents:
                 raise InvalidInput(
                     f"{what} has typed contents and raw_input_contents; use one or the other"
                 )
             data = decode_raw(raw[i], dt, shape, what, max_elements)
         else:
-            data = decode_typed(t.contents, dt, shape, what, max_elements)
-        inputs.append(InputTensor(t.name, dt.name, shape, data))
-    outputs = [o.name for o in msg.outputs]
+            data = decode_typed(contents, dt, shape, what, max_elements)
+        tensors.append(InputTensor(name, dt.name, shape, data))
     if len(set(outputs)) != len(outputs):
         twice = sorted({n for n in outputs if outputs.count(n) > 1})
         raise InvalidInput(f"the request names output(s) {twice} more than once")
     return InferenceRequest(
-        model=msg.model_name,
-        version=msg.model_version,
-        id=msg.id,
-        inputs=inputs,
-        requested_outputs=outputs,
-        parameters=decode_parameters(msg.parameters),
+        model=model,
+        version=version,
+        id=request_id,
+        inputs=tensors,
+        requested_outputs=list(outputs),
+        parameters=parameters,
     )
 
 
@@ -248,6 +300,21 @@ def encode_array(arr: np.ndarray) -> tuple[str, bytes]:
     if dt.name == "BYTES":
         return dt.name, serialize_bytes(arr)
     return dt.name, np.ascontiguousarray(arr).tobytes()
+
+
+def encode_outputs(resp: InferenceResponse) -> list[tuple[str, str, tuple[int, ...], Buffer]]:
+    """A reply's outputs as (name, datatype, shape, raw contents): a C-contiguous array for
+    numeric tensors (the native front end copies it into the reply once), length-prefixed
+    bytes for BYTES."""
+    encoded: list[tuple[str, str, tuple[int, ...], Buffer]] = []
+    for out in resp.outputs:
+        arr = out.data
+        if from_numpy(arr.dtype).name == "BYTES":
+            data: Buffer = serialize_bytes(arr)
+        else:
+            data = np.ascontiguousarray(arr)
+        encoded.append((out.name, out.datatype, arr.shape, data))
+    return encoded
 
 
 def encode_response(resp: InferenceResponse) -> pb.ModelInferResponse:
@@ -301,5 +368,5 @@ def decode_response(msg: pb.ModelInferResponse) -> dict[str, np.ndarray]:
         if raw:
             out[t.name] = decode_raw(raw[i], dt, shape, what)
         else:
-            out[t.name] = decode_typed(t.contents, dt, shape, what)
+            out[t.name] = decode_typed(typed_fields(t.contents), dt, shape, what)
     return out

@@ -3,6 +3,8 @@ files) and one real gateway process serving it."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +15,35 @@ from tensorgate.clients import Client
 from tensorgate.server.demo import build_mlp_onnx, mlp_weights, write_demo_repository
 
 from . import modelfactory as mf
-from .serverproc import ServerProcess, serve
+from .serverproc import FRONT_END, ServerProcess, serve
+
+#: Every test that talks gRPC runs against both front ends (issue 18). Set
+#: TENSORGATE_TEST_FRONT_ENDS=python to run against one while the extension is not built.
+FRONT_ENDS = tuple(os.environ.get("TENSORGATE_TEST_FRONT_ENDS", "python,native").split(","))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests that take the ``front_end`` fixture (directly, through ``server`` /
+    ``module_server``, or a module's ``pytestmark = pytest.mark.usefixtures("front_end")``)
+    run once per front end. A module- or session-scoped fixture that starts a server must
+    take ``front_end`` itself, or one server would be reused under both parameters."""
+    if "front_end" in metafunc.fixturenames:
+        metafunc.parametrize("front_end", FRONT_ENDS, indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def front_end(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The gRPC front end ("python" or "native") of the servers this test starts."""
+    kind = request.param
+    if kind == "native" and importlib.util.find_spec("tensorgate_native") is None:
+        pytest.fail(
+            "the native front end is not installed (pip install ./native, which "
+            "scripts/setup.sh does); TENSORGATE_TEST_FRONT_ENDS=python runs without it"
+        )
+    FRONT_END["current"] = kind
+    yield kind
+    FRONT_END["current"] = "python"
+
 
 PAIR_CONFIG = """
 [[input]]
@@ -71,7 +101,9 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory, demo_repo: Path) -> Pat
 
 
 @pytest.fixture(scope="session")
-def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(
+    model_repo: Path, tmp_path_factory: pytest.TempPathFactory, front_end: str
+) -> Iterator[ServerProcess]:
     yield from serve(model_repo, tmp_path_factory.mktemp("server"))
 
 
@@ -82,7 +114,9 @@ def client(server: ServerProcess) -> Iterator[Client]:
 
 
 @pytest.fixture(scope="module")
-def module_server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def module_server(
+    repo: Path, tmp_path_factory: pytest.TempPathFactory, front_end: str
+) -> Iterator[ServerProcess]:
     """A gateway of the test module's own, serving the ``repo`` fixture the module defines."""
     yield from serve(repo, tmp_path_factory.mktemp("server"))
 

@@ -21,6 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: The front end the servers of the running test use ("python" or "native"): set by the
+#: ``front_end`` fixture (tests/conftest.py) for every test that talks gRPC.
+FRONT_END = {"current": "python"}
 TRITON_PYTHON = Path(
     os.environ.get("TENSORGATE_TRITON_PYTHON", REPO_ROOT / ".venv-triton" / "bin" / "python")
 )
@@ -37,13 +40,16 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         startup_timeout: float = 180.0,
         prefix: tuple[str, ...] = (),
+        front_end: str | None = None,
     ) -> None:
-        """``prefix`` goes before the command, e.g. ``setpriv`` to run as another user."""
+        """``prefix`` goes before the command, e.g. ``setpriv`` to run as another user;
+        ``front_end`` defaults to the running test's (``FRONT_END``)."""
         self.repository = repository
         self.prefix = prefix
         self.port_file = workdir / f"ports-{os.getpid()}-{time.monotonic_ns()}.json"
         self.log_path = self.port_file.with_suffix(".log")
-        self.args = args
+        self.front_end = front_end or FRONT_END["current"]
+        self.args = args if "--front-end" in args else (*args, "--front-end", self.front_end)
         self.env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen[bytes] | None = None

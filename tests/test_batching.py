@@ -24,6 +24,9 @@ from tensorgate.server.scheduler import BatchPolicy, Scheduler, Timings
 
 from .serverproc import ServerProcess
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 
 class RowSums(Backend):
     """Returns each row's sum and the batch size it was computed in; can be held closed."""
@@ -213,7 +216,7 @@ BATCHED_VARIANTS = ("onnx", "torch", "tf")
 
 
 @pytest.fixture(scope="module")
-def batched_server(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory):
+def batched_server(front_end: str, demo_repo: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("batched") / "models"
     for variant in BATCHED_VARIANTS:
         shutil.copytree(demo_repo / "scorer" / variant, root / "scorer" / variant)

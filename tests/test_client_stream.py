@@ -33,6 +33,9 @@ from .slowmodel import build_slow_onnx, slow_inputs, slow_reference
 from .tcpproxy import TcpProxy
 from .test_server import _identity_value
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 # Steps of the slow model that keep its one instance busy for a second or more (64 rows).
 LONG = 30_000
 FACES = ["sync", "aio"]
@@ -49,7 +52,9 @@ def stream_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gateway(stream_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def gateway(
+    front_end: str, stream_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     with ServerProcess(stream_repo, tmp_path_factory.mktemp("gateway")) as proc:
         yield proc
     assert proc.proc is not None and proc.proc.returncode == 0, proc.log()

@@ -30,6 +30,9 @@ from tensorgate.server.convert.tensors import TensorDecl, parse_tensor_decl
 
 from .serverproc import ServerProcess
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 CLI = (sys.executable, "-m", "tensorgate.server.cli")
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
@@ -174,6 +177,7 @@ def converted_tf(repo: Path, savedmodel: Path) -> Converted:
 
 @pytest.fixture(scope="module")
 def gateway(
+    front_end: str,
     repo: Path,
     converted_torch: Converted,
     converted_tf: Converted,

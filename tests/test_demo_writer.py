@@ -34,6 +34,9 @@ from tensorgate.server.demo import build_mlp_onnx, mlp_reference, mlp_weights
 
 from .serverproc import REPO_ROOT, ServerProcess, wait_until
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 IMAGE_UID = 10001  # the Dockerfile's USER
 K8S = REPO_ROOT / "deploy" / "k8s"
 ROOT = os.geteuid() == 0

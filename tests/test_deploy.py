@@ -36,6 +36,9 @@ from tensorgate.server.demo import build_mlp_onnx, mlp_weights
 
 from .serverproc import REPO_ROOT, ServerProcess, wait_until
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 K8S = REPO_ROOT / "deploy" / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())
@@ -479,7 +482,10 @@ def _substitute(argv: list[str], values: dict[str, str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def image_server(
-    dockerfile: list[Instruction], small_repo: Path, tmp_path_factory: pytest.TempPathFactory
+    front_end: str,
+    dockerfile: list[Instruction],
+    small_repo: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str], Path]]:
     """The image's CMD, run as it is but for the repository path and the ports (any free
     port, on loopback, so that nothing here collides with another server)."""

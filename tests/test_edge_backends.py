@@ -38,6 +38,9 @@ from tensorgate.server.demo import (
 from .modelfactory import write_broken_model
 from .serverproc import ServerProcess, run_triton_script, wait_until
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 ATOL = 1e-5
 WORKER_MODULE = "tensorgate.backends.isolated"
 #: The scorer's variants: one of each kind of file, no config.toml (the files say it all).
@@ -185,7 +188,9 @@ def edge_repo(tmp_path_factory: pytest.TempPathFactory, edge_files: dict[str, Pa
 
 
 @pytest.fixture(scope="module")
-def server(edge_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(
+    front_end: str, edge_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     with ServerProcess(edge_repo, tmp_path_factory.mktemp("edge-server")) as proc:
         yield proc
     assert proc.proc is not None and proc.proc.returncode == 0, proc.log()

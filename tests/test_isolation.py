@@ -27,6 +27,9 @@ from .modelfactory import build_string_onnx
 from .serverproc import ServerProcess, wait_until
 from .test_reliability import LoadThreads, x64
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 WORKER_MODULE = "tensorgate.backends.isolated"
 BACKED_CONFIG = """default_variant = "main"
 
@@ -57,7 +60,7 @@ def isolated_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(
-    isolated_repo: Path, tmp_path_factory: pytest.TempPathFactory
+    front_end: str, isolated_repo: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     proc = ServerProcess(isolated_repo, tmp_path_factory.mktemp("isolation-server"))
     with proc:

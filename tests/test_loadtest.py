@@ -22,6 +22,9 @@ from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 
 from .serverproc import ServerProcess
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 LOADTEST = Path(__file__).resolve().parents[1] / "loadtest"
 REQUEST_FILES = sorted((LOADTEST / "data").glob("*.json"))
 #: Benchmark models the test server does not have; the scorer takes the same tensors.

@@ -25,6 +25,9 @@ from tensorgate.server.metrics import LATENCY_BUCKETS
 
 from .serverproc import REPO_ROOT, ServerProcess
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 VARIANT = {"model", "variant", "backend"}
 # Every metric the gateway exports, with its label names. A new metric must be added here
 # and to docs/metrics.md.
@@ -56,7 +59,9 @@ BACKENDS = {
 
 
 @pytest.fixture(scope="module")
-def gateway(demo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def gateway(
+    front_end: str, demo_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     with ServerProcess(demo_repo, tmp_path_factory.mktemp("metrics")) as proc:
         yield proc
 

@@ -19,6 +19,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from .serverproc import ServerProcess
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 
 

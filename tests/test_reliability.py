@@ -30,8 +30,11 @@ from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 from tensorgate.server.demo import build_mlp_onnx, mlp_reference, mlp_weights
 
 from .modelfactory import write_broken_model
-from .serverproc import ServerProcess, wait_busy, wait_until
+from .serverproc import FRONT_END, ServerProcess, wait_busy, wait_until
 from .slowmodel import build_slow_onnx, slow_inputs, slow_reference
+
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
 
 # Steps of the slow model that keep one instance busy for a second or more here (64 rows).
 LONG = 30_000
@@ -64,7 +67,9 @@ def slow_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def limited(slow_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def limited(
+    front_end: str, slow_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     args = (
         "--max-inflight", str(MAX_INFLIGHT),
         "--max-message-bytes", str(MAX_MESSAGE_BYTES),
@@ -489,7 +494,11 @@ def test_start_up_answers_models_still_loading_with_unavailable(tmp_path: Path) 
     build_mlp_onnx(root / "mlp" / "1" / "model.onnx", mlp_weights())
 
     async def main() -> None:
-        gateway = Gateway(ServerSettings(repository=root, port=0, metrics_port=None))
+        gateway = Gateway(
+            ServerSettings(
+                repository=root, port=0, metrics_port=None, front_end=FRONT_END["current"]
+            )
+        )
         starting = asyncio.create_task(gateway.start())
         while not gateway.grpc_port:
             await asyncio.sleep(0.01)

@@ -32,6 +32,9 @@ from tensorgate.server.demo import build_mlp_onnx, mlp_reference, mlp_weights
 from . import modelfactory as mf
 from .serverproc import ServerProcess
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 RNG = np.random.default_rng(7)
 # Remote variants wait on the network, not the CPU: several calls may be in flight at once.
 FRONT_CONFIG = "[instances]\ncount = 4\n"
@@ -88,7 +91,7 @@ def x64(n: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def back(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def back(front_end: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     repo = build_back_repo(tmp_path_factory.mktemp("back") / "models")
     with ServerProcess(repo, tmp_path_factory.mktemp("back-run")) as proc:
         yield proc
@@ -100,7 +103,9 @@ def front_repo(tmp_path_factory: pytest.TempPathFactory, back: ServerProcess) ->
 
 
 @pytest.fixture(scope="module")
-def front(front_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def front(
+    front_end: str, front_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     proc = ServerProcess(front_repo, tmp_path_factory.mktemp("front-run"))
     with proc:
         yield proc

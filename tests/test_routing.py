@@ -55,6 +55,9 @@ from tensorgate.server.router import (
 from . import modelfactory as mf
 from .serverproc import ServerProcess
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 SIGMAS = 4.5  # binomial tolerance: a correct router fails a check about once in 150,000 runs
 
 
@@ -495,7 +498,7 @@ def routing_repo(tmp_path_factory: pytest.TempPathFactory, demo_repo: Path) -> P
 
 @pytest.fixture(scope="module")
 def gateway(
-    routing_repo: Path, tmp_path_factory: pytest.TempPathFactory
+    front_end: str, routing_repo: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     proc = ServerProcess(routing_repo, tmp_path_factory.mktemp("routing-server"))
     with proc:

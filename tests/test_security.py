@@ -31,6 +31,9 @@ from tensorgate.server.demo import build_mlp_onnx, mlp_reference, mlp_weights
 
 from .serverproc import ServerProcess
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 INFERENCE_TOKEN = "inference-secret-0123456789"
 ADMIN_TOKEN = "admin-secret-9876543210"
 

@@ -21,6 +21,9 @@ from tensorgate.server.demo import mlp_reference, mlp_weights
 
 from .modelfactory import IDENTITY_DATATYPES
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 SCORER_VARIANTS = ("torch", "tf", "onnx", "pt2")
 STRING_VARIANTS = ("torch", "tf", "onnx")  # the "strings" model's
 RNG = np.random.default_rng(42)

@@ -18,6 +18,9 @@ from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 
 from .serverproc import ServerProcess
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 PLUGIN = textwrap.dedent(
     '''
     from pathlib import Path
@@ -50,7 +53,9 @@ PLUGIN = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def plugin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def plugin_server(
+    front_end: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     site = tmp_path_factory.mktemp("site")
     (site / "tg_wrongtype_plugin.py").write_text(PLUGIN)
     dist = site / "tg_wrongtype_plugin-0.1.dist-info"

@@ -21,6 +21,9 @@ from tensorgate.server.demo import SCORER_VERSIONS
 
 from .serverproc import ServerProcess, run_triton_script
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 SCORER_VARIANTS = ("torch", "tf", "onnx", "pt2")
 STRING_VARIANTS = ("torch", "tf", "onnx")
 PLATFORMS = {

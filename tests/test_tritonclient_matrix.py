@@ -26,6 +26,9 @@ from tensorgate.datatypes import DATATYPES, by_name
 from .interop_models import FRAMEWORKS, Framework, ModelSpec, sample_inputs, write_models
 from .serverproc import ServerProcess, run_triton_script, serve
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 # Runs under the tritonclient interpreter. argv: address, workdir, spec (JSON).
 # Prints {case id: what came back, or {"error": "..."}}.
 MATRIX_SCRIPT = r"""
@@ -153,7 +156,7 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def matrix_server(
-    written: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+    front_end: str, written: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     repo = next(iter(written.values())).parents[2]
     yield from serve(repo, tmp_path_factory.mktemp("matrix-server"))

@@ -24,6 +24,9 @@ from tensorgate.server.servicer import VARIANT_METADATA_KEY
 
 from .serverproc import ServerProcess
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 # Variants "1" (an integer version), "onnx" (version 3) and "canary" (no integer).
 ARMS_CONFIG = """
 [variants.onnx]

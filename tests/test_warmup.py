@@ -26,6 +26,9 @@ from tensorgate.server.warmup import warmup_inputs
 from . import modelfactory as mf
 from .serverproc import ServerProcess
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 TENSORS = """
 [[input]]
 name = "x"

@@ -20,6 +20,9 @@ from tensorgate.server.demo import mlp_reference, mlp_weights
 
 from .serverproc import ServerProcess
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 ATOL = 1e-5
 #: What backends/tf_savedmodel.py says when ``import tensorflow`` fails.
 NOT_INSTALLED = "needs TensorFlow, which is not installed"
@@ -31,7 +34,7 @@ raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
 
 @pytest.fixture(scope="module")
 def no_tf_server(
-    demo_repo: Path, tmp_path_factory: pytest.TempPathFactory
+    front_end: str, demo_repo: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
     shadow = tmp_path_factory.mktemp("no_tensorflow")
     (shadow / "tensorflow").mkdir()

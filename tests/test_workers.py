@@ -27,6 +27,9 @@ from tensorgate.server.servicer import WORKER_METADATA_KEY
 
 from .serverproc import ServerProcess
 
+# Talks gRPC: runs against both front ends (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("front_end")
+
 CONNECTIONS = 16
 
 

@@ -139,6 +139,16 @@ def default_demo_dir() -> Path:
     "one; auto: uvloop when installed.",
 )
 @click.option(
+    "--front-end",
+    default="python",
+    show_default=True,
+    envvar="TENSORGATE_FRONT_END",
+    type=click.Choice(["auto", "native", "python"]),
+    help="The gRPC front end: native (the Rust extension tensorgate_native: tonic, tokio) or "
+    "python (grpc.aio); auto: native when the extension is installed. Both serve the same "
+    "pipeline and wire surface (docs/architecture.md).",
+)
+@click.option(
     "--log-level",
     default="INFO",
     show_default=True,
@@ -164,6 +174,7 @@ def serve(
     require_models: int,
     workers: int,
     event_loop: str,
+    front_end: str,
     log_level: str,
 ) -> None:
     """Serve every model in a repository over gRPC."""
@@ -192,9 +203,11 @@ def serve(
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     from ..eventloop import resolve
+    from ..frontends import resolve as resolve_front_end
 
     try:
         resolve(event_loop)
+        resolve_front_end(front_end)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     settings = ServerSettings(
@@ -216,6 +229,7 @@ def serve(
         port_file=port_file,
         require_models=require_models,
         event_loop=event_loop,
+        front_end=front_end,
     )
     if workers == 0:
         from ..workers import available_cores

@@ -1,0 +1,66 @@
+"""What a front end is given (``Services``) and what it must do (``FrontEnd``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..admin import RoutingAdminServicer
+from ..auth import TokenPolicy
+from ..servicer import InferenceServicer
+from ..settings import ServerSettings
+
+
+@dataclass
+class Services:
+    """What a front end serves: the one implementation of each service, shared by both."""
+
+    settings: ServerSettings
+    inference: InferenceServicer
+    admin: RoutingAdminServicer
+    tokens: TokenPolicy
+
+
+class FrontEnd(Protocol):
+    """One gRPC server: binds ``settings.host:port`` (SO_REUSEPORT with ``--workers``),
+    serves ``Services`` plus grpc.health.v1 and server reflection, and drains on ``stop``."""
+
+    #: "python" or "native", as logged at start-up.
+    name: str
+    #: The bound gRPC port, once started.
+    port: int
+
+    async def start(self) -> None:
+        """Bind and serve. Raises OSError when the port cannot be bound, ValueError for TLS
+        settings that do not fit together."""
+
+    async def set_health(self, service: str, serving: bool) -> None:
+        """grpc.health.v1 status of ``service`` ("" is the server itself)."""
+
+    async def enter_graceful_shutdown(self) -> None:
+        """Every health entry NOT_SERVING from now on, whatever is set later."""
+
+    def end_streams(self) -> None:
+        """The drain begins: each open ModelStreamInfer ends (OK) once nothing is in flight
+        on it."""
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting (GOAWAY, port closed) and let calls in flight finish, for at most
+        ``grace`` seconds; then cancel what is left. Returns once stopped."""
+
+    async def wait(self) -> None:
+        """Return when the server has stopped."""
+
+
+def tls_files(settings: ServerSettings) -> tuple[bytes, bytes, bytes | None] | None:
+    """(certificate chain, private key, client CA or None) as PEM bytes from ``settings``,
+    or None without TLS. Raises ValueError for settings that do not fit together."""
+    s = settings
+    if s.tls_cert is None and s.tls_key is None:
+        if s.tls_client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if s.tls_cert is None or s.tls_key is None:
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    client_ca = s.tls_client_ca.read_bytes() if s.tls_client_ca is not None else None
+    return s.tls_cert.read_bytes(), s.tls_key.read_bytes(), client_ca
