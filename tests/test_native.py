@@ -49,7 +49,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def native(repo: Path, workdir: Path, *args: str, **kwargs) -> ServerProcess:
-    return ServerProcess(repo, workdir, "--front-end", "native", *args, **kwargs)
+    return ServerProcess(repo, workdir, *args, front_end="native", **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +253,7 @@ def test_sigterm_with_requests_in_flight_answers_them(repo: Path, tmp_path: Path
     try:
         with grpc.insecure_channel(proc.address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            busy = stub.ModelInfer.future(encode_request("slow", slow_inputs(8, 3000)), timeout=120)
+            busy = stub.ModelInfer.future(encode_request("slow", slow_inputs(64, LONG)), timeout=120)
             wait_busy(proc, "slow", inflight=1, queued=0)
             stopping = threading.Thread(target=proc.stop)
             stopping.start()

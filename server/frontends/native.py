@@ -33,11 +33,14 @@ import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 
+from tensorgate import codec
+from tensorgate.inference import InferenceResponse
 from tensorgate.protos import admin_pb2
 from tensorgate.protos import grpc_service_pb2 as pb
 
 from ..auth import TokenPolicy
 from ..interceptors import map_errors, status_of
+from ..servicer import VARIANT_METADATA_KEY, WORKER_METADATA_KEY
 from .base import Services, tls_files
 
 log = logging.getLogger(__name__)
@@ -169,7 +172,7 @@ class Dispatcher:
         ``serve_infer(request, metadata, timeout, stream)``: awaits the result tuple of one
         ModelInfer (raises a domain error)."""
         self._server = server
-        self._tokens = tokens if tokens.enabled else None
+        self._tokens = tokens  # read per call: a token change applies at once
         self._serve_infer = serve_infer
         self._cold = {**_cold_methods(inference, INFERENCE), **_cold_methods(admin, ADMIN)}
         self._tasks: dict[int, asyncio.Task[None]] = {}
@@ -216,7 +219,7 @@ class Dispatcher:
 
     # -- the calls --------------------------------------------------------------------------
     def _refusal(self, method: str, metadata: Mapping[str, str]) -> Result | None:
-        if self._tokens is None:
+        if not self._tokens.enabled:
             return None
         refused = self._tokens.refusal(method, metadata.items())
         return None if refused is None else failure(*status_of(refused, "auth"))
@@ -308,13 +311,43 @@ class NativeFrontEnd:
         server.set_live_ready_token(None if needed is None else needed[0])
         inference = map_errors(self.services.inference, INFERENCE)
         admin = map_errors(self.services.admin, ADMIN)
-        self._dispatcher = Dispatcher(server, inference, admin, tokens, inference.serve_native)
+        self._dispatcher = Dispatcher(server, inference, admin, tokens, self._serve_infer())
         self._dispatcher.attach(asyncio.get_running_loop())
         self._stopped = asyncio.Event()
         self._server = server
         for service, serving in self._health.items():
             server.set_health(service, SERVING if serving else NOT_SERVING)
         server.start()
+
+    def _serve_infer(self) -> Callable[..., Any]:
+        """The hot path: one ModelInfer from its hand-over tuple to its result tuple, through
+        ``InferenceServicer.serve`` (the grpcio front end's path too)."""
+        s = self.services.settings
+        serve = self.services.inference.serve
+        max_elements = s.max_tensor_elements
+        worker = () if s.worker_index is None else ((WORKER_METADATA_KEY, str(s.worker_index)),)
+        decode_parts, encode_outputs = codec.decode_parts, codec.encode_outputs
+
+        def encode(response: InferenceResponse) -> Result:
+            variant = response.variant
+            trailers = [(VARIANT_METADATA_KEY, variant), *worker]
+            return (0, response.model, variant, response.id, encode_outputs(response), trailers)
+
+        async def serve_infer(
+            request: tuple, metadata: Mapping[str, str], timeout: float | None, stream: bool
+        ) -> Result:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            result, _ = await serve(
+                request[0],
+                lambda: decode_parts(*request, max_elements),
+                encode,
+                metadata,
+                deadline,
+                stream,
+            )
+            return result
+
+        return serve_infer
 
     async def set_health(self, service: str, serving: bool) -> None:
         if self._health_frozen:
