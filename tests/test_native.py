@@ -253,7 +253,8 @@ def test_sigterm_with_requests_in_flight_answers_them(repo: Path, tmp_path: Path
     try:
         with grpc.insecure_channel(proc.address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            busy = stub.ModelInfer.future(encode_request("slow", slow_inputs(64, LONG)), timeout=120)
+            request = encode_request("slow", slow_inputs(64, LONG))
+            busy = stub.ModelInfer.future(request, timeout=120)
             wait_busy(proc, "slow", inflight=1, queued=0)
             stopping = threading.Thread(target=proc.stop)
             stopping.start()
