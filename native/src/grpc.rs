@@ -100,27 +100,22 @@ impl Gateway {
     pub fn new(
         state: Arc<State>,
         health: tonic_health::server::HealthReporter,
-    ) -> Result<Self, tonic_reflection::server::Error> {
-        use tonic_reflection::server::Builder;
+    ) -> Result<Self, prost::DecodeError> {
         let health = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(health),
         );
-        let reflection = || {
-            // Both reflection versions list (and describe) both: as the grpcio front end.
-            Builder::configure()
-                .include_reflection_service(false)
-                .register_encoded_file_descriptor_set(DESCRIPTORS)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(
-                    tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-                )
-        };
+        // Both reflection versions list (and describe) both, as the grpcio front end does.
+        let symbols = crate::reflection::Symbols::new(&[
+            DESCRIPTORS,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ])?;
         Ok(Self {
             state,
             health: handler(health),
-            reflection_v1: handler(reflection().build_v1()?),
-            reflection_v1alpha: handler(reflection().build_v1alpha()?),
+            reflection_v1: handler(crate::reflection::v1::server(symbols.clone())),
+            reflection_v1alpha: handler(crate::reflection::v1alpha::server(symbols)),
         })
     }
 

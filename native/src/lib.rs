@@ -5,6 +5,7 @@
 
 pub mod grpc;
 pub mod handover;
+pub mod reflection;
 pub mod server;
 pub mod tls;
 
