@@ -251,6 +251,8 @@ class Dispatcher:
                 result = await self._cold_call(method, payload, metadata, timeout)
         except asyncio.CancelledError:
             return
+        except Exception as e:  # past map_errors (it maps the servicers' own errors)
+            result = failure(*status_of(e, method))
         finally:
             self._tasks.pop(slot, None)
         self._done(slot, result)
