@@ -428,8 +428,9 @@ BIG_ELEMENTS = 262_144
 def big_repository(root: Path) -> tuple[Path, Path]:
     """Model ``mlp`` (the peers' scripts' name) = ONNX Identity over FP32 [-1, 262144], and
     a sample request of 1 MB."""
-    import onnx
     from onnx import TensorProto, helper
+
+    from tensorgate.server.demo.onnxgraph import save_onnx
 
     graph = helper.make_graph(
         [helper.make_node("Identity", ["input"], ["output"])],
@@ -437,9 +438,8 @@ def big_repository(root: Path) -> tuple[Path, Path]:
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", BIG_ELEMENTS])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", BIG_ELEMENTS])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    (root / "mlp" / "onnx").mkdir(parents=True)
-    onnx.save(model, root / "mlp" / "onnx" / "model.onnx")
+    # save_onnx pins the IR version ONNX Runtime loads (onnx's default is newer).
+    save_onnx(graph, root / "mlp" / "onnx" / "model.onnx")
     sample = root / "big_input.npy"
     np.save(sample, np.random.default_rng(0).random((1, BIG_ELEMENTS), dtype=np.float32))
     return root, sample

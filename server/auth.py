@@ -153,6 +153,24 @@ class TokenPolicy:
             return inference, "token"
         return None
 
+    def refusal(
+        self, method: str, metadata: Sequence[tuple[str, Any]] | None
+    ) -> Unauthenticated | None:
+        """Why a call of ``method`` with ``metadata`` is refused, or None when it may go on."""
+        needed = self.required(method)
+        if needed is None:
+            return None
+        token, which = needed
+        presented = bearer_token(metadata)
+        if presented is None:
+            return Unauthenticated(
+                f"this call needs the server's {which}: send metadata "
+                "'authorization: Bearer <token>'"
+            )
+        if not _matches(presented, token):
+            return Unauthenticated(f"the bearer token is not the {which}")
+        return None
+
 
 def bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
     """The token of the ``authorization: Bearer <token>`` entry, if there is one."""
@@ -205,20 +223,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        needed = self.policy.required(handler_call_details.method)  # the tokens of now
+        # The tokens of now: a rotation while the handler is looked up does not refuse a call
+        # that carried the credentials in force when it was made.
+        refused = self.policy.refusal(
+            handler_call_details.method, handler_call_details.invocation_metadata
+        )
         handler = await continuation(handler_call_details)
-        if needed is None or handler is None:
+        if handler is None:
             return handler
-        token, which = needed
-        presented = bearer_token(handler_call_details.invocation_metadata)
-        if presented is None:
-            return _refusal(
-                handler,
-                Unauthenticated(
-                    f"this call needs the server's {which}: send metadata "
-                    "'authorization: Bearer <token>'"
-                ),
-            )
-        if not _matches(presented, token):
-            return _refusal(handler, Unauthenticated(f"the bearer token is not the {which}"))
-        return handler
+        return handler if refused is None else _refusal(handler, refused)
