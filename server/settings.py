@@ -54,7 +54,7 @@ class ServerSettings:
     event_loop: str = "auto"
     # The gRPC front end (server/frontends/): "python" (grpc.aio), "native" (the Rust
     # extension) or "auto" (native when the extension is installed).
-    front_end: str = "python"
+    front_end: str = "auto"
 
     def __repr__(self) -> str:  # never print the tokens
         hidden = {"auth_token", "admin_token"}

@@ -156,7 +156,7 @@ def default_demo_dir() -> Path:
 )
 @click.option(
     "--front-end",
-    default="python",
+    default="auto",
     show_default=True,
     envvar="TENSORGATE_FRONT_END",
     type=click.Choice(["auto", "native", "python"]),
