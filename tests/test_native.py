@@ -272,9 +272,9 @@ def test_sigterm_with_requests_in_flight_answers_them(repo: Path, tmp_path: Path
 def test_measurement_modes_answer_model_infer_in_rust(mode: str) -> None:
     """``Server(mode=...)``, the rungs of loadtest/account.py: ModelInfer answered without
     Python (nothing reaches ``take()``), over a real gRPC call."""
-    import tensorgate_native
-
     from tensorgate.server.frontends.native import bind
+
+    tensorgate_native = pytest.importorskip("tensorgate_native")
 
     sock = bind("127.0.0.1", 0, reuse_port=False)
     port = sock.getsockname()[1]
@@ -304,7 +304,6 @@ def test_measurement_modes_answer_model_infer_in_rust(mode: str) -> None:
 
 
 def test_an_unknown_measurement_mode_is_refused() -> None:
-    import tensorgate_native
-
+    tensorgate_native = pytest.importorskip("tensorgate_native")
     with socket.socket() as sock, pytest.raises(ValueError, match='not "fast"'):
         tensorgate_native.Server(fd=sock.fileno(), max_message_bytes=1024, mode="fast")
