@@ -21,6 +21,20 @@ thing to the one before, built from the gateway's own modules:
   look-up, validation, routing, scheduling, outputs);
 - ``gateway batched``: the same with ``[batching] max_queue_delay_us = 500``.
 
+The native front end's ladder (``--front-ends native``; ``tensorgate_native`` installed):
+
+- ``native echo``: the bare tonic server answers ModelInfer with a canned reply, the
+  request not decoded (``Server(mode="echo")``);
+- ``native +decode``: prost decodes the request, Rust builds and encodes a reply that
+  echoes the inputs (``Server(mode="decode")``), no Python;
+- ``native +hand-over``: the request handed to Python as the native front end does it
+  (eventfd, ``take()``, a task per call through ``frontends.native.Dispatcher``, one
+  ``complete()`` per tick), answered at once with a canned output; no pipeline;
+- ``native +pipeline``: ``tensorgate serve --front-end native`` on an ONNX Identity over
+  the request's tensor (next to no compute: the MLP's input back, [1,64]);
+- ``native +compute``: ``tensorgate serve --front-end native`` on the MLP (``gateway``,
+  native).
+
 All rungs run on the event loop ``--loop`` names (default: what ``serve`` uses, uvloop);
 ``--loop both`` adds the standard-loop echo and gateway.
 
@@ -30,6 +44,7 @@ and validation, routing, scheduling, the backend's wrapper, compute, outputs, en
 serialization, and applying the measurements (amortized over a flush of 100 requests).
 
     .venv/bin/python loadtest/account.py [--rounds 3] [-D 6] [--calls 20000]
+        [--front-ends python,native]
 
 Writes ``loadtest/results/account-<time>.json`` (command, machine, every run) and the table
 beside it (``.md``). Needs h2load (Debian nghttp2-client) and the peers' MLP
@@ -73,6 +88,16 @@ LADDER = (
 # ~11 us of hashing per request either way: hashlib releases the GIL for inputs over 2 kB.
 _BIG, _SMALL = bytes(16000), bytes(2000)
 GATEWAYS = ("gateway", "gateway batched")
+NATIVE = (
+    "native echo", "native +decode", "native +hand-over", "native +pipeline", "native +compute",
+)  # fmt: skip
+# Rungs that are `tensorgate serve`, and with which front end.
+SERVED = {"gateway": "python", "gateway batched": "python",
+          "native +pipeline": "native", "native +compute": "native"}  # fmt: skip
+# Each rung's "adds" is against this one (default: the rung before it in its ladder).
+BASE = {"+interceptor": "+deadline", "+GIL held": "+deadline", "+GIL released": "+deadline",
+        "+codec": "+deadline", "+backend": "+codec", "gateway": "+codec",
+        "gateway batched": "+codec", "native echo": "echo"}  # fmt: skip
 
 
 # -- the ladder's servers -------------------------------------------------------------------
@@ -101,9 +126,51 @@ def _onnx_backend():
     return backend
 
 
+class _NoColdRPCs:
+    """Stands in for the servicers of the cold RPCs (the rung serves ModelInfer only)."""
+
+    def __getattr__(self, name: str) -> None:
+        return None
+
+
+async def serve_native(rung: str, port_file: Path) -> None:
+    """``native echo``, ``native +decode`` and ``native +hand-over``: tensorgate_native's
+    server on its own, and with the native front end's hand-over answering at once."""
+    import tensorgate_native
+
+    from tensorgate.server.auth import TokenPolicy
+    from tensorgate.server.frontends.native import WORKER_THREADS, Dispatcher, bind
+    from tensorgate.server.servicer import VARIANT_METADATA_KEY
+
+    mode = {"native echo": "echo", "native +decode": "decode"}.get(rung, "gateway")
+    sock = bind("127.0.0.1", 0, reuse_port=False)
+    port = sock.getsockname()[1]
+    server = tensorgate_native.Server(
+        fd=sock.fileno(), max_message_bytes=4 << 20, worker_threads=WORKER_THREADS, mode=mode
+    )
+    sock.detach()
+    if mode == "gateway":
+        zeros = np.zeros((1, 10), np.float32)
+        trailers = [(VARIANT_METADATA_KEY, "1")]
+
+        async def serve_infer(request: tuple, metadata, timeout, stream) -> tuple:
+            return (0, request[0], "1", request[2], [("output", "FP32", (1, 10), zeros)],
+                    trailers)  # fmt: skip
+
+        cold = _NoColdRPCs()
+        dispatcher = Dispatcher(server, cold, cold, TokenPolicy(), serve_infer)
+        dispatcher.attach(asyncio.get_running_loop())
+    server.start()
+    port_file.write_text(json.dumps({"grpc_port": port}))
+    await asyncio.Event().wait()  # until SIGTERM
+
+
 async def serve(rung: str, port_file: Path) -> None:
     from tensorgate.inference import InferenceResponse, OutputTensor
 
+    if rung in NATIVE:
+        await serve_native(rung, port_file)
+        return
     level = LADDER.index(rung)
     backend = _onnx_backend() if rung in ("+compute", "+backend") else None
     session = backend._session if backend is not None else None
@@ -159,10 +226,11 @@ def _start(
     rung: str, loop: str, work: Path, repos: dict[str, Path]
 ) -> tuple[subprocess.Popen, Path]:
     port_file = work / f"port-{time.monotonic_ns()}.json"
-    if rung in GATEWAYS:
+    if rung in SERVED:
         cmd = [sys.executable, "-m", "tensorgate.server.cli", "serve", "--repository",
                str(repos[rung]), "--port", "0", "--metrics-port", "0", "--port-file",
-               str(port_file), "--log-level", "WARNING", "--event-loop", loop]  # fmt: skip
+               str(port_file), "--log-level", "WARNING", "--event-loop", loop,
+               "--front-end", SERVED[rung]]  # fmt: skip
     else:
         cmd = [sys.executable, __file__, "--serve", rung, str(port_file), loop]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True)
@@ -310,6 +378,21 @@ async def in_process(repo: Path, calls: int) -> dict[str, float]:
     return {k: round(v, 2) for k, v in stages.items()}
 
 
+def identity_repo(root: Path) -> Path:
+    """A repository whose model ``mlp`` is an ONNX Identity: ``input`` FP32 [n,64] back as
+    ``output`` (the MLP's request, next to no compute)."""
+    from onnx import TensorProto, helper, save
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 64])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 64])
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["output"])],
+                              "identity", [x], [y])  # fmt: skip
+    (root / "mlp" / "1").mkdir(parents=True)
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+         str(root / "mlp" / "1" / "model.onnx"))  # fmt: skip
+    return root
+
+
 # -- the table ---------------------------------------------------------------------------------
 def table(medians: dict[str, dict[str, dict[str, float]]], loop: str) -> str:
     lines = [
@@ -319,18 +402,16 @@ def table(medians: dict[str, dict[str, dict[str, float]]], loop: str) -> str:
         "| rung | requests/s | CPU us/request | adds |",
         "|---|---:|---:|---:|",
     ]
-    rungs = [r for r in (*LADDER, *GATEWAYS) if r in medians.get(loop, {})]
+    rungs = [r for r in (*LADDER, *GATEWAYS, *NATIVE) if r in medians.get(loop, {})]
     prev = None
     for rung in rungs:
         cpu = medians[loop][rung]["cpu"]
-        base = {"+interceptor": "+deadline", "+GIL held": "+deadline",
-                "+GIL released": "+deadline", "+codec": "+deadline", "+backend": "+codec",
-                "gateway": "+codec", "gateway batched": "+codec"}.get(rung, prev)  # fmt: skip
+        base = BASE.get(rung, prev)
         if base not in medians[loop]:
             base = prev
         add = f"{cpu - medians[loop][base]['cpu']:+.0f} (vs {base})" if base else ""
         lines.append(f"| {rung} | {medians[loop][rung]['rps']:,.0f} | {cpu:.0f} | {add} |")
-        if rung in LADDER:
+        if rung not in GATEWAYS:
             prev = rung
     return "\n".join(lines) + "\n"
 
@@ -357,10 +438,20 @@ def main() -> None:
     parser.add_argument("-D", type=int, default=6, help="seconds per run")
     parser.add_argument("--calls", type=int, default=20000, help="in-process calls per stage")
     parser.add_argument("--loop", choices=("uvloop", "asyncio", "both"), default="uvloop")
-    parser.add_argument("--rungs", default=",".join((*LADDER, *GATEWAYS)))
+    parser.add_argument(
+        "--front-ends",
+        default="python,native",
+        help="whose ladders: python (grpc.aio up to the gateway), native (tensorgate_native)",
+    )
+    parser.add_argument("--rungs", help="comma-separated (default: the front ends' ladders)")
     args = parser.parse_args()
     loops = ["uvloop", "asyncio"] if args.loop == "both" else [args.loop]
-    rungs = args.rungs.split(",")
+    ladders = {"python": (*LADDER, *GATEWAYS), "native": NATIVE}
+    default = [r for f in args.front_ends.split(",") for r in ladders[f]]
+    rungs = args.rungs.split(",") if args.rungs else default
+    unknown = set(rungs) - {*LADDER, *GATEWAYS, *NATIVE}
+    if unknown:
+        parser.error(f"unknown rungs: {', '.join(sorted(unknown))}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         repos = {}
@@ -372,8 +463,10 @@ def main() -> None:
             if config:
                 (repo / "mlp" / "config.toml").write_text(config)
             repos[rung] = repo
+        repos["native +compute"] = repos["gateway"]
+        repos["native +pipeline"] = identity_repo(work / "identity")
         body = mlp_body(work / "body.grpc")
-        stages = asyncio.run(in_process(repos["gateway"], args.calls))
+        stages = asyncio.run(in_process(repos["gateway"], args.calls)) if args.calls else {}
         runs = []
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", flush=True)
@@ -395,7 +488,7 @@ def main() -> None:
         f"Machine: {machine()}. Command: `{command}`.\n\n"
         + "\n".join(table(medians, loop) for loop in loops)
         + "\n"
-        + stage_table(stages)
+        + (stage_table(stages) if stages else "")
     )
     if "asyncio" in medians and "uvloop" in medians:
         report += (

@@ -56,11 +56,19 @@ class Server:
         max_message_bytes: int,
         tls: tuple[bytes, bytes, bytes | None] | None = None,
         worker_threads: int = 1,
+        mode: str = "gateway",
     ) -> None:
         """``fd``: a bound, listening TCP socket, which the server owns from now on (Python
         calls ``socket.detach()``). ``tls``: (certificate chain PEM, key PEM, client CA PEM
         or None); with a client CA, clients must present a certificate it signed. Raises
-        ValueError for PEM that does not parse, OSError for the socket."""
+        ValueError for PEM that does not parse, OSError for the socket.
+
+        ``mode`` is for measurements only (``loadtest/account.py``): what ModelInfer does.
+        ``"gateway"`` hands it to Python (the server); ``"echo"`` answers a canned reply
+        (the MLP's "output" FP32 [1,10]) without decoding the request; ``"decode"`` decodes
+        it and answers, built and encoded in Rust, each input back as an output of the same
+        name. Neither of the last two reaches Python; other RPCs are served as always.
+        ValueError for any other mode."""
 
     def start(self) -> None:
         """Serves in the background; returns at once."""

@@ -7,6 +7,7 @@ cold RPCs, tokens). The rest of the suite runs against both front ends through t
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -265,3 +266,44 @@ def test_sigterm_with_requests_in_flight_answers_them(repo: Path, tmp_path: Path
         assert proc.proc.returncode == 0, proc.log()
     finally:
         proc.kill()
+
+
+@pytest.mark.parametrize("mode", ["echo", "decode"])
+def test_measurement_modes_answer_model_infer_in_rust(mode: str) -> None:
+    """``Server(mode=...)``, the rungs of loadtest/account.py: ModelInfer answered without
+    Python (nothing reaches ``take()``), over a real gRPC call."""
+    from tensorgate.server.frontends.native import bind
+
+    tensorgate_native = pytest.importorskip("tensorgate_native")
+
+    sock = bind("127.0.0.1", 0, reuse_port=False)
+    port = sock.getsockname()[1]
+    server = tensorgate_native.Server(
+        fd=sock.fileno(), max_message_bytes=MAX_MESSAGE_BYTES, mode=mode
+    )
+    sock.detach()
+    server.start()
+    try:
+        x = x64(2, seed=3)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            reply = stub.ModelInfer(encode_request("m", {"x": x}, request_id="r-9"), timeout=30)
+        (out,) = reply.outputs
+        if mode == "echo":  # canned: the MLP's reply, whatever was asked
+            assert (reply.model_name, reply.id, out.name) == ("mlp", "", "output")
+            assert (list(out.shape), reply.raw_output_contents[0]) == ([1, 10], bytes(40))
+        else:  # decoded: the inputs back
+            assert (reply.model_name, reply.id, out.name) == ("m", "r-9", "x")
+            assert (out.datatype, list(out.shape)) == ("FP32", [2, 64])
+            got = np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(2, 64)
+            np.testing.assert_array_equal(got, x)
+        assert server.take() == [] and server.in_flight() == 0
+    finally:
+        server.stop(0)
+        server.wait()
+
+
+def test_an_unknown_measurement_mode_is_refused() -> None:
+    tensorgate_native = pytest.importorskip("tensorgate_native")
+    with socket.socket() as sock, pytest.raises(ValueError, match='not "fast"'):
+        tensorgate_native.Server(fd=sock.fileno(), max_message_bytes=1024, mode="fast")

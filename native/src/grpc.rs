@@ -5,7 +5,8 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, LazyLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use tonic::server::Grpc;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::handover::{Failure, Hub, Item, Metadata, Outcome, Reply};
+use crate::pb::inference::model_infer_response::InferOutputTensor;
 use crate::pb::inference::{
     ModelInferRequest, ModelInferResponse, ModelStreamInferResponse, ServerLiveRequest,
     ServerLiveResponse,
@@ -47,6 +49,8 @@ pub struct State {
     /// True once the drain asked open streams to end.
     pub draining: watch::Sender<bool>,
     pub streams: watch::Sender<usize>,
+    /// A `Mode`: what ModelInfer does (measurements only).
+    mode: AtomicU8,
 }
 
 impl State {
@@ -57,7 +61,48 @@ impl State {
             live_ready_token: RwLock::new(None),
             draining: watch::channel(false).0,
             streams: watch::channel(0).0,
+            mode: AtomicU8::new(Mode::Gateway as u8),
         })
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        self.mode.store(mode as u8, Ordering::Relaxed);
+    }
+
+    pub fn mode(&self) -> Mode {
+        match self.mode.load(Ordering::Relaxed) {
+            1 => Mode::Echo,
+            2 => Mode::Decode,
+            _ => Mode::Gateway,
+        }
+    }
+}
+
+/// What ModelInfer does. For measurements only (`loadtest/account.py`'s native rungs): the
+/// other modes leave Python out of ModelInfer; every other RPC is served as always.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mode {
+    /// Handed over to Python (the server).
+    Gateway = 0,
+    /// A canned reply (the MLP's: "output" FP32 [1,10]); the request is not decoded.
+    Echo = 1,
+    /// The request decoded by prost; the reply, built and encoded in Rust, echoes each
+    /// input as an output of the same name (raw contents shared, not copied).
+    Decode = 2,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "gateway" => Ok(Mode::Gateway),
+            "echo" => Ok(Mode::Echo),
+            "decode" => Ok(Mode::Decode),
+            _ => Err(format!(
+                "mode is \"gateway\", \"echo\" or \"decode\", not {s:?}"
+            )),
+        }
     }
 }
 
@@ -168,11 +213,19 @@ fn grpc<C: Codec>(codec: C, state: &State) -> Grpc<C> {
 async fn serve_gateway(state: Arc<State>, req: http::Request<Body>) -> http::Response<Body> {
     let method = req.uri().path().to_owned();
     let mut response = match method.strip_prefix(INFERENCE) {
-        Some("ModelInfer") => {
-            grpc(tonic_prost::ProstCodec::default(), &state)
-                .unary(Infer(state.clone()), req)
-                .await
-        }
+        Some("ModelInfer") => match state.mode() {
+            Mode::Gateway => {
+                grpc(tonic_prost::ProstCodec::default(), &state)
+                    .unary(Infer(state.clone()), req)
+                    .await
+            }
+            Mode::Echo => grpc(RawCodec, &state).unary(Canned, req).await,
+            Mode::Decode => {
+                grpc(tonic_prost::ProstCodec::default(), &state)
+                    .unary(Echoed, req)
+                    .await
+            }
+        },
         Some("ModelStreamInfer") => {
             grpc(tonic_prost::ProstCodec::default(), &state)
                 .streaming(StreamInfer(state.clone()), req)
@@ -426,6 +479,74 @@ impl tower_service::Service<Request<ModelInferRequest>> for Infer {
                 Outcome::Failed(failure) => Err(failure.status()),
             }
         })
+    }
+}
+
+/// `Mode::Echo`: the peers' echo reply, encoded once.
+static CANNED: LazyLock<Bytes> = LazyLock::new(|| {
+    ModelInferResponse {
+        model_name: "mlp".into(),
+        model_version: "1".into(),
+        outputs: vec![InferOutputTensor {
+            name: "output".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 10],
+            ..Default::default()
+        }],
+        raw_output_contents: vec![Bytes::from_static(&[0; 40])],
+        ..Default::default()
+    }
+    .encode_to_vec()
+    .into()
+});
+
+struct Canned;
+
+impl tower_service::Service<Request<Bytes>> for Canned {
+    type Response = Response<Bytes>;
+    type Error = Status;
+    type Future = Now<Bytes>;
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, _: Request<Bytes>) -> Self::Future {
+        std::future::ready(Ok(Response::new(CANNED.clone())))
+    }
+}
+
+/// `Mode::Decode`'s reply: each input back as an output of the same name.
+fn echoed(request: ModelInferRequest) -> ModelInferResponse {
+    let outputs = request
+        .inputs
+        .into_iter()
+        .map(|input| InferOutputTensor {
+            name: input.name,
+            datatype: input.datatype,
+            shape: input.shape,
+            ..Default::default()
+        })
+        .collect();
+    ModelInferResponse {
+        model_name: request.model_name,
+        model_version: request.model_version,
+        id: request.id,
+        outputs,
+        raw_output_contents: request.raw_input_contents,
+        ..Default::default()
+    }
+}
+
+struct Echoed;
+
+impl tower_service::Service<Request<ModelInferRequest>> for Echoed {
+    type Response = Response<ModelInferResponse>;
+    type Error = Status;
+    type Future = Now<ModelInferResponse>;
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, req: Request<ModelInferRequest>) -> Self::Future {
+        std::future::ready(Ok(Response::new(echoed(req.into_inner()))))
     }
 }
 
@@ -806,6 +927,38 @@ mod tests {
         assert_eq!(wrapped.error_message, "");
         let decoded = ModelStreamInferResponse::decode(wrapped.encode_to_vec().as_slice()).unwrap();
         assert_eq!(decoded.infer_response.unwrap(), reply);
+    }
+
+    #[test]
+    fn measurement_modes() {
+        assert_eq!("echo".parse::<Mode>(), Ok(Mode::Echo));
+        assert!("fast".parse::<Mode>().unwrap_err().contains("\"fast\""));
+        let state = State::new(Hub::new().unwrap(), 1 << 20);
+        assert_eq!(state.mode(), Mode::Gateway);
+        state.set_mode(Mode::Decode);
+        assert_eq!(state.mode(), Mode::Decode);
+
+        let canned = ModelInferResponse::decode(CANNED.clone()).unwrap();
+        assert_eq!(canned.outputs[0].shape, vec![1, 10]);
+        assert_eq!(canned.raw_output_contents[0].len(), 40);
+
+        let input = crate::pb::inference::model_infer_request::InferInputTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 2],
+            ..Default::default()
+        };
+        let reply = echoed(ModelInferRequest {
+            model_name: "m".into(),
+            id: "r1".into(),
+            inputs: vec![input],
+            raw_input_contents: vec![Bytes::from_static(&[1; 8])],
+            ..Default::default()
+        });
+        assert_eq!((reply.model_name.as_str(), reply.id.as_str()), ("m", "r1"));
+        assert_eq!(reply.outputs[0].name, "x");
+        assert_eq!(reply.outputs[0].shape, vec![1, 2]);
+        assert_eq!(reply.raw_output_contents, vec![Bytes::from_static(&[1; 8])]);
     }
 
     #[test]

@@ -81,16 +81,19 @@ fn tls_config(pem: &TlsPem<'_>) -> PyResult<std::sync::Arc<rustls::ServerConfig>
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (*, fd, max_message_bytes, tls = None, worker_threads = 1))]
+    #[pyo3(signature = (*, fd, max_message_bytes, tls = None, worker_threads = 1, mode = "gateway"))]
     fn new(
         fd: i32,
         max_message_bytes: usize,
         tls: Option<TlsPem<'_>>,
         worker_threads: usize,
+        mode: &str,
     ) -> PyResult<Self> {
+        let mode: crate::grpc::Mode = mode.parse().map_err(PyValueError::new_err)?;
         let tls = tls.as_ref().map(tls_config).transpose()?;
         let core = Core::new(fd, max_message_bytes, tls, worker_threads)
             .map_err(|e| PyOSError::new_err(e.to_string()))?;
+        core.state.set_mode(mode);
         Ok(Self { core })
     }
 
