@@ -1,8 +1,8 @@
 """The native front end (``native/``, ``server/frontends/native.py``) through real clients:
 what it serves itself (transport, health, reflection, limits, deadlines, ServerLive while
 Python is busy) and the hand-over to the Python gateway (inference, streams, cancellation,
-cold RPCs, tokens). The rest of the suite runs against both front ends through the
-``front_end`` fixture; these tests are the native one's own.
+cold RPCs, tokens). Like the rest of the suite they run against both front ends (the
+``front_end`` fixture): the grpcio one is the reference the native one must equal.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ from .modelfactory import build_identity_onnx
 from .serverproc import ServerProcess, wait_busy, wait_until
 from .slowmodel import build_slow_onnx, slow_inputs, slow_reference
 
-pytest.importorskip("tensorgate_native", reason="the native extension is not installed")
-
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 MAX_MESSAGE_BYTES = 4_000_000
 TOKEN = "native-secret-0123456789"
@@ -49,14 +47,12 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def native(repo: Path, workdir: Path, *args: str, **kwargs) -> ServerProcess:
-    return ServerProcess(repo, workdir, *args, front_end="native", **kwargs)
-
-
 @pytest.fixture(scope="module")
-def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(
+    repo: Path, tmp_path_factory: pytest.TempPathFactory, front_end: str
+) -> Iterator[ServerProcess]:
     workdir = tmp_path_factory.mktemp("native-server")
-    with native(repo, workdir, "--max-message-bytes", str(MAX_MESSAGE_BYTES)) as proc:
+    with ServerProcess(repo, workdir, "--max-message-bytes", str(MAX_MESSAGE_BYTES)) as proc:
         yield proc
     assert proc.proc is not None and proc.proc.returncode == 0, proc.log()
 
@@ -71,8 +67,8 @@ def x64(rows: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((rows, 64)).astype(np.float32)
 
 
-def test_start_up_says_which_front_end(server: ServerProcess) -> None:
-    assert "front end: native" in server.log()
+def test_start_up_says_which_front_end(server: ServerProcess, front_end: str) -> None:
+    assert f"front end: {front_end}" in server.log()
 
 
 def test_inference_through_the_client(server: ServerProcess) -> None:
@@ -156,11 +152,14 @@ def test_a_stream_answers_every_request_with_its_id(stub) -> None:
 
 
 def test_a_too_large_request_is_resource_exhausted(stub) -> None:
-    huge = np.zeros(MAX_MESSAGE_BYTES // 4 + 16, np.float32)
+    huge = encode_request("identity", {"in_FP32": np.zeros(MAX_MESSAGE_BYTES // 4, np.float32)})
     with pytest.raises(grpc.RpcError) as info:
-        stub.ModelInfer(encode_request("identity", {"in_FP32": huge}), timeout=30)
+        stub.ModelInfer(huge, timeout=30)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert info.value.details().startswith("Received message larger than max (")
+    size = huge.ByteSize()
+    assert info.value.details() == (
+        f"SERVER: Received message larger than max ({size} vs. {MAX_MESSAGE_BYTES})"
+    )
 
 
 def test_one_megabyte_each_way(stub) -> None:
@@ -214,9 +213,9 @@ def test_live_while_python_computes_and_cancellation_frees_the_queue(
     np.testing.assert_allclose(y[:1], slow_reference(feeds["x"][:1], LONG), atol=1e-4)
 
 
-def test_tokens_on_hot_cold_and_live_calls(repo: Path, tmp_path: Path) -> None:
+def test_tokens_on_hot_cold_and_live_calls(repo: Path, tmp_path: Path, front_end: str) -> None:
     with (
-        native(repo, tmp_path, env={"TENSORGATE_AUTH_TOKEN": TOKEN}) as proc,
+        ServerProcess(repo, tmp_path, env={"TENSORGATE_AUTH_TOKEN": TOKEN}) as proc,
         grpc.insecure_channel(proc.address) as channel,
     ):
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -249,8 +248,10 @@ def test_tokens_on_hot_cold_and_live_calls(repo: Path, tmp_path: Path) -> None:
     assert proc.proc is not None and proc.proc.returncode == 0, proc.log()
 
 
-def test_sigterm_with_requests_in_flight_answers_them(repo: Path, tmp_path: Path) -> None:
-    proc = native(repo, tmp_path).start()
+def test_sigterm_with_requests_in_flight_answers_them(
+    repo: Path, tmp_path: Path, front_end: str
+) -> None:
+    proc = ServerProcess(repo, tmp_path).start()
     try:
         with grpc.insecure_channel(proc.address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)

@@ -259,7 +259,7 @@ async fn serve_gateway(state: Arc<State>, req: http::Request<Body>) -> http::Res
 const TONIC_TOO_LARGE: &str = "Error, decoded message length too large: found ";
 
 /// tonic answers a request over the size limit OUT_OF_RANGE; grpcio (and so every client of
-/// the gateway) says RESOURCE_EXHAUSTED "Received message larger than max (N vs. M)".
+/// the gateway) says RESOURCE_EXHAUSTED "SERVER: Received message larger than max (N vs. M)".
 pub fn grpcio_size_status(status: &Status) -> Option<Status> {
     if status.code() != Code::OutOfRange {
         return None;
@@ -268,7 +268,7 @@ pub fn grpcio_size_status(status: &Status) -> Option<Status> {
     let (found, rest) = rest.split_once(" bytes, the limit is: ")?;
     let limit = rest.strip_suffix(" bytes")?;
     Some(Status::resource_exhausted(format!(
-        "Received message larger than max ({found} vs. {limit})"
+        "SERVER: Received message larger than max ({found} vs. {limit})"
     )))
 }
 
@@ -295,7 +295,9 @@ fn resource_exhausted(headers: &mut HeaderMap) {
 /// A reply of `len` bytes over the limit: RESOURCE_EXHAUSTED, as grpcio says it.
 pub fn too_large(len: usize, max: usize) -> Option<Status> {
     (len > max).then(|| {
-        Status::resource_exhausted(format!("Sent message larger than max ({len} vs. {max})"))
+        Status::resource_exhausted(format!(
+            "SERVER: Sent message larger than max ({len} vs. {max})"
+        ))
     })
 }
 
@@ -842,7 +844,7 @@ mod tests {
         assert_eq!(mapped.code(), Code::ResourceExhausted);
         assert_eq!(
             mapped.message(),
-            "Received message larger than max (2000 vs. 1024)"
+            "SERVER: Received message larger than max (2000 vs. 1024)"
         );
         assert!(grpcio_size_status(&Status::out_of_range("index 3 out of range")).is_none());
 
@@ -852,7 +854,7 @@ mod tests {
         assert_eq!(status.code(), Code::ResourceExhausted);
         assert_eq!(
             status.message(),
-            "Received message larger than max (2000 vs. 1024)"
+            "SERVER: Received message larger than max (2000 vs. 1024)"
         );
     }
 
@@ -861,7 +863,10 @@ mod tests {
         assert!(too_large(10, 10).is_none());
         let status = too_large(11, 10).unwrap();
         assert_eq!(status.code(), Code::ResourceExhausted);
-        assert_eq!(status.message(), "Sent message larger than max (11 vs. 10)");
+        assert_eq!(
+            status.message(),
+            "SERVER: Sent message larger than max (11 vs. 10)"
+        );
     }
 
     #[test]

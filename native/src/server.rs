@@ -18,6 +18,11 @@ use crate::tls;
 
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 flow control and framing (see `serve`).
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+const MAX_FRAME: u32 = 256 << 10;
+const SEND_BUFFER: usize = 4 << 20;
 /// After the last call finished during a stop, how long to wait for late arrivals.
 const SETTLE: Duration = Duration::from_millis(50);
 
@@ -170,7 +175,14 @@ async fn serve(
                     let tls = tls.read().unwrap().clone();
                     tokio::spawn(async move {
                         let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-                        http.timer(TokioTimer::new()).adaptive_window(true);
+                        // Windows and frames for MB-sized tensors: hyper's adaptive window
+                        // starts at 64 KiB, and 16 KiB frames cost a frame header and a
+                        // window update each.
+                        http.timer(TokioTimer::new())
+                            .initial_stream_window_size(STREAM_WINDOW)
+                            .initial_connection_window_size(CONNECTION_WINDOW)
+                            .max_frame_size(MAX_FRAME)
+                            .max_send_buf_size(SEND_BUFFER);
                         match tls {
                             None => {
                                 let conn = http.serve_connection(TokioIo::new(tcp), service);
