@@ -162,9 +162,24 @@ def install(blocks: set[str]) -> None:
     sh(["bash", str(PEERS_DIR / "setup_models.sh")], check=True)
 
 
+def _wide_peers() -> set[str]:
+    """The peers the ``wide`` block runs: MLServer, TorchServe and Triton unless their
+    ``WIDE_MLS`` / ``WIDE_TS`` / ``WIDE_TRITON`` say none ("" or 0)."""
+    env = os.environ
+    return {
+        name
+        for name, on in (
+            ("mlserver", env.get("WIDE_MLS", "x") != ""),
+            ("torchserve", env.get("WIDE_TS", "x") != ""),
+            ("triton", env.get("WIDE_TRITON", "1") == "1"),
+        )
+        if on
+    }
+
+
 def _peer_blocks(blocks: set[str]) -> list[str]:
-    """The peers a set of blocks runs (``wide`` runs MLServer and TorchServe)."""
-    wanted = blocks | ({"mlserver", "torchserve"} if "wide" in blocks else set())
+    """The peers a set of blocks runs (``wide`` runs MLServer, TorchServe and Triton)."""
+    wanted = blocks | (_wide_peers() if "wide" in blocks else set())
     return [b for b in PEER_INSTALLS if b in wanted]
 
 
@@ -715,10 +730,13 @@ def block_wide(run: Run) -> None:
                 pid,
             ):
                 bench_target(run, address, pid, label, c="32", home=home)
-    if os.environ.get("WIDE_TRITON", "1") == "1" and (PEERS_HOME / "venv-pytriton").exists():
+    peers = _wide_peers()
+    if "triton" in peers:
         block_triton(run, home, c="32")
-    block_mlserver(run, home, c="32", variants=os.environ.get("WIDE_MLS", "0:plain 0:batched"))
-    block_torchserve(run, home, c="32", configs=os.environ.get("WIDE_TS", "1 1b32"))
+    if "mlserver" in peers:
+        block_mlserver(run, home, c="32", variants=os.environ.get("WIDE_MLS", "0:plain 0:batched"))
+    if "torchserve" in peers:
+        block_torchserve(run, home, c="32", configs=os.environ.get("WIDE_TS", "1 1b32"))
 
 
 # --- the report ----------------------------------------------------------------------------
