@@ -4,6 +4,9 @@
 #
 #   FLAVOR=cpu (default)  python:3.11-slim; torch 2.13.0 CPU build (from PyTorch's CPU index),
 #                         tensorflow-cpu, onnxruntime. 2.7-2.8 GB (measured: 2.81 GB).
+#   Both flavors ship the native front end (native/, Rust), built in its own stage into a
+#   wheel: the image has the wheel's extension, not the Rust toolchain.
+#
 #   FLAVOR=cuda           nvidia/cuda runtime + cuDNN (Ubuntu 24.04) with Python 3.11; torch
 #                         2.13.0 CUDA build (PyPI), tensorflow[and-cuda], onnxruntime-gpu, at
 #                         the versions pyproject.toml pins. Needs the NVIDIA container toolkit
@@ -51,6 +54,21 @@ RUN apt-get update \
 ENV NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 FROM base-${FLAVOR} AS base
+
+# ---- native: the Rust front end (native/), built into a wheel; only the wheel ships ------
+# Debian bookworm's python3 is 3.11, the image's; the crate needs no system protoc (vendored).
+FROM rust:1-slim-bookworm AS native
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/maturin \
+ && /opt/maturin/bin/pip install --no-cache-dir maturin==1.16.0
+WORKDIR /src
+COPY protos ./protos
+COPY native ./native
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    /opt/maturin/bin/maturin build --release --manifest-path native/Cargo.toml \
+      --interpreter python3 --out /wheels
 
 # ---- builder: a venv with the pinned frameworks, then tensorgate ------------------------
 FROM base AS builder
@@ -117,6 +135,9 @@ COPY backends ./backends
 COPY clients ./clients
 COPY protos ./protos
 RUN pip install --no-deps --no-build-isolation . && pip check
+# The native front end: the wheel from the native stage (its one dependency, numpy, is here).
+COPY --from=native /wheels /wheels
+RUN pip install --no-index --find-links /wheels tensorgate-native && rm -rf /wheels
 
 # ---- runtime: the venv, a non-root user, the server as the container's command ----------
 FROM base AS runtime

@@ -129,6 +129,10 @@ class BackendOptions:
     inter_op_threads: int = 1
     instances: int = 1
     signature_name: str | None = None  # TF SavedModel signature; default "serving_default"
+    # "fp32": the file's own arithmetic. "bf16": compute in bfloat16 where the framework can
+    # (autocast), inputs and outputs as the signature says; only backends whose
+    # ``precisions`` list it take it.
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if isinstance(self.device, str):
@@ -151,6 +155,9 @@ class Backend(abc.ABC):
     #: Triton platform name reported by ModelMetadata/ModelConfig. A backend that only
     #: learns it at load (``remote``) may set it on the instance in ``load``.
     platform: ClassVar[str]
+    #: The ``BackendOptions.precision`` values ``load`` honours; the repository refuses a
+    #: variant that asks another of this backend.
+    precisions: ClassVar[tuple[str, ...]] = ("fp32",)
 
     @classmethod
     @abc.abstractmethod

@@ -40,7 +40,10 @@ from .base import (
     require_inputs,
 )
 from .torch_runtime import (
+    PRECISIONS,
     InferThreads,
+    OutputCast,
+    autocast,
     import_torch,
     oip_datatype,
     positional_names,
@@ -92,11 +95,13 @@ class TorchExportBackend(Backend):
 
     ``infer`` may be called from several threads at once: the AOTInductor loader holds one
     runner per instance, and an ExportedProgram's module is reentrant under
-    ``torch.inference_mode``.
+    ``torch.inference_mode``. With ``precision = "bf16"`` an ExportedProgram runs under
+    torch's autocast and returns the signature's datatypes; compiled code cannot.
     """
 
     name: ClassVar[str] = "torch_export"
     platform: ClassVar[str] = "pytorch_export"
+    precisions: ClassVar[tuple[str, ...]] = PRECISIONS
 
     def __init__(self) -> None:
         self._torch: Any = None
@@ -107,6 +112,9 @@ class TorchExportBackend(Backend):
         self._what = ""
         self._input_names: list[str] = []
         self._output_names: list[str] = []
+        self._precision = "fp32"
+        self._autocast = autocast(None, None, "fp32")
+        self._cast = OutputCast()
 
     @classmethod
     def find_model_file(cls, variant_dir: Path) -> Path | None:
@@ -133,6 +141,15 @@ class TorchExportBackend(Backend):
         self._threads = InferThreads(torch, options.intra_op_threads)
         kind = "AOTInductor package" if compiled else "ExportedProgram"
         self._what = f"PyTorch 2 model {path} ({kind})"
+        if compiled and options.precision != "fp32":
+            raise BackendError(
+                f'{self._what}: precision = "{options.precision}" cannot apply to compiled '
+                "code, which runs the precision it was compiled in: serve an ExportedProgram "
+                "(torch.export.save) this way, or a package compiled in bfloat16 (tensorgate "
+                "convert --precision bf16 writes pt2-bf16)"
+            )
+        self._precision = options.precision
+        self._autocast = autocast(torch, device, options.precision)
         try:
             if compiled:
                 signature = self._load_compiled(path, device, options.instances, program)
@@ -250,6 +267,7 @@ class TorchExportBackend(Backend):
         self._input_names, self._output_names = positional_names(
             self._what, signature, len(self._input_names), len(self._output_names)
         )
+        self._cast.bind(self._torch, self._precision, signature.outputs)
 
     def infer(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
@@ -261,8 +279,8 @@ class TorchExportBackend(Backend):
         require_inputs(self._input_names, inputs)
         try:
             flat = [to_tensor(torch, inputs[name], self._device) for name in self._input_names]
-            with torch.inference_mode():
-                results = run(flat)
+            with torch.inference_mode(), self._autocast():
+                results = self._cast(run(flat))
             return {
                 name: to_numpy(torch, value)
                 for name, value in zip(self._output_names, results, strict=True)

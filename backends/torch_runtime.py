@@ -1,5 +1,6 @@
 """What the PyTorch backends (``torchscript``, ``torch_export``) share: importing torch, its
-thread pools, the device a variant runs on, and tensors in and out of numpy.
+thread pools, the device a variant runs on, the precision it computes in, and tensors in
+and out of numpy.
 
 torch is imported by ``import_torch``, from a backend's ``load``; nothing here imports it at
 module level.
@@ -7,9 +8,13 @@ module level.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import threading
 import warnings
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +22,7 @@ import numpy as np
 
 from tensorgate.datatypes import by_name, from_numpy
 
-from .base import BackendError, BackendOptions, BackendUnavailable, Device, Signature
+from .base import BackendError, BackendOptions, BackendUnavailable, Device, Signature, TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +81,49 @@ def torch_device(torch: Any, device: Device) -> Any:
             f"device '{device}' asked for, but PyTorch sees {torch.cuda.device_count()} GPU(s)"
         )
     return torch.device("cuda", device.gpu)
+
+
+#: What ``precision = "bf16"`` means to the PyTorch backends.
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(torch: Any, device: Any, precision: str) -> Callable[[], AbstractContextManager]:
+    """A factory of the context an execution runs in: torch's autocast to bfloat16 on the
+    variant's device type (the CPU's, or the GPU's) for ``precision = "bf16"``, else none.
+    Autocast runs matmuls, convolutions and the like in bfloat16 and keeps the ops that
+    need the range (softmax, norms, reductions) in float32."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+
+
+class OutputCast:
+    """Casts results back to the datatypes the model's signature states: what a variant
+    computing in bfloat16 returns where the file returns float32. A no-op in FP32."""
+
+    def __init__(self) -> None:
+        self._dtypes: list[Any] = []
+
+    def bind(self, torch: Any, precision: str, outputs: Sequence[TensorSpec]) -> None:
+        """Called from ``Backend.bind`` with the completed signature's outputs."""
+        self._dtypes = [] if precision == "fp32" else [torch_dtype(torch, s) for s in outputs]
+
+    def __call__(self, values: Sequence[Any]) -> Sequence[Any]:
+        if not self._dtypes:
+            return values
+        return [
+            v.to(d) if d is not None and getattr(v, "dtype", d) != d else v
+            for v, d in zip(values, self._dtypes, strict=True)
+        ]
+
+
+def torch_dtype(torch: Any, spec: TensorSpec) -> Any:
+    """The ``torch.dtype`` of an OIP datatype, or None (BYTES, or not stated)."""
+    if spec.datatype is None or spec.datatype == "BYTES":
+        return None
+    if spec.datatype == "BF16":
+        return torch.bfloat16
+    return torch.from_numpy(np.zeros(0, by_name(spec.datatype).numpy)).dtype
 
 
 class InferThreads:

@@ -25,7 +25,10 @@ from .base import (
     utf8_strings,
 )
 from .torch_runtime import (
+    PRECISIONS,
     InferThreads,
+    OutputCast,
+    autocast,
     import_torch,
     positional_names,
     set_process_threads,
@@ -62,11 +65,13 @@ class TorchScriptBackend(Backend):
     """Serves one TorchScript module (``torch.jit.load``), in eval mode, without autograd.
 
     ``infer`` may be called from several threads at once: a loaded ScriptModule's forward
-    is reentrant under ``torch.inference_mode``.
+    is reentrant under ``torch.inference_mode``. With ``precision = "bf16"`` it runs under
+    torch's autocast and returns the signature's datatypes.
     """
 
     name: ClassVar[str] = "torchscript"
     platform: ClassVar[str] = "pytorch_libtorch"
+    precisions: ClassVar[tuple[str, ...]] = PRECISIONS
 
     def __init__(self) -> None:
         self._torch: Any = None
@@ -79,6 +84,9 @@ class TorchScriptBackend(Backend):
         self._n_outputs = 0
         self._tuple_output = False
         self._threads: InferThreads | None = None
+        self._precision = "fp32"
+        self._autocast = autocast(None, None, "fp32")
+        self._cast = OutputCast()
 
     @classmethod
     def find_model_file(cls, variant_dir: Path) -> Path | None:
@@ -129,6 +137,8 @@ class TorchScriptBackend(Backend):
         self._module = module
         self._device = device
         self._threads = InferThreads(torch, options.intra_op_threads)
+        self._precision = options.precision
+        self._autocast = autocast(torch, device, options.precision)
         self._path = path
         self._string_inputs = [spec.datatype == "BYTES" for spec in inputs]
         self._n_outputs = len(outputs)
@@ -141,6 +151,7 @@ class TorchScriptBackend(Backend):
         self._input_names, self._output_names = positional_names(
             f"TorchScript model {self._path}", signature, len(self._string_inputs), self._n_outputs
         )
+        self._cast.bind(self._torch, self._precision, signature.outputs)
 
     def infer(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
@@ -157,9 +168,9 @@ class TorchScriptBackend(Backend):
                 else to_tensor(torch, inputs[name], self._device)
                 for name, is_str in zip(self._input_names, self._string_inputs, strict=True)
             ]
-            with torch.inference_mode():
+            with torch.inference_mode(), self._autocast():
                 result = module(*args)
-            values = list(result) if self._tuple_output else [result]
+            values = self._cast(list(result) if self._tuple_output else [result])
             return {
                 name: self._to_numpy(value)
                 for name, value in zip(self._output_names, values, strict=True)

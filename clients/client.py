@@ -146,6 +146,16 @@ class _Calls:
         return _as_dict(reply.config)
 
     @_op
+    def model_statistics(
+        self, model: str = "", version: str | None = None, timeout: float | None = None
+    ) -> _Op[list[dict[str, Any]]]:
+        """ModelStatistics: one dict per model version (every model's when ``model`` is
+        empty), as protobuf's JSON mapping writes it (64-bit counts are strings)."""
+        request = pb.ModelStatisticsRequest(name=model, version=version or "")
+        reply, _ = yield _Call("ModelStatistics", request, timeout)
+        return [_as_dict(s) for s in reply.model_stats]
+
+    @_op
     def repository_index(self, timeout: float | None = None) -> _Op[list[dict[str, Any]]]:
         reply, _ = yield _Call("RepositoryIndex", pb.RepositoryIndexRequest(), timeout)
         return [_as_dict(m) for m in reply.models]

@@ -52,7 +52,7 @@ from common import (  # noqa: E402 - loadtest/common.py, beside this script
 from tensorgate import codec  # noqa: E402
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 from tensorgate.server.demo import MLP_TENSORS, build_mlp_onnx, mlp_weights  # noqa: E402
-from tensorgate.server.router import choose_variant  # noqa: E402
+from tensorgate.server.policy import choose_variant  # noqa: E402
 from tests.serverproc import ServerProcess  # noqa: E402
 
 TENSORS = MLP_TENSORS

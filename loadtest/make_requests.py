@@ -5,6 +5,8 @@ pre-framed gRPC bodies for h2load.
     .venv/bin/python loadtest/make_requests.py            # rewrite data/ and ghz/
     .venv/bin/python loadtest/make_requests.py --check    # exit 1 if they are out of date
     .venv/bin/python loadtest/make_requests.py --body data/scorer.json OUT.bin [--model M]
+    .venv/bin/python loadtest/make_requests.py --ghz-body data/scorer.json OUT.bin \
+        [--model M] [--version onnx,torch]    # ghz -B OUT.bin: one message per version
     .venv/bin/python loadtest/make_requests.py --perf-analyzer data/scorer.json OUT.json
 
 The JSON is protobuf's canonical JSON mapping (``google.protobuf.json_format``, which ghz
@@ -18,6 +20,7 @@ import argparse
 import json
 import struct
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +82,10 @@ def request_json(msg: pb.ModelInferRequest) -> str:
 
 def ghz_config(stem: str, stream: bool = False) -> str:
     """ghz reads ``data-file`` relative to where it runs: the repository root. No proto
-    file is named, so ghz asks the server's reflection service for the schema."""
+    file is named, so ghz asks the server's reflection service for the schema.
+    ``duration-stop: wait`` lets the calls in flight when the duration ends finish: ghz's
+    default (``close``) closes the connections under them and reports them as
+    Unavailable/Canceled ("transport is closing"), errors that are not the server's."""
     config = {
         "call": (STREAM_METHOD if stream else METHOD).replace("/", "."),
         "host": "127.0.0.1:8001",
@@ -87,6 +93,7 @@ def ghz_config(stem: str, stream: bool = False) -> str:
         "concurrency": 32,
         "connections": 4,
         "duration": "30s",
+        "duration-stop": "wait",
         "timeout": "10s",
         "data-file": f"loadtest/data/{stem}.json",
     }
@@ -106,6 +113,22 @@ def grpc_frame(message: bytes) -> bytes:
     """One gRPC length-prefixed message: a 0 byte (not compressed), the length as 4 bytes
     big-endian, the message. A unary request's whole HTTP/2 body (what ``h2load -d`` sends)."""
     return struct.pack(">BI", 0, len(message)) + message
+
+
+def varint(n: int) -> bytes:
+    """``n`` as a protobuf base-128 varint."""
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def delimited(messages: Iterable[bytes]) -> bytes:
+    """Messages each preceded by its length as a varint: the binary form ghz reads with
+    ``-B``/``--binary-file`` (several messages are sent in turn, one per call)."""
+    return b"".join(varint(len(m)) + m for m in messages)
 
 
 def load_request(path: Path) -> pb.ModelInferRequest:
@@ -134,11 +157,19 @@ def main() -> int:
         "--body", nargs=2, metavar=("REQUEST_JSON", "OUT"), help="write an h2load body"
     )
     parser.add_argument(
+        "--ghz-body", nargs=2, metavar=("REQUEST_JSON", "OUT"),
+        help="write a binary body for ghz -B (length-delimited messages)",
+    )  # fmt: skip
+    parser.add_argument(
         "--perf-analyzer", nargs=2, metavar=("REQUEST_JSON", "OUT"),
         help="write perf_analyzer --input-data for the same tensors",
     )  # fmt: skip
-    parser.add_argument("--model", help="with --body: replace the model name")
-    parser.add_argument("--version", help="with --body: set model_version (pin a variant)")
+    parser.add_argument("--model", help="with --body/--ghz-body: replace the model name")
+    parser.add_argument(
+        "--version",
+        help="with --body: set model_version (pin a variant); with --ghz-body: one message "
+        "per comma-separated version, which ghz sends in turn",
+    )
     args = parser.parse_args()
     if args.perf_analyzer:
         msg = load_request(Path(args.perf_analyzer[0]))
@@ -151,6 +182,16 @@ def main() -> int:
         if args.version is not None:
             msg.model_version = args.version
         Path(args.body[1]).write_bytes(grpc_frame(msg.SerializeToString()))
+        return 0
+    if args.ghz_body:
+        msg = load_request(Path(args.ghz_body[0]))
+        if args.model:
+            msg.model_name = args.model
+        messages = []
+        for version in (args.version or msg.model_version).split(","):
+            msg.model_version = version
+            messages.append(msg.SerializeToString())
+        Path(args.ghz_body[1]).write_bytes(delimited(messages))
         return 0
     stale = []
     for path, text in expected_files().items():

@@ -114,7 +114,7 @@ class ModelRoute(_message.Message):
     def __init__(self, model: _Optional[str] = ..., route: _Optional[_Union[RouteSpec, _Mapping]] = ..., default_variant: _Optional[str] = ..., overridden: _Optional[bool] = ..., variants: _Optional[_Iterable[_Union[VariantRoute, _Mapping]]] = ..., shadow_comparisons: _Optional[_Iterable[_Union[ShadowComparison, _Mapping]]] = ...) -> None: ...
 
 class VariantRoute(_message.Message):
-    __slots__ = ("name", "backend", "ready", "share", "circuit", "consecutive_failures", "next_probe_s", "served", "served_as_fallback", "failed", "version")
+    __slots__ = ("name", "backend", "ready", "share", "circuit", "consecutive_failures", "next_probe_s", "served", "served_as_fallback", "failed", "version", "reason")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class VariantRoute(_message.Message):
     SERVED_AS_FALLBACK_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     backend: str
     ready: bool
@@ -137,7 +138,8 @@ class VariantRoute(_message.Message):
     served_as_fallback: int
     failed: int
     version: int
-    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., ready: _Optional[bool] = ..., share: _Optional[float] = ..., circuit: _Optional[_Union[CircuitState, str]] = ..., consecutive_failures: _Optional[int] = ..., next_probe_s: _Optional[float] = ..., served: _Optional[int] = ..., served_as_fallback: _Optional[int] = ..., failed: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., ready: _Optional[bool] = ..., share: _Optional[float] = ..., circuit: _Optional[_Union[CircuitState, str]] = ..., consecutive_failures: _Optional[int] = ..., next_probe_s: _Optional[float] = ..., served: _Optional[int] = ..., served_as_fallback: _Optional[int] = ..., failed: _Optional[int] = ..., version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ShadowComparison(_message.Message):
     __slots__ = ("primary", "shadow", "compared", "failed", "dropped", "worst_abs_diff", "argmax_rows", "argmax_agree")
@@ -158,3 +160,133 @@ class ShadowComparison(_message.Message):
     argmax_rows: int
     argmax_agree: int
     def __init__(self, primary: _Optional[str] = ..., shadow: _Optional[str] = ..., compared: _Optional[int] = ..., failed: _Optional[int] = ..., dropped: _Optional[int] = ..., worst_abs_diff: _Optional[float] = ..., argmax_rows: _Optional[int] = ..., argmax_agree: _Optional[int] = ...) -> None: ...
+
+class StartRolloutRequest(_message.Message):
+    __slots__ = ("model", "to_variant", "from_variant", "steps", "step_seconds", "min_requests", "shadow_fraction", "shadow_seconds", "max_abs_diff", "min_argmax_agreement", "max_p99_ratio", "max_error_rate")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TO_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    FROM_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    MIN_ARGMAX_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_P99_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    to_variant: str
+    from_variant: str
+    steps: _containers.RepeatedScalarFieldContainer[float]
+    step_seconds: float
+    min_requests: int
+    shadow_fraction: float
+    shadow_seconds: float
+    max_abs_diff: float
+    min_argmax_agreement: float
+    max_p99_ratio: float
+    max_error_rate: float
+    def __init__(self, model: _Optional[str] = ..., to_variant: _Optional[str] = ..., from_variant: _Optional[str] = ..., steps: _Optional[_Iterable[float]] = ..., step_seconds: _Optional[float] = ..., min_requests: _Optional[int] = ..., shadow_fraction: _Optional[float] = ..., shadow_seconds: _Optional[float] = ..., max_abs_diff: _Optional[float] = ..., min_argmax_agreement: _Optional[float] = ..., max_p99_ratio: _Optional[float] = ..., max_error_rate: _Optional[float] = ...) -> None: ...
+
+class GetRolloutRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class AbortRolloutRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class RolloutSettings(_message.Message):
+    __slots__ = ("steps", "step_seconds", "min_requests", "shadow_fraction", "shadow_seconds", "max_abs_diff", "min_argmax_agreement", "max_p99_ratio", "max_error_rate")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    MIN_ARGMAX_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_P99_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedScalarFieldContainer[float]
+    step_seconds: float
+    min_requests: int
+    shadow_fraction: float
+    shadow_seconds: float
+    max_abs_diff: float
+    min_argmax_agreement: float
+    max_p99_ratio: float
+    max_error_rate: float
+    def __init__(self, steps: _Optional[_Iterable[float]] = ..., step_seconds: _Optional[float] = ..., min_requests: _Optional[int] = ..., shadow_fraction: _Optional[float] = ..., shadow_seconds: _Optional[float] = ..., max_abs_diff: _Optional[float] = ..., min_argmax_agreement: _Optional[float] = ..., max_p99_ratio: _Optional[float] = ..., max_error_rate: _Optional[float] = ...) -> None: ...
+
+class RolloutVariant(_message.Message):
+    __slots__ = ("name", "weight", "requests", "errors", "p99_ms")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    P99_MS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    weight: float
+    requests: int
+    errors: int
+    p99_ms: float
+    def __init__(self, name: _Optional[str] = ..., weight: _Optional[float] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., p99_ms: _Optional[float] = ...) -> None: ...
+
+class RolloutGate(_message.Message):
+    __slots__ = ("name", "limit", "judged", "value", "ok")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    JUDGED_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    limit: float
+    judged: bool
+    value: float
+    ok: bool
+    def __init__(self, name: _Optional[str] = ..., limit: _Optional[float] = ..., judged: _Optional[bool] = ..., value: _Optional[float] = ..., ok: _Optional[bool] = ...) -> None: ...
+
+class Rollout(_message.Message):
+    __slots__ = ("model", "id", "to_variant", "from_variant", "state", "step", "weight", "elapsed_s", "phase_elapsed_s", "variants", "compared", "max_abs_diff", "argmax_agreement", "gates", "reason", "message", "settings", "workers")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TO_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    FROM_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    PHASE_ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    COMPARED_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    ARGMAX_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    GATES_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    id: str
+    to_variant: str
+    from_variant: str
+    state: str
+    step: int
+    weight: float
+    elapsed_s: float
+    phase_elapsed_s: float
+    variants: _containers.RepeatedCompositeFieldContainer[RolloutVariant]
+    compared: int
+    max_abs_diff: float
+    argmax_agreement: float
+    gates: _containers.RepeatedCompositeFieldContainer[RolloutGate]
+    reason: str
+    message: str
+    settings: RolloutSettings
+    workers: int
+    def __init__(self, model: _Optional[str] = ..., id: _Optional[str] = ..., to_variant: _Optional[str] = ..., from_variant: _Optional[str] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., weight: _Optional[float] = ..., elapsed_s: _Optional[float] = ..., phase_elapsed_s: _Optional[float] = ..., variants: _Optional[_Iterable[_Union[RolloutVariant, _Mapping]]] = ..., compared: _Optional[int] = ..., max_abs_diff: _Optional[float] = ..., argmax_agreement: _Optional[float] = ..., gates: _Optional[_Iterable[_Union[RolloutGate, _Mapping]]] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., settings: _Optional[_Union[RolloutSettings, _Mapping]] = ..., workers: _Optional[int] = ...) -> None: ...

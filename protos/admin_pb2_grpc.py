@@ -44,6 +44,21 @@ class RoutingAdminStub:
                 request_serializer=admin__pb2.SetRouteRequest.SerializeToString,
                 response_deserializer=admin__pb2.SetRouteResponse.FromString,
                 _registered_method=True)
+        self.StartRollout = channel.unary_unary(
+                '/tensorgate.admin.v1.RoutingAdmin/StartRollout',
+                request_serializer=admin__pb2.StartRolloutRequest.SerializeToString,
+                response_deserializer=admin__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/tensorgate.admin.v1.RoutingAdmin/GetRollout',
+                request_serializer=admin__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=admin__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.AbortRollout = channel.unary_unary(
+                '/tensorgate.admin.v1.RoutingAdmin/AbortRollout',
+                request_serializer=admin__pb2.AbortRolloutRequest.SerializeToString,
+                response_deserializer=admin__pb2.Rollout.FromString,
+                _registered_method=True)
 
 
 class RoutingAdminServicer:
@@ -66,6 +81,34 @@ class RoutingAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartRollout(self, request, context):
+        """Start a rollout of `to_variant` on `model`, run by the server: shadow, then each
+        step's weight, then promoted, while the gates hold; back to the routing as it was
+        before at the first breach. Returns at once with the rollout's first state.
+        NOT_FOUND: unknown model or variant. FAILED_PRECONDITION: the candidate is not ready,
+        or a rollout is already running on the model. INVALID_ARGUMENT: bad settings (steps
+        not increasing within 1-100, a fraction outside 0-1, ...).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRollout(self, request, context):
+        """The model's rollout: the running one, else the last one that ended (NOT_FOUND when
+        there has been none since the server started).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRollout(self, request, context):
+        """Stop the running rollout: the routing goes back to what it was before it, at once
+        (state `rolled_back`, reason `aborted`). FAILED_PRECONDITION when none is running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RoutingAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +121,21 @@ def add_RoutingAdminServicer_to_server(servicer, server):
                     servicer.SetRoute,
                     request_deserializer=admin__pb2.SetRouteRequest.FromString,
                     response_serializer=admin__pb2.SetRouteResponse.SerializeToString,
+            ),
+            'StartRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRollout,
+                    request_deserializer=admin__pb2.StartRolloutRequest.FromString,
+                    response_serializer=admin__pb2.Rollout.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=admin__pb2.GetRolloutRequest.FromString,
+                    response_serializer=admin__pb2.Rollout.SerializeToString,
+            ),
+            'AbortRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRollout,
+                    request_deserializer=admin__pb2.AbortRolloutRequest.FromString,
+                    response_serializer=admin__pb2.Rollout.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +192,87 @@ class RoutingAdmin:
             '/tensorgate.admin.v1.RoutingAdmin/SetRoute',
             admin__pb2.SetRouteRequest.SerializeToString,
             admin__pb2.SetRouteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.admin.v1.RoutingAdmin/StartRollout',
+            admin__pb2.StartRolloutRequest.SerializeToString,
+            admin__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.admin.v1.RoutingAdmin/GetRollout',
+            admin__pb2.GetRolloutRequest.SerializeToString,
+            admin__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorgate.admin.v1.RoutingAdmin/AbortRollout',
+            admin__pb2.AbortRolloutRequest.SerializeToString,
+            admin__pb2.Rollout.FromString,
             options,
             channel_credentials,
             insecure,

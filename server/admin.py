@@ -1,28 +1,26 @@
-"""``tensorgate.admin.v1.RoutingAdmin``: read and change each model's routing at run time.
+"""``tensorgate.admin.v1.RoutingAdmin``: read and change each model's routing at run time,
+and run rollouts.
 
-Thin, like the inference servicer: the checks are ``router.validate_policy`` (the same as
+Thin, like the inference servicer: the checks are ``policy.validate_policy`` (the same as
 for config.toml) and the change is one ``RouteState.set_policy``. A change lasts until the
-model is reloaded or the server restarts; config.toml is the source of truth.
+model is reloaded or the server restarts; config.toml is the source of truth. Rollouts are
+``rollouts.Rollouts``'; this only translates their messages.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 from tensorgate.errors import ConfigError
 from tensorgate.protos import admin_pb2 as apb
 from tensorgate.protos import admin_pb2_grpc as apb_grpc
 
+from .policy import RouteError, RoutePolicy, ShadowPolicy, make_policy, validate_policy
 from .repository import Model, Repository
-from .router import (
-    RouteError,
-    RoutePolicy,
-    Router,
-    RouteState,
-    ShadowPolicy,
-    make_policy,
-    validate_policy,
-)
+from .rollout import RUNNING, Settings
+from .rollouts import RolloutRefused, Rollouts, Status
+from .router import Router, RouteState
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +132,7 @@ def model_route(model: Model, state: RouteState) -> apb.ModelRoute:
             served_as_fallback=counts.as_fallback,
             failed=counts.failed,
             version=int(model.alias(v.name) or 0),
+            reason=v.reason,
         )
     for (primary, shadow), s in sorted(state.shadow_stats.items()):
         route.shadow_comparisons.add(
@@ -149,10 +148,82 @@ def model_route(model: Model, state: RouteState) -> apb.ModelRoute:
     return route
 
 
+#: StartRolloutRequest's optional fields, each a ``rollout.Settings`` field of that name.
+ROLLOUT_FIELDS = (
+    "step_seconds",
+    "min_requests",
+    "shadow_fraction",
+    "shadow_seconds",
+    "max_abs_diff",
+    "min_argmax_agreement",
+    "max_p99_ratio",
+    "max_error_rate",
+)
+
+
+def rollout_settings(request: apb.StartRolloutRequest) -> Settings:
+    """The settings a StartRollout asks for: the defaults where a field is unset."""
+    given = {f: getattr(request, f) for f in ROLLOUT_FIELDS if request.HasField(f)}
+    if request.steps:
+        given["steps"] = tuple(request.steps)
+    return Settings(**given)
+
+
+def rollout_proto(status: Status, now: float | None = None) -> apb.Rollout:
+    now = time.time() if now is None else now
+    running = status.state in RUNNING
+    end = now if running else status.phase_started
+    message = apb.Rollout(
+        model=status.model,
+        id=status.id,
+        to_variant=status.to_variant,
+        from_variant=status.from_variant,
+        state=status.state,
+        step=status.step,
+        weight=status.weight,
+        elapsed_s=max(0.0, end - status.started),
+        phase_elapsed_s=max(0.0, now - status.phase_started) if running else 0.0,
+        compared=status.compared,
+        max_abs_diff=status.max_abs_diff,
+        argmax_agreement=status.argmax_agreement,
+        reason=status.reason,
+        message=status.message,
+        workers=status.workers,
+    )
+    for v in status.variants:
+        message.variants.add(**v.model_dump())
+    for g in status.gates:
+        message.gates.add(**g.model_dump())
+    settings = status.settings.model_dump(exclude_none=True)
+    message.settings.steps.extend(settings.pop("steps"))
+    for name, value in settings.items():
+        setattr(message.settings, name, value)
+    return message
+
+
 class RoutingAdminServicer(apb_grpc.RoutingAdminServicer):
-    def __init__(self, repository: Repository, router: Router) -> None:
+    def __init__(self, repository: Repository, router: Router, rollouts: Rollouts) -> None:
         self.repository = repository
         self.router = router
+        self.rollouts = rollouts
+
+    async def StartRollout(self, request, context):
+        try:
+            settings = rollout_settings(request)
+        except ValueError as e:  # pydantic: a value of the wrong kind
+            raise RouteUpdateError(f"StartRollout: {e}") from None
+        status = await self.rollouts.start(
+            request.model, request.to_variant, request.from_variant, settings
+        )
+        return rollout_proto(status)
+
+    async def GetRollout(self, request, context):
+        self.repository.get(request.model)
+        return rollout_proto(self.rollouts.get(request.model))
+
+    async def AbortRollout(self, request, context):
+        self.repository.get(request.model)
+        return rollout_proto(await self.rollouts.abort(request.model))
 
     async def GetRoutes(self, request, context):
         if request.model:
@@ -163,6 +234,13 @@ class RoutingAdminServicer(apb_grpc.RoutingAdminServicer):
 
     async def SetRoute(self, request, context):
         model = self.repository.get(request.model)
+        running = self.rollouts.running(model.name)
+        if running is not None:
+            raise RolloutRefused(
+                f"SetRoute for model '{model.name}': rollout {running.id} of "
+                f"'{running.to_variant}' is changing its routing; wait for it to end or abort "
+                f"it (tensorgate rollout abort {model.name}); nothing was changed"
+            )
         state = self.router.state(model)
         try:
             policy = updated_policy(state.policy, list(request.update_mask.paths), request.route)

@@ -11,18 +11,19 @@ import logging
 import signal
 import time
 
-from prometheus_client import start_http_server
-
 from . import frontends
 from .admin import RoutingAdminServicer
 from .admission import Admission
 from .auth import TokenPolicy
+from .credentials import CredentialWatcher
 from .frontends import FrontEnd, Services
 from .frontends.grpcio import INFERENCE_SERVICE
 from .metrics import Metrics, Telemetry
+from .metrics_http import MetricsServer, start_metrics
 from .pipeline import Pipeline
 from .polling import RepositoryPoller
 from .repository import Repository
+from .rollouts import Rollouts
 from .router import Router
 from .servicer import InferenceServicer
 from .settings import ServerSettings
@@ -54,6 +55,7 @@ class Gateway:
             ).set(state),
             metrics=self.metrics,
         )
+        self.rollouts = Rollouts(self.repository, self.router, self.metrics, settings.state_dir)
         self.admission = Admission(settings.max_inflight)
         self.pipeline = Pipeline(
             self.repository,
@@ -66,7 +68,9 @@ class Gateway:
         self.grpc_port = 0
         self.metrics_port: int | None = None
         self.front_end: FrontEnd | None = None
-        self._metrics_server = None
+        self._metrics_server: MetricsServer | None = None
+        self.credentials: CredentialWatcher | None = None
+        self._credentials_task: asyncio.Task[None] | None = None
         self._poller = (
             RepositoryPoller(
                 self.repository, settings.poll_interval, self.model_health_changed_async
@@ -84,16 +88,17 @@ class Gateway:
             self.repository,
             self.pipeline,
             self.statistics,
-            is_ready=lambda: self.ready,
+            is_ready=self.serving,
             models_changed=self.model_health_changed,
             max_tensor_elements=s.max_tensor_elements,
             worker_index=s.worker_index,
         )
+        tokens = TokenPolicy(s.auth_token, s.admin_token)  # replaced in place on reloads
         services = Services(
             settings=s,
             inference=inference,
-            admin=RoutingAdminServicer(self.repository, self.router),
-            tokens=TokenPolicy(s.auth_token, s.admin_token),
+            admin=RoutingAdminServicer(self.repository, self.router, self.rollouts),
+            tokens=tokens,
         )
         front_end = frontends.build(kind, services)
         await front_end.start()
@@ -101,16 +106,16 @@ class Gateway:
         self.grpc_port = front_end.port
         log.info("front end: %s", front_end.name)
         await self._set_health(False)
-        if s.metrics_port is not None:
-            self._metrics_server, _ = start_http_server(
-                s.metrics_port, addr=s.metrics_host or s.host, registry=self.metrics.registry
-            )
-            self.metrics_port = self._metrics_server.server_port
+        self._metrics_server = metrics = start_metrics(self.metrics.registry, s)
+        if metrics is not None:
+            self.metrics_port = metrics.port
+        self._watch_credentials(tokens, front_end, metrics)
         started = time.perf_counter()
         await wait_until_written(self.repository.root)  # health NOT_SERVING meanwhile
         if self._poller is not None:
             self._poller.prime()  # changes made while loading are picked up by the first poll
         await self.repository.load_all()
+        self.rollouts.open()
         self.ready = True
         await self.model_health_changed_async()
         if self._poller is not None:
@@ -119,8 +124,8 @@ class Gateway:
             "tensorgate serving gRPC on %s:%d, metrics on %s, %d model(s) loaded in %.1f s",
             s.host,
             self.grpc_port,
-            f"http://{s.metrics_host or s.host}:{self.metrics_port}/metrics"
-            if self.metrics_port
+            f"{metrics.scheme}://{s.metrics_host or s.host}:{self.metrics_port}/metrics"
+            if metrics is not None
             else "(off)",
             sum(m.ready for m in self.repository.models.values()),
             time.perf_counter() - started,
@@ -131,6 +136,31 @@ class Gateway:
                 json.dumps({"grpc_port": self.grpc_port, "metrics_port": self.metrics_port})
             )
             tmp.replace(s.port_file)
+
+    def _watch_credentials(
+        self, tokens: TokenPolicy, front_end: FrontEnd, metrics: MetricsServer | None
+    ) -> None:
+        """Re-read the token and TLS files on SIGHUP and when they change
+        (server/credentials.py): the token policy is replaced in place (front ends read it
+        per call), the front end takes new TLS material for its next handshakes."""
+        self.credentials = CredentialWatcher(
+            self.settings,
+            on_tokens=tokens.replace if tokens.enabled else None,
+            on_tls=lambda m: front_end.reload_tls(m.cert_chain, m.private_key, m.client_ca),
+            on_metrics_token=metrics.set_token if metrics is not None else None,
+            on_metrics_tls=metrics.set_tls if metrics is not None else None,
+        )
+        self._credentials_task = asyncio.create_task(self.credentials.run(), name="credentials")
+
+    def serving(self) -> bool:
+        """ServerReady: started, not draining, and ``--require-models`` ready (as health)."""
+        ready = sum(m.ready for m in self.repository.models.values())
+        return self.ready and not self.draining and ready >= self.settings.require_models
+
+    def reload_credentials(self) -> None:
+        """SIGHUP: re-read the credential files now (they are also polled)."""
+        if self.credentials is not None:
+            self.credentials.reload()
 
     async def _set_health(self, serving: bool) -> None:
         assert self.front_end is not None
@@ -177,9 +207,11 @@ class Gateway:
             await self._set_health(False)
             await self.model_health_changed_async()
             await self.front_end.enter_graceful_shutdown()  # no later set() turns it back on
-        if self._poll_task is not None:
-            self._poll_task.cancel()
-            await asyncio.gather(self._poll_task, return_exceptions=True)
+        for task in (self._poll_task, self._credentials_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        await self.rollouts.close()
         if not await self.admission.wait_idle(grace):
             log.warning(
                 "drain timeout: %d inference request(s) still in flight are cancelled",
@@ -206,8 +238,7 @@ class Gateway:
         self.pipeline.telemetry.flush()
         await self.repository.close()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+            self._metrics_server.close()
 
     async def wait(self) -> None:
         assert self.front_end is not None
@@ -222,6 +253,7 @@ async def serve(settings: ServerSettings) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload_credentials)
     try:
         await gateway.start()
     except BaseException:  # e.g. an interrupted repository write: close what did start

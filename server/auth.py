@@ -16,6 +16,11 @@ without credentials, and neither reveals more than the service names.
 
 Clients send ``authorization: Bearer <token>`` metadata. A missing or wrong token is
 UNAUTHENTICATED; tokens are compared in constant time and never logged.
+
+The policy's tokens are replaced in place when the token files change
+(server/credentials.py, ``TokenPolicy.replace``): the interceptor asks the policy once per
+call, so a call is judged by the tokens in force when it arrives, and calls already accepted
+are never revisited.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ from __future__ import annotations
 import hmac
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,17 +63,29 @@ class Unauthenticated(TensorgateError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
-def read_token(path: Path | None, env: str, what: str) -> str | None:
-    """The token in file ``path`` (surrounding whitespace removed), else in environment
-    variable ``env``, else None. Raises ValueError for an empty or unreadable token."""
+def parse_token(data: bytes, path: Path, what: str) -> str:
+    """The token in the contents ``data`` of file ``path`` (surrounding whitespace removed).
+    Raises ValueError naming the file when it is not UTF-8 or holds no token."""
+    try:
+        token = data.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} file {path} cannot be read: {e}") from None
+    if not token:
+        raise ValueError(f"{what} file {path} is empty")
+    return token
+
+
+def read_token(path: Path | None, env: str | None, what: str) -> str | None:
+    """The token in file ``path``, else in environment variable ``env``, else None. Raises
+    ValueError for an empty or unreadable token."""
     if path is not None:
         try:
-            token = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
+            data = path.read_bytes()
+        except OSError as e:
             raise ValueError(f"{what} file {path} cannot be read: {e}") from None
-        if not token:
-            raise ValueError(f"{what} file {path} is empty")
-        return token
+        return parse_token(data, path, what)
+    if env is None:
+        return None
     value = os.environ.get(env)
     if value is None:
         return None
@@ -78,29 +94,63 @@ def read_token(path: Path | None, env: str, what: str) -> str | None:
     return value.strip()
 
 
-@dataclass(frozen=True)
 class TokenPolicy:
-    """Which token each RPC needs. ``None`` tokens are not required."""
+    """Which token each RPC needs. ``None`` tokens are not required.
 
-    inference_token: str | None = None
-    admin_token: str | None = None
+    One object for the life of the server: ``replace`` swaps its tokens in place, so every
+    front end that holds it follows a reload.
+    """
+
+    def __init__(self, inference_token: str | None = None, admin_token: str | None = None):
+        # One tuple, replaced in one assignment: a call sees the old pair or the new one.
+        self._tokens = (inference_token, admin_token)
+        self._listeners: list[Callable[[], None]] = []
+
+    @property
+    def inference_token(self) -> str | None:
+        return self._tokens[0]
+
+    @property
+    def admin_token(self) -> str | None:
+        return self._tokens[1]
 
     @property
     def enabled(self) -> bool:
-        return self.inference_token is not None or self.admin_token is not None
+        return self._tokens != (None, None)
+
+    def replace(self, other: TokenPolicy) -> None:
+        """Take ``other``'s tokens from the next call on (a reload), then tell the listeners."""
+        self._tokens = other._tokens
+        for listener in self._listeners:
+            listener()
+
+    def on_replace(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after each ``replace``: for a holder that copies a token out
+        (e.g. into a native server) instead of asking the policy per call."""
+        self._listeners.append(listener)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TokenPolicy) and self._tokens == other._tokens
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:  # never print the tokens
+        inference, admin = ("<set>" if t is not None else None for t in self._tokens)
+        return f"TokenPolicy(inference_token={inference}, admin_token={admin})"
 
     def required(self, method: str) -> tuple[str, str] | None:
         """(token, which) that ``method`` (a full '/service/Method' path) needs, or None."""
+        inference, admin = self._tokens
         if method.startswith(OPEN_PREFIXES):
             return None
         if method in ADMIN_METHODS or method.startswith(ADMIN_PREFIXES):
-            if self.admin_token is not None:
-                return self.admin_token, "admin token"
-            if self.inference_token is not None:
-                return self.inference_token, "token"
+            if admin is not None:
+                return admin, "admin token"
+            if inference is not None:
+                return inference, "token"
             return None
-        if self.inference_token is not None:
-            return self.inference_token, "token"
+        if inference is not None:
+            return inference, "token"
         return None
 
     def refusal(
@@ -162,6 +212,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without the token their RPC needs (see the module docstring).
 
     Installed only when a token is configured: without one, calls pay nothing for it.
+    The policy's tokens may be replaced at any time (a reload); each call reads them once.
     """
 
     def __init__(self, policy: TokenPolicy) -> None:
@@ -172,10 +223,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
+        # The tokens of now: a rotation while the handler is looked up does not refuse a call
+        # that carried the credentials in force when it was made.
         refused = self.policy.refusal(
             handler_call_details.method, handler_call_details.invocation_metadata
         )
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
         return handler if refused is None else _refusal(handler, refused)

@@ -51,7 +51,8 @@ class TensorConfig(_Strict):
         return v
 
 
-
+#: ``[variants.NAME] precision``: what a variant computes in.
+PRECISIONS = ("fp32", "bf16")
 
 #: Where a variant's backend runs: in the gateway process, or in a worker process.
 Isolation = Literal["none", "process"]
@@ -83,11 +84,26 @@ class VariantConfig(_Strict):
     inter_op_threads: Annotated[int, Field(ge=0)] | None = None
     signature_name: str | None = None
     isolation: Isolation | None = None
+    execution_timeout_s: Annotated[float, Field(gt=0)] | None = None  # isolated variants
     # An integer model_version that pins this variant too: Triton's clients parse versions
     # as integers (perf_analyzer -x 3), so a named variant needs one to be pinned by them.
     version: Annotated[int, Field(ge=1)] | None = None
+    # "bf16": serve an FP32 torch file in bfloat16 mixed precision (autocast), without
+    # converting it. None: "fp32", the file's own arithmetic.
+    precision: str | None = None
 
     _device = field_validator("device")(_check_device)
+
+    @field_validator("precision")
+    @classmethod
+    def _known_precision(cls, v: str | None) -> str | None:
+        if v is not None and v not in PRECISIONS:
+            raise ValueError(
+                f'precision \'{v}\': use "fp32" (the model file\'s own arithmetic) or "bf16" '
+                "(a torchscript or torch_export variant run in bfloat16 autocast); files "
+                "converted to fp16 or int8 need no key (see docs/convert.md)"
+            )
+        return v
 
 
 class InstancesConfig(_Strict):
@@ -118,6 +134,8 @@ class WarmupConfig(_Strict):
     batch_size: Annotated[int, Field(ge=1)] = 1  # rows, for models with a batch dimension
     # "zeros" | "random" | a .npz file in the model folder, one array per input name
     data: str = "zeros"
+    # Seconds the whole warmup of one variant may take; beyond, the variant fails to load.
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
 
     @field_validator("data")
     @classmethod
@@ -144,7 +162,7 @@ class RoutingConfig(_Strict):
     """``[routing]``: how unpinned requests are split between variants, and what happens when
     a variant fails. Only the shapes are checked here; what needs the model's variant names
     (unknown variants, all-zero weights, fallback cycles) is checked by
-    ``router.validate_policy`` when the model loads, the same check the admin API uses."""
+    ``policy.validate_policy`` when the model loads, the same check the admin API uses."""
 
     weights: dict[str, float] | None = None
     sticky_key: str | None = None
@@ -174,6 +192,9 @@ class ModelConfig(_Strict):
     # "process": run the backend in a worker process of its own (backends/isolated/), so
     # a framework that crashes takes down only that worker, which is restarted.
     isolation: Isolation = "none"
+    # Seconds one execution of an isolated variant may run; beyond, its worker is killed and
+    # restarted (backends/isolated/). None: no limit. An in-process call cannot be stopped.
+    execution_timeout_s: Annotated[float, Field(gt=0)] | None = None
     input: list[TensorConfig] = Field(default_factory=list)
     output: list[TensorConfig] = Field(default_factory=list)
     variants: dict[str, VariantConfig] = Field(default_factory=dict)
@@ -192,6 +213,25 @@ class ModelConfig(_Strict):
             raise ValueError(
                 f"[warmup] batch_size = {w.batch_size} exceeds the model's max_batch_size = "
                 f"{self.max_batch_size}; use at most {self.max_batch_size}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _execution_timeout_needs_isolation(self) -> ModelConfig:
+        fix = 'set isolation = "process" (a call in the gateway process cannot be stopped)'
+        for name, v in self.variants.items():
+            if v.execution_timeout_s is not None and (v.isolation or self.isolation) == "none":
+                raise ValueError(
+                    f"[variants.{name}] execution_timeout_s applies to isolated variants only: "
+                    f"{fix} in [variants.{name}]"
+                )
+        isolated = self.isolation == "process" or any(
+            v.isolation == "process" for v in self.variants.values()
+        )
+        if self.execution_timeout_s is not None and not isolated:
+            raise ValueError(
+                f"execution_timeout_s applies to isolated variants only: {fix}, at the top "
+                "level or in [variants.NAME]"
             )
         return self
 

@@ -176,6 +176,23 @@ class Metrics:
             (*_SHADOW, "agree"),
             registry=r,
         )
+        # Rollouts (server/rollout.py): set by every worker that follows one.
+        self.rollout_weight = Gauge(
+            "tensorgate_rollout_weight",
+            "Percent of a model's unpinned requests a variant gets from the running rollout "
+            "(the candidate and the variant it replaces); 100 for the promoted candidate.",
+            ("model", "variant"),
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.rollout_state = Gauge(
+            "tensorgate_rollout_state",
+            "1 for a model's rollout's state (shadow, step, promoted, rolled_back), 0 for the "
+            "others.",
+            ("model", "state"),
+            registry=r,
+            multiprocess_mode="livemax",
+        )
 
 
 @dataclass(slots=True)
@@ -242,6 +259,14 @@ def observe_many(histogram: Histogram, values: np.ndarray) -> None:
     for i in np.flatnonzero(counts):
         buckets[i].inc(int(counts[i]))
     histogram._sum.inc(float(values.sum()))  # type: ignore[attr-defined]
+
+
+def latency_counts(metrics: Metrics, model: str, variant: str, backend: str) -> list[float]:
+    """The ``tensorgate_request_duration_seconds`` bucket counts of one variant in this
+    process, one per bound of ``LATENCY_BUCKETS`` and +Inf, not cumulative (the layout
+    ``observe_many`` writes)."""
+    child = metrics.request_duration.labels(model, variant, backend)
+    return [b.get() for b in child._buckets]  # type: ignore[attr-defined]
 
 
 #: How long a request's measurements may wait before they reach the metrics and

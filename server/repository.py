@@ -2,7 +2,8 @@
 
 Scans the directory, loads each variant's backend off the event loop, merges the variants'
 signatures into one, and keeps the live set of models. A reload builds the new model
-completely before swapping it in, then lets the old one finish what it accepted.
+completely before swapping it in, then lets the old one finish what it accepted. What it
+holds, ``Model`` and ``Variant``, is in ``model.py``.
 """
 
 from __future__ import annotations
@@ -11,10 +12,7 @@ import asyncio
 import gc
 import logging
 import os
-import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 
 import grpc
@@ -28,7 +26,7 @@ from tensorgate.backends import (
     backend_class,
     detect,
 )
-from tensorgate.backends.isolated import IsolatedBackend
+from tensorgate.backends.isolated import IsolatedBackend, Warmup
 from tensorgate.errors import (
     ConfigError,
     InvalidInput,
@@ -39,152 +37,30 @@ from tensorgate.errors import (
 
 from .config import ModelConfig, load_model_config
 from .metrics import Metrics
-from .router import RouteError, RoutePolicy, policy_from_config, validate_policy
+from .model import NAME, Model, State, Variant, check_model_name, is_version, variant_order
+from .policy import RouteError, policy_from_config, validate_policy
 from .scheduler import BatchPolicy, Scheduler
-from .signature import ModelSignature, merge_signatures
-from .statistics import NAMED_VARIANTS_VERSION
-from .warmup import warm_up, warmup_inputs
+from .signature import merge_signatures
+from .warmup import WarmupTimeout, warm_up, warmup_inputs
 from .writelock import check_not_written
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+__all__ = [
+    "Model",
+    "ReloadRefused",
+    "Repository",
+    "State",
+    "Variant",
+    "check_model_name",
+    "walk_tree",
+]
 
 
 class ReloadRefused(ConfigError):
     """A reload whose new files fail where the loaded version serves: nothing was swapped."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
-
-
-class State(StrEnum):
-    READY = "READY"
-    UNAVAILABLE = "UNAVAILABLE"
-    LOADING = "LOADING"
-
-
-def is_version(name: str) -> bool:
-    """Whether a variant name (or a ``model_version``) is an integer version: "3" is, "onnx"
-    is not. Triton's clients parse versions as integers."""
-    return name.isdigit()
-
-
-@dataclass
-class Variant:
-    """One variant of a model: a model file served by one backend."""
-
-    model: str
-    name: str
-    backend_name: str
-    platform: str
-    path: Path
-    state: State = State.LOADING
-    reason: str = ""
-    backend: Backend | None = None
-    options: BackendOptions = field(default_factory=BackendOptions)  # as loaded
-    scheduler: Scheduler | None = None
-
-    @property
-    def ready(self) -> bool:
-        return self.state is State.READY
-
-    @property
-    def is_version(self) -> bool:
-        return is_version(self.name)
-
-
-@dataclass
-class Model:
-    """A model name: one route over one or more variants sharing one signature."""
-
-    name: str
-    directory: Path
-    config: ModelConfig = field(default_factory=ModelConfig)
-    variants: dict[str, Variant] = field(default_factory=dict)  # in documented order
-    signature: ModelSignature | None = None
-    reason: str = ""  # why the model as a whole failed
-    policy: RoutePolicy = field(default_factory=RoutePolicy)  # [routing], validated
-    # Integer model_versions of named variants ([variants.NAME] version = N): "3" -> "onnx".
-    aliases: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def ready(self) -> bool:
-        return self.signature is not None and any(v.ready for v in self.variants.values())
-
-    def ready_variants(self) -> Iterator[Variant]:
-        return (v for v in self.variants.values() if v.ready)
-
-    def alias(self, variant: str) -> str | None:
-        """The integer version a named variant also answers to, if config.toml gives one."""
-        return next((a for a, v in self.aliases.items() if v == variant), None)
-
-    def pinnable_versions(self) -> list[str]:
-        """Every ``model_version`` that pins a ready variant: names, then integer aliases."""
-        return [name for v in self.ready_variants() for name in self.versions(v.name)]
-
-    def integer_versions(self, variant: Variant | None = None) -> list[int]:
-        """The integer versions (directories and aliases) a Triton client may pin: of
-        ``variant``, or of every ready variant."""
-        served = [variant] if variant is not None else list(self.ready_variants())
-        return [int(n) for v in served for n in self.versions(v.name) if is_version(n)]
-
-    def statistics_versions(self) -> dict[str, tuple[str, ...]]:
-        """What an unpinned ModelStatistics lists, {version: the variants it sums}: integer
-        versions and aliased variants (under their integer) one by one, and the other
-        named variants together under version "0" (Triton's clients parse versions as
-        integers)."""
-        versions: dict[str, tuple[str, ...]] = {}
-        named: list[str] = []
-        for name in self.variants:
-            alias = name if is_version(name) else self.alias(name)
-            if alias is None:
-                named.append(name)
-            else:
-                versions[alias] = (name,)
-        if named:
-            versions[NAMED_VARIANTS_VERSION] = tuple(named)
-        return versions
-
-    def versions(self, variant: str) -> list[str]:
-        """Every ``model_version`` that pins ``variant``: its name, then its alias."""
-        alias = self.alias(variant)
-        return [variant] if alias is None else [variant, alias]
-
-    def default_variant(self) -> Variant | None:
-        """Where an unpinned request goes while no routing is configured: the config's
-        ``default_variant`` when ready, else the first ready variant in documented order
-        (newest integer version first, then named variants alphabetically)."""
-        if self.config.default_variant:
-            v = self.variants.get(self.config.default_variant)
-            if v is not None and v.ready:
-                return v
-        return next(self.ready_variants(), None)
-
-    @property
-    def shadow_limit(self) -> int:
-        """Mirrored requests a shadow variant may hold at once: half its queue, so that
-        mirrors can never crowd out the requests it serves itself."""
-        return self.config.instances.max_queue_size // 2
-
-    def variant(self, version: str) -> Variant:
-        """The variant a request's ``model_version`` pins: the variant of that name, or the
-        one whose ``[variants.NAME] version`` is that integer. The one place an alias is
-        resolved. Raises ModelNotFound when neither exists."""
-        v = self.variants.get(version) or self.variants.get(self.aliases.get(version, ""))
-        if v is None:
-            raise ModelNotFound(self.name, version)
-        return v
-
-    @property
-    def platform(self) -> str:
-        """The platform an unpinned request is served by (its default variant's)."""
-        v = self.default_variant() or next(iter(self.variants.values()), None)
-        return v.platform if v is not None else ""
-
-    @property
-    def backend_name(self) -> str:
-        v = self.default_variant() or next(iter(self.variants.values()), None)
-        return v.backend_name if v is not None else ""
 
 
 def _setting(config: ModelConfig, variant: str, attr: str):
@@ -234,12 +110,6 @@ def _aliases(model: Model, names: list[str]) -> dict[str, str]:
     return aliases
 
 
-def variant_order(names: list[str]) -> list[str]:
-    """Integer versions newest first, then other names alphabetically."""
-    versions = sorted((n for n in names if is_version(n)), key=int, reverse=True)
-    return versions + sorted(n for n in names if not is_version(n))
-
-
 def walk_tree(directory: Path, root: Path, *, hidden: bool = False) -> Iterator[str]:
     """Every directory and file under ``directory``, in sorted order, following symlinks:
     each real directory is entered once (link cycles end), and never one outside ``root``
@@ -259,16 +129,6 @@ def walk_tree(directory: Path, root: Path, *, hidden: bool = False) -> Iterator[
             yield os.path.join(dirpath, name)
 
 
-def check_model_name(name: str) -> str:
-    """A model name must be one plain path component (no '/', '..', hidden names)."""
-    if not _NAME.match(name) or name in (".", ".."):
-        raise InvalidInput(
-            f"invalid model name '{name}': use letters, digits, '_', '-' and '.', "
-            "starting with a letter or digit"
-        )
-    return name
-
-
 class Repository:
     """The live set of models served from one directory."""
 
@@ -280,6 +140,8 @@ class Repository:
         # UNAVAILABLE "loading" (retry), not NOT_FOUND (a model that does not exist).
         self.loading: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
+        # Variants released in the background: their warmup hung past its timeout.
+        self._releasing: set[asyncio.Task[None]] = set()
 
     # -- lookup -------------------------------------------------------------------------
     def get(self, name: str) -> Model:
@@ -299,7 +161,7 @@ class Repository:
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if p.is_dir() and _NAME.match(p.name) and not p.name.startswith(".")
+            if p.is_dir() and NAME.match(p.name) and not p.name.startswith(".")
         )
 
     def model_dir(self, name: str) -> Path:
@@ -410,6 +272,26 @@ class Repository:
         await asyncio.to_thread(backend.unload)
         return not isinstance(backend, IsolatedBackend)
 
+    def _release_hung(self, v: Variant) -> None:
+        """Release a variant whose execution hangs without waiting for it: an isolated
+        worker is killed; a call in this process cannot be stopped, so its scheduler and
+        backend are released in the background once the call returns."""
+        # Detached now, so that nothing else (a refused reload's cleanup) waits on them.
+        scheduler, backend = v.scheduler, v.backend
+        v.scheduler, v.backend = None, None
+        if isinstance(backend, IsolatedBackend):
+            backend.kill()
+
+        async def release() -> None:
+            if scheduler is not None:
+                await scheduler.close()
+            if backend is not None:
+                await asyncio.to_thread(backend.unload)
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+
     def _export_ready(self, model: Model, gone: bool = False) -> None:
         for v in model.variants.values():
             self.metrics.model_ready.labels(model.name, v.name, v.backend_name).set(
@@ -473,7 +355,7 @@ class Repository:
             if samples is not None:
                 assert warmup is not None
                 try:
-                    await warm_up(v.scheduler, samples, warmup.requests)
+                    await warm_up(v.scheduler, samples, warmup.requests, warmup.timeout_s)
                 except TensorgateError as e:
                     v.state = State.UNAVAILABLE
                     v.reason = (
@@ -481,8 +363,13 @@ class Repository:
                         f"batch_size {warmup.batch_size}): {e}"
                     )
                     log.error("model %s variant %s: %s", name, vname, v.reason)
-                    await self._stop(v)
+                    if isinstance(e, WarmupTimeout):
+                        self._release_hung(v)
+                    else:
+                        await self._stop(v)
                     continue
+                if isinstance(v.backend, IsolatedBackend):  # warm a restarted worker too
+                    v.backend.warmup = Warmup(samples, warmup.requests, warmup.timeout_s)
             v.state = State.READY
         log.info(
             "model %s ready: %s",
@@ -496,7 +383,7 @@ class Repository:
         names = [
             p.name
             for p in model.directory.iterdir()
-            if p.is_dir() and _NAME.match(p.name) and not p.name.startswith(".")
+            if p.is_dir() and NAME.match(p.name) and not p.name.startswith(".")
         ]
         for configured in cfg.variants:
             if configured not in names:
@@ -573,17 +460,30 @@ class Repository:
 
         if v.state is State.UNAVAILABLE:  # nothing to load (reason already recorded)
             raise BackendError(v.reason)
+        vcfg = cfg.variants.get(v.name)
         options = BackendOptions(
             device=pick("device"),
             intra_op_threads=pick("intra_op_threads"),
             inter_op_threads=pick("inter_op_threads"),
             instances=cfg.instances.count,
             signature_name=pick("signature_name"),
+            precision=(vcfg.precision if vcfg else None) or "fp32",
         )
         v.options = options
+        if options.precision not in backend_class(v.backend_name).precisions:
+            raise BackendError(
+                f'[variants.{v.name}] precision = "{options.precision}": the '
+                f"{v.backend_name} backend runs a model in the precision of its file; only "
+                "the torchscript and torch_export backends take it (or convert the file: "
+                "tensorgate convert --precision, docs/convert.md)"
+            )
         backend: Backend
         if pick("isolation") == "process":
-            backend = IsolatedBackend(v.backend_name, label=f"{model.name}/{v.name}")
+            backend = IsolatedBackend(
+                v.backend_name,
+                label=f"{model.name}/{v.name}",
+                execution_timeout=pick("execution_timeout_s"),
+            )
         else:
             backend = backend_class(v.backend_name)()
         signature = backend.load(v.path, options)

@@ -304,9 +304,10 @@ class Scheduler:
                 parts = self._split(result, batch)
         except Exception as e:
             error = self._error(e)
+            now = time.monotonic()
             for w in batch:
                 if not w.future.done():
-                    w.future.set_exception(error)
+                    w.future.set_exception(self._late(error, w.deadline, now))
             return
         compute = time.perf_counter() - started
         first.timings.execution_rows = sum(w.rows for w in batch)
@@ -404,6 +405,14 @@ class Scheduler:
             parts.append({n: a[offset : offset + w.rows] for n, a in result.items()})
             offset += w.rows
         return parts
+
+    def _late(self, error: Exception, deadline: float | None, now: float) -> Exception:
+        """What a request gets of a failed execution: DeadlineExceeded rather than an
+        unreachable backend's Unavailable when its own deadline passed first (e.g. while a
+        hung isolated worker ran to its execution timeout)."""
+        if isinstance(error, Unavailable) and deadline is not None and now >= deadline:
+            return DeadlineExceeded(f"deadline passed during the execution; {error}")
+        return error
 
     def _error(self, e: Exception) -> Exception:
         if isinstance(e, BackendFailed):

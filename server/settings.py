@@ -19,6 +19,10 @@ class ServerSettings:
     port: int = 8001
     metrics_port: int | None = 8002  # None: no metrics endpoint
     metrics_host: str | None = None  # default: same as host
+    # /metrics over HTTPS, and a bearer token it requires (server/metrics_http.py).
+    metrics_tls_cert: Path | None = None
+    metrics_tls_key: Path | None = None
+    metrics_token_file: Path | None = None
     max_message_bytes: int = MAX_MESSAGE_BYTES
     drain_timeout: float = 30.0
     port_file: Path | None = None
@@ -35,16 +39,22 @@ class ServerSettings:
     tls_client_ca: Path | None = None
     auth_token: str | None = None
     admin_token: str | None = None
+    # Where the tokens were read from (None: the environment, or no token): re-read on
+    # SIGHUP and when they change (server/credentials.py), as are the TLS files.
+    auth_token_file: Path | None = None
+    admin_token_file: Path | None = None
     # Set by the --workers supervisor (server/workers.py): share the port with sibling
     # worker processes (SO_REUSEPORT), and this worker's index, sent as trailing metadata.
     reuse_port: bool = False
     worker_index: int | None = None
+    # A directory every worker of one supervisor shares (rollouts: server/rollouts.py).
+    state_dir: Path | None = None
     # The asyncio event loop implementation (server/eventloop.py): "auto" (uvloop when it
     # is installed), "uvloop" or "asyncio".
     event_loop: str = "auto"
     # The gRPC front end (server/frontends/): "python" (grpc.aio), "native" (the Rust
     # extension) or "auto" (native when the extension is installed).
-    front_end: str = "python"
+    front_end: str = "auto"
 
     def __repr__(self) -> str:  # never print the tokens
         hidden = {"auth_token", "admin_token"}

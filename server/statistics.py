@@ -51,8 +51,20 @@ class VariantStatistics:
 
 #: ModelStatistics version under which named (non-integer) variants are reported together.
 #: Triton clients parse versions as integers (perf_analyzer calls std::stoll on them), and
-#: Triton's versions start at 1, so 0 cannot collide with a real version.
+#: Triton's versions start at 1, so 0 collides with no version of a Triton-style repository;
+#: a variant directory named "0" is possible here, though (``named_variants_version``).
 NAMED_VARIANTS_VERSION = "0"
+
+
+def named_variants_version(taken: Iterable[str]) -> str:
+    """The version the named variants are summed under: ``NAMED_VARIANTS_VERSION``, or when
+    a variant directory (or an alias) already answers to it, the smallest integer above it
+    that none does, so that neither entry hides the other."""
+    used = set(taken)
+    version = int(NAMED_VARIANTS_VERSION)
+    while str(version) in used:
+        version += 1
+    return str(version)
 
 
 def _summed(parts: list[VariantStatistics]) -> VariantStatistics:

@@ -9,17 +9,26 @@ variant whose warmup fails never serves, and on a reload the old version keeps s
 Warmup requests go through the variant's scheduler (its queue, its thread, the same backend
 calls as requests) but not through the pipeline, so they are not counted in metrics or
 ModelStatistics.
+
+A warmup is bounded by ``[warmup] timeout_s`` (default 60 s): past it, the variant fails to
+load with a reason that says so (``WarmupTimeout``) and the other variants and models load
+as usual. An execution in the gateway process cannot be interrupted: it finishes in the
+background, and its variant is released when it returns. An isolated variant's worker is
+killed instead, and a worker restarted after a crash is warmed up again before it takes
+requests (``backends/isolated``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from tensorgate.datatypes import by_name
-from tensorgate.errors import ConfigError, InvalidInput
+from tensorgate.errors import ConfigError, InvalidInput, Unavailable
 from tensorgate.inference import InputTensor
 
 from .config import CONFIG_FILE, WarmupConfig
@@ -135,11 +144,32 @@ def warmup_inputs(
         ) from None
 
 
-async def warm_up(scheduler: Scheduler, inputs: dict[str, np.ndarray], requests: int) -> None:
-    """Run ``requests`` executions of ``inputs`` on a started scheduler, one after another.
+class WarmupTimeout(Unavailable):
+    """A warmup ran past ``[warmup] timeout_s``."""
 
-    Raises the scheduler's TensorgateError (BackendFailed, InvalidInput...) of the first
-    execution that fails.
+
+async def warm_up(
+    scheduler: Scheduler,
+    inputs: dict[str, np.ndarray],
+    requests: int,
+    timeout_s: float = WarmupConfig.model_fields["timeout_s"].default,
+) -> None:
+    """Run ``requests`` executions of ``inputs`` on a started scheduler, one after another,
+    all within ``timeout_s`` seconds.
+
+    Raises WarmupTimeout when they take longer (the execution running then is not stopped:
+    the scheduler still holds it), else the scheduler's TensorgateError (BackendFailed,
+    InvalidInput...) of the first execution that fails.
     """
-    for _ in range(requests):
-        await scheduler.submit(inputs, None, None, Timings())
+    done = 0
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(timeout_s):
+            for done in range(requests):  # noqa: B007 - read after a timeout
+                await scheduler.submit(inputs, None, None, Timings())
+    except TimeoutError:
+        raise WarmupTimeout(
+            f"it took longer than [warmup] timeout_s = {timeout_s:g} s ({done} of {requests} "
+            f"execution(s) done after {time.monotonic() - started:.1f} s); raise timeout_s, or "
+            "find why the model is slow on the warmup data"
+        ) from None

@@ -14,11 +14,15 @@ client with one HTTP/2 connection talks to one worker).
 
 What the supervisor does: starts the workers and writes ``--port-file`` once all of them
 serve; restarts a worker that dies, with a growing delay; on SIGTERM or SIGINT forwards
-SIGTERM to the workers, waits for their drain and exits 0. It serves ``/metrics`` itself:
+SIGTERM to the workers, waits for their drain and exits 0; forwards SIGHUP (reload the
+credential files, server/credentials.py), which each worker also watches itself. It serves
+``/metrics`` itself (server/metrics_http.py, with its token and TLS reloaded the same way):
 the workers run prometheus-client in multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, a
 directory the supervisor creates and removes), so counters and histograms are summed over
 every worker that ever ran, and gauges are combined by their ``multiprocess_mode``.
-``ModelStatistics`` stays per worker: it answers for the worker the call lands on.
+``ModelStatistics`` stays per worker: it answers for the worker the call lands on. Rollouts
+are shared through the same state directory (``rollouts/``, see ``server/rollouts.py``), so
+one rollout drives every worker whichever worker its admin calls land on.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from pathlib import Path
 
 from tensorgate.backoff import RestartBackoff
 
+from .credentials import CredentialWatcher
+from .metrics_http import MetricsServer, start_metrics
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -186,7 +192,8 @@ class Supervisor:
         self._socket: socket.socket | None = None
         self._state_dir: Path | None = None
         self._multiproc_dir: Path | None = None
-        self._metrics_server = None
+        self._metrics_server: MetricsServer | None = None
+        self._credentials: CredentialWatcher | None = None
         self.grpc_port = 0
         self.metrics_port: int | None = None
         self._restarts = None  # Counter, created with the registry
@@ -195,10 +202,20 @@ class Supervisor:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self._reload())
         try:
             return self._run()
         finally:
             self._cleanup()
+
+    def _reload(self) -> None:
+        """SIGHUP: every worker re-reads its credential files, and so does /metrics."""
+        log.info("SIGHUP: reloading credentials in %d worker(s)", len(self.worker_pids()))
+        for pid in self.worker_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+        if self._credentials is not None:
+            self._credentials.reload()
 
     def worker_pids(self) -> list[int]:
         with self._lock:
@@ -243,8 +260,9 @@ class Supervisor:
             self.grpc_port,
             len(self.workers),
             ", ".join(str(p) for p in self.worker_pids()),
-            f", metrics on http://{s.metrics_host or s.host}:{self.metrics_port}/metrics"
-            if self.metrics_port
+            f", metrics on {self._metrics_server.scheme}://{s.metrics_host or s.host}:"
+            f"{self.metrics_port}/metrics"
+            if self._metrics_server is not None
             else "",
         )
         self._supervise()
@@ -256,7 +274,6 @@ class Supervisor:
             Counter,
             Gauge,
             disable_created_metrics,
-            start_http_server,
         )
         from prometheus_client.multiprocess import MultiProcessCollector
         from prometheus_client.platform_collector import PlatformCollector
@@ -277,12 +294,14 @@ class Supervisor:
             "Worker processes restarted after they died.",
             registry=registry,
         )
-        s = self.settings
-        assert s.metrics_port is not None
-        self._metrics_server, _ = start_http_server(
-            s.metrics_port, addr=s.metrics_host or s.host, registry=registry
+        server = start_metrics(registry, self.settings)
+        assert server is not None
+        self._metrics_server = server
+        self.metrics_port = server.port
+        self._credentials = CredentialWatcher(
+            self.settings, on_metrics_token=server.set_token, on_metrics_tls=server.set_tls
         )
-        self.metrics_port = self._metrics_server.server_port
+        self._credentials.start_thread(self._stop)
 
     def _thread_share(self) -> int:
         return max(1, available_cores() // len(self.workers))
@@ -307,6 +326,7 @@ class Supervisor:
             port_file=w.port_file,
             reuse_port=True,
             worker_index=w.index,
+            state_dir=self._state_dir,
         )
         proc = subprocess.Popen(
             [sys.executable, "-m", "tensorgate.server.workers"],
@@ -433,8 +453,7 @@ class Supervisor:
                 w.proc.kill()
                 w.proc.wait()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+            self._metrics_server.close()
         if self._socket is not None:
             self._socket.close()
         if self._state_dir is not None:
@@ -452,6 +471,8 @@ def _die_with_parent() -> None:
 
 def worker_main() -> None:
     """Entry point of one worker process: settings arrive pickled on stdin."""
+    # SIGHUP means "reload credentials" once serve() handles it; until then, not "exit".
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings, log_level, parent = pickle.loads(sys.stdin.buffer.read())
     assert isinstance(settings, ServerSettings)
     _die_with_parent()

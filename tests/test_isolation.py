@@ -7,9 +7,12 @@ bring the variant back by restarting the worker.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -21,10 +24,13 @@ from tensorgate.backends.base import BackendInputError, BackendUnreachable
 from tensorgate.backends.isolated import IsolatedBackend
 from tensorgate.backoff import RestartBackoff
 from tensorgate.clients import Client
+from tensorgate.errors import DeadlineExceeded, Unavailable
 from tensorgate.server.demo import build_mlp_onnx, mlp_reference, mlp_weights
+from tensorgate.server.scheduler import Scheduler, Timings
 
 from .modelfactory import build_string_onnx
 from .serverproc import ServerProcess, wait_until
+from .slowmodel import build_slow_onnx, slow_inputs
 from .test_reliability import LoadThreads, x64
 
 # Talks gRPC: runs against both front ends (tests/conftest.py).
@@ -229,3 +235,66 @@ def test_restart_delay_grows_while_the_worker_keeps_dying(tmp_path: Path) -> Non
         assert delays[1] > delays[0], delays  # 0.2 s, then 0.4 s: it died young again
     finally:
         backend.unload()
+
+
+def test_execution_timeout_kills_the_worker_and_fails_every_call_on_it(tmp_path: Path) -> None:
+    path = build_slow_onnx(tmp_path / "slow" / "model.onnx")
+    backend = IsolatedBackend("onnxruntime", label="slow/1", execution_timeout=1.0)
+    backend.backoff = RestartBackoff(initial=0.2)
+    options = BackendOptions(instances=2)
+    backend.bind(backend.load(path, options))
+    try:
+        old = backend.pid
+        assert backend.infer(slow_inputs(1, 5))["y"].shape == (1, 256)
+        with ThreadPoolExecutor(2) as pool:
+            # Two executions at once on the worker: the one past the limit gets it killed,
+            # and the other one, in flight on the same worker, fails with it.
+            calls = [pool.submit(backend.infer, slow_inputs(4096, 2000)) for _ in range(2)]
+            errors = []
+            for call in calls:
+                with pytest.raises(BackendUnreachable) as info:
+                    call.result(120)
+                errors.append(str(info.value))
+        why = "an execution ran longer than execution_timeout_s = 1 s"
+        assert all(f"worker process {old} of slow/1 killed: {why}" in e for e in errors), errors
+
+        def serving() -> bool:
+            try:
+                return backend.infer(slow_inputs(1, 5))["y"].shape == (1, 256)
+            except BackendUnreachable:
+                return False
+
+        wait_until(serving, 60, "the restarted worker to serve")
+        assert backend.restarts == 1 and backend.pid not in (None, old)
+    finally:
+        backend.unload()
+
+
+def test_a_killed_execution_answers_deadline_exceeded_where_the_deadline_passed_first(
+    tmp_path: Path,
+) -> None:
+    path = build_slow_onnx(tmp_path / "slow" / "model.onnx")
+    big = slow_inputs(4096, 2000)
+
+    async def run() -> list[BaseException | dict]:
+        backend = IsolatedBackend("onnxruntime", label="slow/1", execution_timeout=1.0)
+        backend.bind(await asyncio.to_thread(backend.load, path, BackendOptions(instances=2)))
+        scheduler = Scheduler(backend, name="slow/1", instances=2, may_inline=False)
+        scheduler.start()
+        try:
+            # Two executions on the worker at once; the first caller's deadline passes while
+            # they compute, the second has none. The worker is killed at 1 s: both fail.
+            soon = time.monotonic() + 0.3
+            return await asyncio.gather(
+                scheduler.submit(big, None, soon, Timings()),
+                scheduler.submit(big, None, None, Timings()),
+                return_exceptions=True,
+            )
+        finally:
+            await scheduler.close()
+            await asyncio.to_thread(backend.unload)
+
+    late, patient = asyncio.run(run())
+    assert isinstance(late, DeadlineExceeded), late
+    assert "killed: an execution ran longer than execution_timeout_s = 1 s" in str(late)
+    assert isinstance(patient, Unavailable) and not isinstance(patient, DeadlineExceeded), patient

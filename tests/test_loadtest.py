@@ -78,7 +78,7 @@ def test_typed_and_raw_requests_carry_the_same_tensor() -> None:
 def test_ghz_configs_send_the_request_files() -> None:
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     known = {"call", "host", "insecure", "concurrency", "connections", "duration", "timeout",
-             "data-file", "total", "proto", "import-paths"}  # fmt: skip
+             "data-file", "total", "proto", "import-paths", "duration-stop"}  # fmt: skip
     configs = sorted((LOADTEST / "ghz").glob("*.json"))
     assert len(configs) >= len(REQUEST_FILES)
     for path in configs:

@@ -49,6 +49,8 @@ EXPECTED = {
     "tensorgate_shadow_requests": {"model", "primary", "shadow", "outcome"},
     "tensorgate_shadow_max_abs_diff": {"model", "primary", "shadow"},
     "tensorgate_shadow_argmax_agreement": {"model", "primary", "shadow", "agree"},
+    "tensorgate_rollout_weight": {"model", "variant"},
+    "tensorgate_rollout_state": {"model", "state"},
 }
 BACKENDS = {
     "torch": "torchscript",
@@ -88,7 +90,7 @@ def test_every_exported_metric_and_its_labels(gateway: ServerProcess) -> None:
         # A family with no samples yet (routing not configured here) shows no labels.
         assert labels in (EXPECTED[name], set()), name
     assert all(ours[name] == labels for name, labels in EXPECTED.items() if "variant" in labels
-               and not name.startswith("tensorgate_circuit"))  # fmt: skip
+               and not name.startswith(("tensorgate_circuit", "tensorgate_rollout")))  # fmt: skip
     # prometheus-client's process metrics are there too.
     assert {"process_cpu_seconds", "process_resident_memory_bytes", "process_open_fds"} <= set(
         found

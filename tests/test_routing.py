@@ -1,11 +1,11 @@
 """Routing between a model's variants: weights, sticky keys, pinning, shadow comparison,
 fallback, circuit breakers, and the admin API that changes them at run time.
 
-Unit tests drive the pure strategy in ``server/router.py`` with a seeded random source and
-a fake clock; integration tests start a real gateway on a repository of real framework
-models built here (the demo MLP in TorchScript, SavedModel and ONNX, an ONNX variant with
-other weights that must diverge, and TorchScript variants that fail always or on NaN input)
-and talk to it through gRPC, the project's client, /metrics and the CLI.
+Unit tests drive the pure strategy (``server/policy.py``, ``breaker.py``, ``router.py``) with a
+seeded random source and a fake clock; integration tests start a real gateway on a repository
+of real framework models built here (the demo MLP in TorchScript, SavedModel and ONNX, an ONNX
+variant with other weights that must diverge, and TorchScript variants that fail always or on
+NaN input) and talk to it through gRPC, the project's client, /metrics and the CLI.
 """
 
 from __future__ import annotations
@@ -34,23 +34,22 @@ from tensorgate.protos import admin_pb2 as apb
 from tensorgate.protos import admin_pb2_grpc as apb_grpc
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
+from tensorgate.server.breaker import CircuitBreaker, CircuitState
 from tensorgate.server.config import load_model_config
 from tensorgate.server.demo import MLP_TENSORS, build_mlp_onnx, mlp_reference, mlp_weights
-from tensorgate.server.repository import Model, State, Variant
-from tensorgate.server.router import (
-    CircuitBreaker,
-    CircuitState,
+from tensorgate.server.policy import (
     RouteError,
-    Router,
     ShadowPolicy,
     choose_variant,
-    compare_outputs,
     make_policy,
     policy_from_config,
     rendezvous_score,
     routing_key,
     validate_policy,
 )
+from tensorgate.server.repository import Model, State, Variant
+from tensorgate.server.router import Router
+from tensorgate.server.shadow import compare_outputs
 
 from . import modelfactory as mf
 from .serverproc import ServerProcess

@@ -151,7 +151,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tls_server(
-    repo: Path, certs: Certificates, tmp_path_factory: pytest.TempPathFactory
+    repo: Path, certs: Certificates, tmp_path_factory: pytest.TempPathFactory, front_end: str
 ) -> Iterator[ServerProcess]:
     """TLS (no client certificates) with an inference token and a separate admin token."""
     workdir = tmp_path_factory.mktemp("tls-server")
@@ -169,7 +169,7 @@ def tls_server(
 
 @pytest.fixture(scope="module")
 def mtls_server(
-    repo: Path, certs: Certificates, tmp_path_factory: pytest.TempPathFactory
+    repo: Path, certs: Certificates, tmp_path_factory: pytest.TempPathFactory, front_end: str
 ) -> Iterator[ServerProcess]:
     """Mutual TLS; the inference token comes from the environment, no admin token."""
     args = (

@@ -6,7 +6,11 @@ warmup from the outside, without timing."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -24,7 +28,8 @@ from tensorgate.server.signature import ModelSignature
 from tensorgate.server.warmup import warmup_inputs
 
 from . import modelfactory as mf
-from .serverproc import ServerProcess
+from .serverproc import ServerProcess, wait_until
+from .slowmodel import build_slow_onnx, slow_inputs
 
 # Talks gRPC: runs against both front ends (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("front_end")
@@ -85,6 +90,18 @@ def repo(tmp_path_factory: pytest.TempPathFactory, probes: dict[bool, Path]) -> 
             shutil.copy(probes[refuse], root / name / variant / "model.pt")
         (root / name / "config.toml").write_text(TENSORS + table)
     np.savez(root / "fromfile" / "warmup.npz", x=FILE_INPUT)
+    # A warmup of seconds (the slow model on a large sample) under a limit of one second.
+    build_slow_onnx(root / "slowwarm" / "1" / "model.onnx")
+    np.savez(root / "slowwarm" / "warmup.npz", **slow_inputs(64, 40_000))
+    (root / "slowwarm" / "config.toml").write_text(
+        '[warmup]\nrequests = 1\ndata = "warmup.npz"\ntimeout_s = 1\n'
+    )
+    # An isolated variant with a warmup: a restarted worker is warmed again.
+    (root / "isowarm" / "1").mkdir(parents=True)
+    shutil.copy(probes[False], root / "isowarm" / "1" / "model.pt")
+    (root / "isowarm" / "config.toml").write_text(
+        'isolation = "process"\n' + TENSORS + warmup(3, "zeros")
+    )
     return root
 
 
@@ -185,6 +202,52 @@ def test_a_reload_warms_the_new_version_and_a_failed_one_keeps_the_old(
     (repo / "reloaded" / "config.toml").write_text(TENSORS + warmup(2, "random", batch_size=3))
     module_client.load_model("reloaded", timeout=60)
     assert seen(module_client, "reloaded")[:2] == [2, 3]
+
+
+def test_a_warmup_past_its_timeout_fails_the_load_and_says_so(
+    module_client: Client, module_server: ServerProcess
+) -> None:
+    why = "it took longer than [warmup] timeout_s = 1 s (0 of 1 execution(s) done"
+    (entry,) = [m for m in module_client.repository_index() if m["name"] == "slowwarm"]
+    assert entry["state"] == "UNAVAILABLE"
+    assert entry["reason"].startswith("warmup failed (1 request(s) of warmup.npz data"), entry
+    assert why in entry["reason"], entry["reason"]
+    assert why in module_server.log()
+    shown = subprocess.run(
+        [sys.executable, "-m", "tensorgate.server.cli", "routes", "show", "slowwarm",
+         "--url", module_server.address],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "400"},
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert why in " ".join(shown.stdout.split()), shown.stdout
+    # The others serve.
+    assert module_client.is_model_ready("zeros") and module_client.is_model_ready("isowarm")
+
+
+def test_a_restarted_isolated_worker_is_warmed_before_it_serves(
+    module_client: Client, module_server: ServerProcess
+) -> None:
+    def worker() -> int | None:
+        return next(
+            (p for p, c in module_server.children().items() if "--label isowarm/1" in c), None
+        )
+
+    assert seen(module_client, "isowarm") == [3, 1, 0]
+    old = worker()
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+
+    def first_answer() -> list[float] | None:
+        try:
+            return seen(module_client, "isowarm")
+        except InferenceError as e:
+            assert e.code == grpc.StatusCode.UNAVAILABLE, e
+            return None
+
+    # The new worker's first request comes after its 3 warmup executions.
+    assert wait_until(first_answer, 120, "the restarted worker to serve") == [3, 1, 0]
+    assert worker() not in (None, old)
+    assert "isolated worker for isowarm/1 warmed up: 3 request(s)" in module_server.log()
 
 
 # -- the sample data, unit-tested ---------------------------------------------------------

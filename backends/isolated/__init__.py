@@ -30,6 +30,6 @@ gateway. The pieces: ``wire.py`` (the protocol), ``parent.py`` (``IsolatedBacken
 gateway's side), ``child.py`` (the worker).
 """
 
-from .parent import IsolatedBackend
+from .parent import IsolatedBackend, Warmup
 
-__all__ = ["IsolatedBackend"]
+__all__ = ["IsolatedBackend", "Warmup"]

@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replies-fd", type=int, required=True)
     args = parser.parse_args(argv)
     # Ctrl-C reaches the whole process group: the gateway drains, then unloads this worker.
+    # SIGHUP (to the group, or a closed terminal) is the gateway's: it reloads credentials.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s %(levelname)s worker[{args.label} pid {os.getpid()}]: %(message)s",

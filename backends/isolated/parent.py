@@ -12,6 +12,8 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,6 +31,16 @@ from ..base import (
 from .wire import KINDS, describe_exit, recv_message, send_message
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """What a restarted worker runs before it takes requests: ``requests`` executions of
+    ``inputs``, all within ``timeout_s`` (the model's ``[warmup]``, server/warmup.py)."""
+
+    inputs: dict[str, np.ndarray]
+    requests: int
+    timeout_s: float
 
 
 class _Worker:
@@ -64,6 +76,7 @@ class _Worker:
         self._pending: dict[int, Future[Any]] = {}
         self.dead = False
         self.death = ""
+        self.killed_because = ""  # why the gateway killed it, when it did
         self._on_death = on_death
         self._thread = threading.Thread(
             target=self._read_replies, name=f"isolated-{label}-{self.pid}", daemon=True
@@ -118,7 +131,9 @@ class _Worker:
             returncode = self.proc.wait()
         with self._lock:
             self.dead = True
-            self.death = f"worker process {self.pid} of {self.label} {describe_exit(returncode)}"
+            self.death = self.killed_because or (
+                f"worker process {self.pid} of {self.label} {describe_exit(returncode)}"
+            )
             pending, self._pending = self._pending, {}
         for future in pending.values():
             future.set_exception(BackendUnreachable(self.death))
@@ -126,6 +141,15 @@ class _Worker:
             with contextlib.suppress(OSError):
                 stream.close()
         self._on_death(self)
+
+    def kill(self, because: str) -> None:
+        """SIGKILL the worker (it hangs); its calls in flight fail with ``because``."""
+        with self._lock:
+            if self.dead:
+                return
+            self.killed_because = because
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
 
     def stop(self, timeout: float) -> None:
         """Close the request pipe (the worker exits on EOF); kill it if it lingers."""
@@ -145,7 +169,10 @@ class IsolatedBackend(Backend):
     """Runs backend ``inner`` (a name from the backend table) in a worker process.
 
     Called exactly like any backend; see ``base.Backend`` for when each method is called.
-    ``infer`` raises BackendUnreachable while the worker is dead or restarting.
+    ``infer`` raises BackendUnreachable while the worker is dead or restarting, and when an
+    execution runs longer than ``execution_timeout`` seconds: the worker is then killed (a
+    hung framework call cannot be interrupted any other way) and restarted like a crashed
+    one. A restarted worker runs ``warmup`` (when set) before it takes requests.
     """
 
     name: ClassVar[str] = "isolated"
@@ -155,9 +182,11 @@ class IsolatedBackend(Backend):
     #: How long unload waits for the worker to exit before killing it.
     STOP_TIMEOUT = 10.0
 
-    def __init__(self, inner: str, label: str = "") -> None:
+    def __init__(self, inner: str, label: str = "", execution_timeout: float | None = None) -> None:
         self.inner = inner
         self.label = label or inner
+        self.execution_timeout = execution_timeout
+        self.warmup: Warmup | None = None  # set by the repository once the variant is warm
         self._lock = threading.Lock()
         self._worker: _Worker | None = None
         self._path: Path | None = None
@@ -206,7 +235,33 @@ class IsolatedBackend(Backend):
     ) -> dict[str, np.ndarray]:
         worker = self._require_worker()
         wanted = list(outputs) if outputs is not None else None
-        return worker.call("infer", dict(inputs), wanted).result()
+        call = worker.call("infer", dict(inputs), wanted)
+        timeout = self.execution_timeout
+        if timeout is None:
+            return call.result()
+        limit = f"an execution ran longer than execution_timeout_s = {timeout:g} s"
+        return self._wait(worker, call, timeout, limit)
+
+    def _wait(self, worker: _Worker, call: Future[Any], timeout: float, limit: str) -> Any:
+        """The reply to ``call``; past ``timeout`` seconds the worker hangs (``limit`` says
+        which limit it broke): kill it (its reader then fails every call in flight on it,
+        and the worker is restarted as after a crash)."""
+        try:
+            return call.result(timeout)
+        except FutureTimeout:
+            because = f"worker process {worker.pid} of {self.label} killed: {limit}; restarting it"
+            log.error("%s", because)
+            worker.kill(because)
+            raise BackendUnreachable(because) from None
+
+    def kill(self) -> None:
+        """Stop for good at once, without waiting for calls in flight (they fail): for a
+        variant abandoned while an execution hangs (a warmup past its timeout). ``unload``
+        must still be called."""
+        self._closed.set()
+        worker = self._worker
+        if worker is not None:
+            worker.kill(f"isolated backend of {self.label} is unloaded")
 
     def unload(self) -> None:
         self._closed.set()
@@ -237,7 +292,8 @@ class IsolatedBackend(Backend):
         return f"{self._down or 'worker process is down'}; {when}"
 
     def _start(self) -> tuple[_Worker, Signature]:
-        """Start a worker and load the model in it (and bind, on a restart)."""
+        """Start a worker and load the model in it (and bind and warm it up, on a restart).
+        Raises BackendError (BackendUnreachable when the warmup runs past its timeout)."""
         assert self._path is not None and self._options is not None
         worker = _Worker(self.inner, self.label, self._on_death)
         log.info("isolated worker for %s (%s) started: pid %d", self.label, self.inner, worker.pid)
@@ -245,6 +301,15 @@ class IsolatedBackend(Backend):
             signature = worker.call("load", str(self._path), self._options).result()
             if self._signature is not None:
                 worker.call("bind", self._signature).result()
+            warmup = self.warmup
+            if warmup is not None:
+                until = time.monotonic() + warmup.timeout_s
+                limit = f"its warmup ran longer than [warmup] timeout_s = {warmup.timeout_s:g} s"
+                for _ in range(warmup.requests):
+                    call = worker.call("infer", warmup.inputs, None)
+                    self._wait(worker, call, max(0.0, until - time.monotonic()), limit)
+                log.info("isolated worker for %s warmed up: %d request(s)", self.label,
+                         warmup.requests)  # fmt: skip
         except BaseException:
             worker.stop(self.STOP_TIMEOUT)
             raise

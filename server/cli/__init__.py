@@ -14,6 +14,7 @@ from .demo import demo
 from .health import health
 from .infer import infer
 from .options import PORT_FILE_ENV
+from .rollout import rollout
 from .routes import routes
 from .serve import serve
 from .top import top
@@ -27,5 +28,5 @@ def main() -> None:
     """tensorgate: one Open Inference Protocol gRPC gateway for TorchScript, SavedModel and ONNX."""
 
 
-for command in (serve, demo, infer, top, health, routes, bench, convert):
+for command in (serve, demo, infer, top, health, routes, rollout, bench, convert):
     main.add_command(command)

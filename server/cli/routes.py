@@ -101,6 +101,9 @@ def render(routes) -> list[object]:
                 str(v.failed),
             )
         tables.append(table)
+        for v in m.variants:
+            if v.reason:
+                tables.append(Text(f"{v.name}: {v.reason}", style=None if v.ready else "red"))
         if m.shadow_comparisons:
             comparisons = Table(title=f"{m.model}: shadow comparisons", title_justify="left")
             for column in ("primary", "shadow"):

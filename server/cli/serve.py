@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -45,6 +46,20 @@ def default_demo_dir() -> Path:
 )
 @click.option("--metrics-host", default=None, help="Address for /metrics (default: --host).")
 @click.option(
+    "--metrics-tls-cert",
+    type=EXISTING_FILE,
+    help="Serve /metrics over HTTPS with this certificate chain (PEM); needs --metrics-tls-key.",
+)
+@click.option(
+    "--metrics-tls-key", type=EXISTING_FILE, help="The private key of --metrics-tls-cert."
+)
+@click.option(
+    "--metrics-token-file",
+    type=EXISTING_FILE,
+    help="Require 'Authorization: Bearer <token>' with the token in this file for /metrics "
+    "(401 without it).",
+)
+@click.option(
     "--drain-timeout",
     default=30.0,
     show_default=True,
@@ -82,7 +97,8 @@ def default_demo_dir() -> Path:
 @click.option(
     "--tls-cert",
     type=EXISTING_FILE,
-    help="Serve gRPC over TLS with this certificate chain (PEM); needs --tls-key.",
+    help="Serve gRPC over TLS with this certificate chain (PEM); needs --tls-key. Token and "
+    "TLS files are re-read when they change and on SIGHUP (docs/security.md).",
 )
 @click.option(
     "--tls-key",
@@ -140,7 +156,7 @@ def default_demo_dir() -> Path:
 )
 @click.option(
     "--front-end",
-    default="python",
+    default="auto",
     show_default=True,
     envvar="TENSORGATE_FRONT_END",
     type=click.Choice(["auto", "native", "python"]),
@@ -160,6 +176,9 @@ def serve(
     port: int,
     metrics_port: int,
     metrics_host: str | None,
+    metrics_tls_cert: Path | None,
+    metrics_tls_key: Path | None,
+    metrics_token_file: Path | None,
     drain_timeout: float,
     max_message_bytes: int,
     max_inflight: int | None,
@@ -178,6 +197,9 @@ def serve(
     log_level: str,
 ) -> None:
     """Serve every model in a repository over gRPC."""
+    # SIGHUP reloads the credential files once the server runs (server/credentials.py); while
+    # it starts, it must not end the process (the default action).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -195,11 +217,18 @@ def serve(
         raise click.UsageError("TLS needs both --tls-cert and --tls-key")
     if tls_client_ca is not None and tls_cert is None:
         raise click.UsageError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    if (metrics_tls_cert is None) != (metrics_tls_key is None):
+        raise click.UsageError("metrics TLS needs both --metrics-tls-cert and --metrics-tls-key")
     from ..auth import ADMIN_TOKEN_ENV, INFERENCE_TOKEN_ENV, read_token
 
     try:
         auth_token = read_token(auth_token_file, INFERENCE_TOKEN_ENV, "--auth-token-file")
         admin_token = read_token(admin_token_file, ADMIN_TOKEN_ENV, "--admin-token-file")
+        read_token(metrics_token_file, None, "--metrics-token-file")
+        if metrics_tls_cert is not None and metrics_tls_key is not None:
+            from ..metrics_http import tls_context
+
+            tls_context(metrics_tls_cert, metrics_tls_key)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     from ..eventloop import resolve
@@ -216,6 +245,9 @@ def serve(
         port=port,
         metrics_port=None if metrics_port < 0 else metrics_port,
         metrics_host=metrics_host,
+        metrics_tls_cert=metrics_tls_cert,
+        metrics_tls_key=metrics_tls_key,
+        metrics_token_file=metrics_token_file,
         drain_timeout=drain_timeout,
         max_message_bytes=max_message_bytes,
         max_inflight=max_inflight,
@@ -226,6 +258,8 @@ def serve(
         tls_client_ca=tls_client_ca,
         auth_token=auth_token,
         admin_token=admin_token,
+        auth_token_file=auth_token_file,
+        admin_token_file=admin_token_file,
         port_file=port_file,
         require_models=require_models,
         event_loop=event_loop,

@@ -154,10 +154,19 @@ def table(data: Iterable[Row], title: str):
 
 
 @click.command()
-@click.option("--metrics-url", default="http://127.0.0.1:8002/metrics", show_default=True,
-              help="The gateway's Prometheus endpoint.")
-@click.option("--interval", default=2.0, show_default=True, type=float,
-              help="Seconds between the two scrapes each figure is computed over.")
+@click.option(
+    "--metrics-url",
+    default="http://127.0.0.1:8002/metrics",
+    show_default=True,
+    help="The gateway's Prometheus endpoint.",
+)
+@click.option(
+    "--interval",
+    default=2.0,
+    show_default=True,
+    type=float,
+    help="Seconds between the two scrapes each figure is computed over.",
+)
 @click.option("--once", is_flag=True, help="Print one table and exit (no live view).")
 @click.option("--json", "as_json", is_flag=True, help="With --once: print JSON rows.")
 def top(metrics_url: str, interval: float, once: bool, as_json: bool) -> None:

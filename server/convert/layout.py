@@ -11,12 +11,16 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .tensors import TensorDecl
+
+FP32 = "fp32"
+#: Every precision ``--precision`` may name, in the order variants are written.
+PRECISIONS = (FP32, "fp16", "bf16", "int8")
 
 
 @dataclass(frozen=True)
@@ -27,9 +31,22 @@ class Target:
     variant: str  # the variant directory
     filename: str  # the model file (or directory) inside it
     backend: str  # the tensorgate backend that serves it
+    precision: str = FP32  # the model's arithmetic inside; inputs and outputs keep theirs
 
     def path(self, model_dir: Path) -> Path:
         return model_dir / self.variant / self.filename
+
+    @property
+    def baseline(self) -> Target:
+        """The FP32 variant of the same format: what a reduced precision is set against."""
+        return TARGETS[self.name]
+
+    def in_precision(self, precision: str) -> Target:
+        """This format in ``precision``: variant ``<variant>-<precision>`` (FP32 keeps the
+        plain name)."""
+        if precision == FP32:
+            return self.baseline
+        return replace(self.baseline, variant=f"{self.variant}-{precision}", precision=precision)
 
 
 TARGETS: dict[str, Target] = {
@@ -60,15 +77,47 @@ def parse_targets(text: str, allowed: Iterable[str]) -> list[Target]:
     return [TARGETS[n] for n in dict.fromkeys(names)]
 
 
+def parse_precisions(text: str, allowed: Sequence[str]) -> list[str]:
+    """``--precision`` (comma-separated) as precisions, FP32 always first: it is the default
+    variant and what the reduced ones are measured against. Raises ValueError naming the
+    precisions this source converts to."""
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise ValueError(
+            f"cannot convert to precision {', '.join(unknown)}; choose from {','.join(allowed)}"
+        )
+    return [p for p in PRECISIONS if p == FP32 or p in names]
+
+
+def with_precisions(targets: Sequence[Target], precisions: Sequence[str]) -> list[Target]:
+    """Every format in every precision, grouped by format, FP32 first (a reduced ONNX variant
+    is made from the FP32 file)."""
+    return [t.in_precision(p) for t in targets for p in precisions]
+
+
+@dataclass(frozen=True)
+class Listed:
+    """A reduced-precision variant as config.toml lists it."""
+
+    variant: str
+    backend: str
+    about: str  # one line: how it was made, and what parity measured
+    rollout: str  # the ``tensorgate rollout start`` command that moves traffic onto it
+
+
 def config_text(
     inputs: Iterable[TensorDecl],
     outputs: Iterable[TensorDecl],
     default_variant: str,
     source: str,
     shadow_candidates: list[str],
+    listed: Sequence[Listed] = (),
 ) -> str:
-    """config.toml for the converted model: its tensors and default variant, and (as a
-    comment) the ``[routing]`` shadow that keeps comparing the new variants on live traffic."""
+    """config.toml for the converted model: its tensors and default variant, (as a comment)
+    the ``[routing]`` shadow that keeps comparing the new variants on live traffic, and a
+    ``[variants.NAME]`` table per reduced-precision variant with the rollout command that
+    moves traffic onto it (commented: a person decides when)."""
     # Written by hand rather than by a TOML library: these few keys read best as a person
     # writes them (one-line shapes), and json.dumps quotes a name as TOML does.
     lines = [
@@ -94,7 +143,21 @@ def config_text(
             f"# shadow = {{ variants = [{variants}], fraction = 0.1 }}",
             "",
         ]
-    return "\n".join(lines)
+    if listed:
+        lines += [
+            "# Reduced-precision variants: served, and pinned by model_version, but never the",
+            "# default. Move traffic onto one in gated steps with the rollout command under it",
+            "# (it shadows, then shifts weight in steps, and restores the routing on a breach).",
+        ]
+    for item in listed:
+        lines += [
+            f"[variants.{json.dumps(item.variant)}]",
+            f"backend = {json.dumps(item.backend)}",
+            f"# {item.about}",
+            f"# {item.rollout}",
+            "",
+        ]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def write_parity(model_dir: Path, report: dict[str, dict[str, object]]) -> Path:

@@ -7,14 +7,20 @@ inputs; each sample gives every dynamic dimension one size from 1 to 4) or come 
 gateway's own repository (config.toml, backend detection, the merged signature) and run by
 the backend classes that will serve them: a variant that passes here is one that serves.
 
-A variant agrees when every output element satisfies
-``|variant - source| <= atol + rtol * |source|`` (numpy's ``allclose`` rule).
+An FP32 variant agrees when every output element satisfies
+``|variant - source| <= atol + rtol * |source|`` (numpy's ``allclose`` rule). A reduced
+precision's error grows with the size of the values it rounds, so its tolerance T is set
+against each output's scale: ``|variant - source| <= T * max(1, max |source|)`` over every
+output of every sample, and the arg-max over the last axis must agree on enough rows
+(``Tolerance.min_top1``). Each call of a variant is timed: ``p50_ms`` is its median.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import statistics
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +100,64 @@ def npz_samples(path: Path, inputs: Sequence[TensorDecl], count: int) -> list[Sa
 
 # -- comparing --------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Tolerance:
+    """What a variant is judged by: the ``allclose`` rule's two terms, with ``scaled`` the
+    absolute term multiplied by ``max(1, max |source|)`` of each output, and, for a reduced
+    precision, the least share of rows whose arg-max must agree with the source's."""
+
+    atol: float
+    rtol: float = 0.0
+    scaled: bool = False
+    min_top1: float | None = None
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "scaled_by_output_max": self.scaled,
+            "min_top1_agreement": self.min_top1,
+        }
+
+    def __str__(self) -> str:
+        if not self.scaled:
+            text = f"atol {self.atol:g}, rtol {self.rtol:g}"
+        else:
+            text = f"|diff| <= {self.atol:g} x max(1, max |source|)"
+        return text if self.min_top1 is None else f"{text}, top-1 >= {self.min_top1:.0%}"
+
+
+#: The tolerance T of a reduced precision, ``--tolerance PRECISION=T``, and the top-1
+#: agreement every reduced variant needs.
+REDUCED_TOLERANCE = {"fp16": 1e-2, "bf16": 1e-2, "int8": 5e-2}
+REDUCED_MIN_TOP1 = 0.99
+
+
+def parse_tolerances(text: str, atol: float, rtol: float) -> dict[str, Tolerance]:
+    """``--tolerance`` (``int8=0.1,fp16=0.02``) over the defaults, per precision. FP32 takes
+    ``atol``/``rtol`` (``fp32=X`` sets its atol). Raises ValueError saying what is wrong."""
+    given: dict[str, float] = {}
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or name.lower() not in ("fp32", *REDUCED_TOLERANCE):
+            raise ValueError(
+                f"'{item}': use PRECISION=TOLERANCE with PRECISION one of "
+                f"fp32,{','.join(REDUCED_TOLERANCE)}, e.g. int8=0.1,fp16=0.02"
+            )
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if not math.isfinite(number) or number < 0:
+            raise ValueError(f"'{item}': the tolerance must be a number >= 0")
+        given[name.lower()] = number
+    tolerances = {"fp32": Tolerance(given.get("fp32", atol), rtol)}
+    for name, default in REDUCED_TOLERANCE.items():
+        t = given.get(name, default)
+        tolerances[name] = Tolerance(t, 0.0, scaled=True, min_top1=REDUCED_MIN_TOP1)
+    return tolerances
+
+
+@dataclass(frozen=True)
 class Comparison:
     """How one variant's outputs differ from the source model's over all samples."""
 
@@ -126,8 +190,13 @@ def compare(
     outputs: Sequence[str],
     atol: float,
     rtol: float,
+    *,
+    scaled: bool = False,
+    min_top1: float | None = None,
 ) -> Comparison:
-    """Compare a variant's results with the source's, sample by sample."""
+    """Compare a variant's results with the source's, sample by sample, by ``Tolerance``'s
+    rule: with ``scaled`` the absolute term is ``atol * max(1, max |source|)`` of each output;
+    with ``min_top1``, a variant whose top-1 agreement is lower does not pass either."""
     max_abs = max_rel = 0.0
     agree = rows = 0
     passed = True
@@ -156,25 +225,43 @@ def compare(
             sizeable = np.abs(b) > atol
             if sizeable.any():
                 max_rel = max(max_rel, float((diff[sizeable] / np.abs(b[sizeable])).max()))
-            passed &= not bool(np.any(diff > atol + rtol * np.abs(np.nan_to_num(b))))
+            limit = atol * max(1.0, float(np.abs(np.nan_to_num(b)).max(initial=0.0)))
+            absolute = limit if scaled else atol
+            passed &= not bool(np.any(diff > absolute + rtol * np.abs(np.nan_to_num(b))))
             if ref.ndim >= 1 and ref.shape[-1] >= 2 and ref.size:
                 flat_a = a.reshape(-1, ref.shape[-1])
                 flat_b = b.reshape(-1, ref.shape[-1])
                 agree += int((flat_a.argmax(axis=-1) == flat_b.argmax(axis=-1)).sum())
                 rows += flat_a.shape[0]
-    return Comparison(max_abs, max_rel, agree / rows if rows else None, len(references), passed)
+    top1 = agree / rows if rows else None
+    if min_top1 is not None and top1 is not None:
+        passed &= top1 >= min_top1
+    return Comparison(max_abs, max_rel, top1, len(references), passed)
 
 
 # -- running the written variants -------------------------------------------------------
+@dataclass(frozen=True)
+class Served:
+    """A variant's outputs per sample, and how long each call took."""
+
+    outputs: list[dict[str, np.ndarray]]
+    seconds: list[float]
+
+    @property
+    def p50_ms(self) -> float:
+        """The median time of one request's execution, in milliseconds."""
+        return statistics.median(self.seconds) * 1e3
+
+
 async def _serve_samples(
     root: Path, model: str, variants: Sequence[str], samples: Sequence[Sample]
-) -> dict[str, list[dict[str, np.ndarray]] | str]:
+) -> dict[str, Served | str]:
     from tensorgate.server.metrics import Metrics
     from tensorgate.server.repository import Repository
 
     repository = Repository(root, Metrics())
     loaded = await repository.load(model)
-    results: dict[str, list[dict[str, np.ndarray]] | str] = {}
+    results: dict[str, Served | str] = {}
     try:
         for name in variants:
             variant = loaded.variants.get(name)
@@ -182,10 +269,16 @@ async def _serve_samples(
                 reason = (variant.reason if variant is not None else "") or loaded.reason
                 results[name] = reason or "the repository found no model file"
                 continue
+            served = Served([], [])
             try:
-                results[name] = [variant.backend.infer(sample) for sample in samples]
+                for sample in samples:
+                    start = time.perf_counter()
+                    served.outputs.append(variant.backend.infer(sample))
+                    served.seconds.append(time.perf_counter() - start)
             except Exception as exc:  # what the server would report as INTERNAL
                 results[name] = f"inference failed: {exc}"
+            else:
+                results[name] = served
     finally:
         await repository.close()
     return results
@@ -193,7 +286,8 @@ async def _serve_samples(
 
 def serve_samples(
     model_dir: Path, variants: Sequence[str], samples: Sequence[Sample]
-) -> dict[str, list[dict[str, np.ndarray]] | str]:
+) -> dict[str, Served | str]:
     """Load ``model_dir`` as the server does and run ``samples`` through each of
-    ``variants``: per variant its outputs per sample, or why it does not serve."""
+    ``variants``, one at a time: per variant its outputs and times per sample, or why it
+    does not serve."""
     return asyncio.run(_serve_samples(model_dir.parent, model_dir.name, variants, samples))

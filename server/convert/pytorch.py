@@ -1,20 +1,28 @@
 """``tensorgate convert pytorch``: an ``nn.Module`` to TorchScript, a PyTorch 2 AOTInductor
-package and ONNX.
+package and ONNX, in FP32 and in reduced precisions.
 
 The module comes from ``FILE.py:FUNCTION``: the file is imported as a module of its own and
 ``FUNCTION()`` returns the model. Each declared dynamic dimension (-1) becomes a
 ``torch.export.Dim.DYNAMIC`` for the exporters that trace through ``torch.export`` (``pt2``
 and the dynamo ONNX exporter), so a model that fixes such a dimension is refused there with
 the exporter's reason instead of being written with a shape nobody asked for.
+
+Reduced precisions (``--precision``): ``fp16``/``bf16`` export a copy of the module with its
+weights in that type, wrapped so that it takes and returns the original's datatypes (float
+inputs cast on the way in, outputs cast back); ``int8`` exports torch's dynamic quantization
+(``torch.ao.quantization.quantize_dynamic``: int8 weights for Linear and recurrent layers).
+Reduced ONNX variants are made from the FP32 ONNX file instead (``precision.py``).
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +31,8 @@ import numpy as np
 from tensorgate.datatypes import by_name, from_numpy
 
 from .exporting import ExportFailed, exporter_reason
-from .layout import Target
+from .layout import FP32, Target
+from .precision import check_onnxruntime
 from .tensors import TensorDecl
 
 #: Above this many bytes of weights an ONNX file keeps them in ``model.onnx.data`` beside
@@ -111,12 +120,23 @@ def _output_names(names: list[str | None]) -> list[str]:
     return ["output" if i == 0 else f"output_{i}" for i in range(len(names))]
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """The module an exporter writes for one precision."""
+
+    module: Any
+    how: str  # for the note: "" for FP32, else what was done ("bfloat16 weights")
+    flat: bool  # returns a tensor or a flat tuple of them, in config.toml's output order
+    wrapped: bool  # a wrapper whose forward takes *args (so export's shapes nest once more)
+
+
 class PyTorchSource:
     """An ``nn.Module`` and its declared inputs, converted to the ``pytorch`` targets."""
 
     framework = "pytorch"
     source_variant = "torch"
     targets = ("torchscript", "pt2", "onnx")
+    precisions = ("fp32", "fp16", "bf16", "int8")
 
     def __init__(self, spec: str, inputs: Sequence[TensorDecl]) -> None:
         if not inputs:
@@ -186,59 +206,109 @@ class PyTorchSource:
             # whether the result is right.
             warnings.simplefilter("ignore")
             try:
-                return write[target.name](path)
+                model = self._prepare(target.precision)
+                note = write[target.name](model, path)
+                if target.name == "onnx" and target.precision != FP32:
+                    check_onnxruntime(path)
             except ExportFailed:
                 raise
             except Exception as exc:
                 raise ExportFailed(exporter_reason(exc)) from exc
+        return f"{note}, {model.how}" if model.how else note
 
-    def _dynamic_shapes(self) -> tuple[dict[int, Any] | None, ...]:
+    def _prepare(self, precision: str) -> _Prepared:
+        torch = self._torch
+        plain = self._result_type is torch.Tensor or self._result_type is tuple
+        if precision == FP32:
+            return _Prepared(self.module, "", plain, wrapped=False)
+        if precision == "int8":
+            quantized = torch.ao.quantization.quantize_dynamic(
+                copy.deepcopy(self.module), dtype=torch.qint8
+            )
+            if not any(
+                type(m).__module__.startswith("torch.ao.nn.quantized") for m in quantized.modules()
+            ):
+                raise ExportFailed(
+                    "torch.ao.quantization.quantize_dynamic found no layer to quantize (it "
+                    "quantizes nn.Linear, nn.LSTM, nn.GRU, ...)"
+                )
+            return _Prepared(quantized, "dynamic int8 (torch.ao)", plain, wrapped=False)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        out_dtypes = [by_name(d.datatype).numpy for d in self.outputs]
+        torch_dtypes = [torch.from_numpy(np.zeros(0, t)).dtype for t in out_dtypes]
+        wrapper = _in_precision(self.module, dtype, torch_dtypes)
+        return _Prepared(wrapper, f"{dtype} weights".removeprefix("torch."), True, wrapped=True)
+
+    def _dynamic_shapes(self, model: _Prepared) -> Any:
         dim = self._torch.export.Dim.DYNAMIC
-        return tuple(
+        shapes = tuple(
             {axis: dim for axis, n in enumerate(d.shape) if n < 0} or None for d in self.inputs
         )
+        return (shapes,) if model.wrapped else shapes
 
-    def _torchscript(self, path: Path) -> str:
+    def _torchscript(self, model: _Prepared, path: Path) -> str:
         torch = self._torch
         note = ""
         # Scripting keeps control flow; the TorchScript backend serves a tensor or a tuple of
         # them. Anything else (a dict, a named tuple, a list) is traced through a wrapper
-        # that returns the outputs as a tuple, in the order config.toml names them.
-        if self._result_type is torch.Tensor or self._result_type is tuple:
+        # that returns the outputs as a tuple, in the order config.toml names them. A
+        # reduced-precision wrapper (forward(*args)) is traced.
+        if model.flat and not model.wrapped:
             try:
-                torch.jit.script(self.module).save(str(path))
+                torch.jit.script(model.module).save(str(path))
                 return "scripted"
             except Exception as exc:
                 note = f"traced: torch.jit.script failed ({exporter_reason(exc)})"
-        traced = torch.jit.trace(_as_tuple(self.module), self._example, check_trace=False)
+        module = model.module if model.flat else _as_tuple(model.module)
+        traced = torch.jit.trace(module, self._example, check_trace=False)
         traced.save(str(path))
         return note or "traced"
 
-    def _pt2(self, path: Path) -> str:
+    def _pt2(self, model: _Prepared, path: Path) -> str:
         torch = self._torch
         program = torch.export.export(
-            self.module, self._example, dynamic_shapes=self._dynamic_shapes()
+            model.module, self._example, dynamic_shapes=self._dynamic_shapes(model)
         )
         torch._inductor.aoti_compile_and_package(program, package_path=str(path))
         return "AOTInductor"
 
-    def _onnx(self, path: Path) -> str:
+    def _onnx(self, model: _Prepared, path: Path) -> str:
         torch = self._torch
         weights = sum(t.numel() * t.element_size() for t in self.module.state_dict().values())
         # The exporter warns for every torchvision op it cannot register: noise here.
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         torch.onnx.export(
-            self.module,
+            model.module,
             self._example,
             str(path),
             dynamo=True,
             input_names=[d.name for d in self.inputs],
             output_names=[d.name for d in self.outputs],
-            dynamic_shapes=self._dynamic_shapes(),
+            dynamic_shapes=self._dynamic_shapes(model),
             external_data=weights > _ONNX_INLINE_WEIGHTS,
             verbose=False,
         )
         return "dynamo exporter"
+
+
+def _in_precision(module: Any, dtype: Any, output_dtypes: Sequence[Any]) -> Any:
+    """A copy of ``module`` with its floating-point weights in ``dtype`` that takes and
+    returns what ``module`` does: float inputs are cast to ``dtype``, outputs back to
+    ``output_dtypes``, as a flat tuple (a lone tensor as itself)."""
+    torch = sys.modules["torch"]
+
+    class InPrecision(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = copy.deepcopy(module).to(dtype)
+
+        def forward(self, *args: Any) -> Any:
+            cast = [a.to(dtype) if a.is_floating_point() else a for a in args]
+            _, values = _flatten(self.module(*cast), "")
+            values = [v.to(t) for v, t in zip(values, output_dtypes, strict=True)]
+            return values[0] if len(values) == 1 else tuple(values)
+
+    return InPrecision().eval()
 
 
 def _as_tuple(module: Any) -> Any:

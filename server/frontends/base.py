@@ -51,6 +51,11 @@ class FrontEnd(Protocol):
     async def wait(self) -> None:
         """Return when the server has stopped."""
 
+    def reload_tls(self, cert_pem: bytes, key_pem: bytes, client_ca_pem: bytes | None) -> None:
+        """New TLS handshakes use this certificate chain, private key and client CA (PEM,
+        already checked: server/credentials.py); open connections and their calls go on.
+        Called on the event loop, only when the port was started with TLS."""
+
 
 def tls_files(settings: ServerSettings) -> tuple[bytes, bytes, bytes | None] | None:
     """(certificate chain, private key, client CA or None) as PEM bytes from ``settings``,

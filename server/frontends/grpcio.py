@@ -18,9 +18,10 @@ from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 
 from ..admin import ADMIN_SERVICE
 from ..auth import AuthInterceptor
+from ..credentials import GrpcTls, TlsMaterial
 from ..interceptors import map_errors
 from ..reflection import MethodAwareReflectionServicer
-from .base import Services, tls_files
+from .base import Services
 
 INFERENCE = "GRPCInferenceService"
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name[INFERENCE].full_name
@@ -35,6 +36,7 @@ class GrpcioFrontEnd:
         self.port = 0
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self._tls: GrpcTls | None = None
 
     async def start(self) -> None:
         s = self.services.settings
@@ -73,16 +75,17 @@ class GrpcioFrontEnd:
 
     def _tls_credentials(self) -> grpc.ServerCredentials | None:
         """TLS for the gRPC port when a certificate is configured; with a client CA, clients
-        must present a certificate it signed (mutual TLS)."""
-        pem = tls_files(self.services.settings)
-        if pem is None:
-            return None
-        cert, key, client_ca = pem
-        return grpc.ssl_server_credentials(
-            [(key, cert)],
-            root_certificates=client_ca,
-            require_client_auth=client_ca is not None,
-        )
+        must present a certificate it signed (mutual TLS). Dynamic credentials: each new
+        handshake takes the material of the last ``reload_tls``."""
+        self._tls = GrpcTls.from_settings(self.services.settings)
+        return self._tls.credentials() if self._tls is not None else None
+
+    def reload_tls(self, cert_pem: bytes, key_pem: bytes, client_ca_pem: bytes | None) -> None:
+        """New connections use this certificate chain, key and client CA (checked by the
+        caller, server/credentials.py); open connections keep theirs."""
+        if self._tls is None:
+            raise ValueError("the gRPC port was started without TLS")
+        self._tls.update(TlsMaterial(cert_pem, key_pem, client_ca_pem))
 
     def _add_reflection(self, server: grpc.aio.Server) -> None:
         names = (

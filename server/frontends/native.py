@@ -309,8 +309,13 @@ class NativeFrontEnd:
             raise
         sock.detach()  # the Rust server owns the descriptor now
         tokens = self.services.tokens
-        needed = tokens.required(SERVER_LIVE)
-        server.set_live_ready_token(None if needed is None else needed[0])
+
+        def live_ready_token() -> None:  # again after each reload of the token files
+            needed = tokens.required(SERVER_LIVE)
+            server.set_live_ready_token(None if needed is None else needed[0])
+
+        live_ready_token()
+        tokens.on_replace(live_ready_token)
         inference = map_errors(self.services.inference, INFERENCE)
         admin = map_errors(self.services.admin, ADMIN)
         self._dispatcher = Dispatcher(server, inference, admin, tokens, self._serve_infer())
@@ -350,6 +355,14 @@ class NativeFrontEnd:
             return result
 
         return serve_infer
+
+    def reload_tls(self, cert_pem: bytes, key_pem: bytes, client_ca_pem: bytes | None) -> None:
+        """New TLS material for new handshakes (the Rust server swaps its rustls config);
+        open connections keep theirs. Raises ValueError, the old material kept, when the
+        PEM does not parse."""
+        if self._server is None:
+            raise RuntimeError("the native front end has not started")
+        self._server.reload_tls(cert_pem, key_pem, client_ca_pem)
 
     async def set_health(self, service: str, serving: bool) -> None:
         if self._health_frozen:
