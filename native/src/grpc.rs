@@ -215,7 +215,7 @@ async fn serve_gateway(state: Arc<State>, req: http::Request<Body>) -> http::Res
     let mut response = match method.strip_prefix(INFERENCE) {
         Some("ModelInfer") => match state.mode() {
             Mode::Gateway => {
-                grpc(tonic_prost::ProstCodec::default(), &state)
+                grpc(MessageCodec::default(), &state)
                     .unary(Infer(state.clone()), req)
                     .await
             }
@@ -227,7 +227,7 @@ async fn serve_gateway(state: Arc<State>, req: http::Request<Body>) -> http::Res
             }
         },
         Some("ModelStreamInfer") => {
-            grpc(tonic_prost::ProstCodec::default(), &state)
+            grpc(MessageCodec::default(), &state)
                 .streaming(StreamInfer(state.clone()), req)
                 .await
         }
@@ -739,7 +739,55 @@ fn stream_reply(
     }
 }
 
-// -- bytes codec for cold RPCs ---------------------------------------------------------------
+// -- codecs ----------------------------------------------------------------------------------
+
+/// prost messages, with the reply's whole size reserved before encoding: a MB-sized tensor is
+/// then copied into the frame once (tonic's prost encoder grows its buffer by doubling).
+pub struct MessageCodec<E, D>(std::marker::PhantomData<fn(E) -> D>);
+
+impl<E, D> Default for MessageCodec<E, D> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<E: Message + Send + 'static, D: Message + Default + Send + 'static> Codec
+    for MessageCodec<E, D>
+{
+    type Encode = E;
+    type Decode = D;
+    type Encoder = MessageCodec<E, D>;
+    type Decoder = MessageCodec<E, D>;
+    fn encoder(&mut self) -> Self::Encoder {
+        Self::default()
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        Self::default()
+    }
+}
+
+impl<E: Message, D> Encoder for MessageCodec<E, D> {
+    type Item = E;
+    type Error = Status;
+    fn encode(&mut self, item: E, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.reserve(item.encoded_len());
+        item.encode(dst)
+            .map_err(|e| Status::internal(format!("encoding the reply: {e}")))
+    }
+}
+
+impl<E, D: Message + Default> Decoder for MessageCodec<E, D> {
+    type Item = D;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<D>, Status> {
+        // As tonic's prost codec: a message that does not parse is INTERNAL.
+        D::decode(src)
+            .map(Some)
+            .map_err(|e| Status::internal(e.to_string()))
+    }
+}
+
+// -- bytes codec for cold RPCs
 
 /// Passes messages through as bytes: the cold RPCs are decoded by the Python servicers.
 #[derive(Default, Clone, Copy)]
