@@ -298,16 +298,22 @@ def test_stream_client_with_tls_and_token(tls_server: ServerProcess, certs: Cert
     # Client(stream=True) carries TLS and the token on its streams; a refused stream fails
     # its calls with the server's code (UNAUTHENTICATED). gRPC's client core sometimes ends
     # such a stream as "Internal error from Core" when a write meets the refusal (seen about
-    # one run in three, in both directions of the race): the client then reports the stream
-    # as broken (UNAVAILABLE) and the next call, on a new stream, gets UNAUTHENTICATED.
+    # one run in three, in both directions of the race, more often against the native front
+    # end, whose refusal comes after the token check's hand-over to Python): the client then
+    # reports the stream as broken (UNAVAILABLE) and a later call, on a new stream, gets
+    # UNAUTHENTICATED.
     for token, code in ((INFERENCE_TOKEN, grpc.StatusCode.OK),
                         ("wrong", grpc.StatusCode.UNAUTHENTICATED)):  # fmt: skip
         with Client(tls_server.address, tls_ca=certs.ca, token=token, stream=True) as client:
             if code == grpc.StatusCode.OK:
                 assert infer_code(client) == code, token
             else:
-                codes = [infer_code(client) for _ in range(3)]
-                assert code in codes, codes
+                # Until the refusal itself comes back (each broken stream is replaced by a
+                # new one on the next call); the race rarely repeats many times in a row.
+                codes = [infer_code(client)]
+                while codes[-1] == grpc.StatusCode.UNAVAILABLE and len(codes) < 10:
+                    codes.append(infer_code(client))
+                assert codes[-1] == code, codes
                 assert set(codes) <= {code, grpc.StatusCode.UNAVAILABLE}, codes
 
             async def aio_code(c: Client = client) -> grpc.StatusCode:
