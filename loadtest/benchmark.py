@@ -333,6 +333,8 @@ def bench_target(
     *extra: str,
     c: str | None = None,
     home: Path = PEERS_HOME,
+    shape: str = "1,64",
+    data: Path | None = None,
 ) -> None:
     sh(
         [
@@ -347,11 +349,11 @@ def bench_target(
             "--datatype",
             "FP32",
             "--shape",
-            "1,64",
+            shape,
             "--output",
             "output",
             "--data-npy",
-            str(home / "models" / "sample_input.npy"),
+            str(data or home / "models" / "sample_input.npy"),
             "-c",
             c or run.c,
             "-D",
@@ -467,35 +469,7 @@ def block_big(run: Run) -> None:
         label = _tg_label(front_end, "1 worker, 1 MB FP32 in and out, ONNX Identity")
         log(label)
         with gateway(repo, run.work, "--front-end", front_end) as (address, pid):
-            sh(
-                [
-                    "bash",
-                    str(PEERS_DIR / "bench_target.sh"),
-                    "--target",
-                    address,
-                    "--model",
-                    "mlp",
-                    "--input",
-                    "input",
-                    "--datatype",
-                    "FP32",
-                    "--shape",
-                    f"1,{BIG_ELEMENTS}",
-                    "--output",
-                    "output",
-                    "--data-npy",
-                    str(sample),
-                    "-c",
-                    "8",
-                    "-D",
-                    str(run.d),
-                    "--pid",
-                    str(pid),
-                    "--label",
-                    label,
-                ],
-                env=run.env,
-            )
+            bench_target(run, address, pid, label, c="8", shape=f"1,{BIG_ELEMENTS}", data=sample)
 
 
 def _busy_cores_seconds() -> float:
