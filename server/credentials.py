@@ -116,6 +116,25 @@ def _certificate_configuration(material: TlsMaterial) -> Any:
     )
 
 
+def tls_material(settings: ServerSettings) -> TlsMaterial | None:
+    """The TLS of ``--tls-cert``/``--tls-key``/``--tls-client-ca``, read and checked, or None
+    without a certificate: what either front end starts with. Raises CredentialError (a
+    ValueError) naming a file that is unusable."""
+    s = settings
+    if s.tls_cert is None and s.tls_key is None:
+        if s.tls_client_ca is not None:
+            raise CredentialError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if s.tls_cert is None or s.tls_key is None:
+        raise CredentialError("TLS needs both --tls-cert and --tls-key")
+    paths = [p for p in (s.tls_cert, s.tls_key, s.tls_client_ca) if p is not None]
+    contents = {p: _read(p) for p in paths}
+    for path, data in contents.items():
+        if data is None:
+            raise CredentialError(f"{path} cannot be read")
+    return check_tls(s.tls_cert, s.tls_key, s.tls_client_ca, contents)  # type: ignore[arg-type]
+
+
 class GrpcTls:
     """TLS of the grpcio front end's port, replaceable while it serves.
 
@@ -133,21 +152,9 @@ class GrpcTls:
 
     @classmethod
     def from_settings(cls, settings: ServerSettings) -> GrpcTls | None:
-        """The TLS of ``--tls-cert``/``--tls-key``/``--tls-client-ca``, or None without a
-        certificate. Raises CredentialError (a ValueError) naming a file that is unusable."""
-        s = settings
-        if s.tls_cert is None and s.tls_key is None:
-            if s.tls_client_ca is not None:
-                raise CredentialError("--tls-client-ca needs --tls-cert and --tls-key")
-            return None
-        if s.tls_cert is None or s.tls_key is None:
-            raise CredentialError("TLS needs both --tls-cert and --tls-key")
-        paths = [p for p in (s.tls_cert, s.tls_key, s.tls_client_ca) if p is not None]
-        contents = {p: _read(p) for p in paths}
-        for path, data in contents.items():
-            if data is None:
-                raise CredentialError(f"{path} cannot be read")
-        return cls(check_tls(s.tls_cert, s.tls_key, s.tls_client_ca, contents))  # type: ignore[arg-type]
+        """``tls_material``'s, for grpcio; None without a certificate."""
+        material = tls_material(settings)
+        return None if material is None else cls(material)
 
     @property
     def material(self) -> TlsMaterial:

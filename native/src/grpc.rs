@@ -403,6 +403,28 @@ async fn outcome(
     received.map_err(|_| stopped())
 }
 
+/// One unary call handed to Python: its reply and trailers, or the status it failed with
+/// (its own, DEADLINE_EXCEEDED at the deadline, UNAVAILABLE when the server stops). Dropping
+/// the future before the reply (a cancelled call) tells Python through the guard.
+async fn unary_reply(
+    state: &State,
+    deadline: Option<Instant>,
+    item: impl FnOnce(u64) -> Item,
+) -> Result<(Reply, Metadata), Status> {
+    let (guard, rx) = state.hub.submit(item);
+    let result = outcome(rx, deadline).await;
+    drop(guard);
+    match result? {
+        Outcome::Reply { message, trailers } => Ok((message, trailers)),
+        Outcome::Failed(failure) => Err(failure.status()),
+    }
+}
+
+/// A reply of `len` bytes within the size limit, or RESOURCE_EXHAUSTED as grpcio says it.
+fn sized(len: usize, state: &State) -> Result<(), Status> {
+    too_large(len, state.max_message).map_or(Ok(()), Err)
+}
+
 /// Trailing metadata a reply carries (response extension, moved into the body's trailers).
 #[derive(Clone)]
 struct Trailers(Metadata);
@@ -456,29 +478,20 @@ impl tower_service::Service<Request<ModelInferRequest>> for Infer {
         Box::pin(async move {
             let (metadata, deadline) = call_info(req.metadata());
             let request = req.into_inner();
-            let (guard, rx) = state.hub.submit(|slot| Item::Infer {
+            let (message, trailers) = unary_reply(&state, deadline, |slot| Item::Infer {
                 slot,
                 stream: 0,
                 request,
                 metadata,
                 timeout: seconds_left(deadline),
-            });
-            let result = outcome(rx, deadline).await;
-            drop(guard);
-            match result? {
-                Outcome::Reply {
-                    message: Reply::Infer(reply),
-                    trailers,
-                } => {
-                    if let Some(status) = too_large(reply.encoded_len(), state.max_message) {
-                        return Err(status);
-                    }
+            })
+            .await?;
+            match message {
+                Reply::Infer(reply) => {
+                    sized(reply.encoded_len(), &state)?;
                     Ok(with_trailers(reply, trailers))
                 }
-                Outcome::Reply { .. } => {
-                    Err(Status::internal("a ModelInfer result without tensors"))
-                }
-                Outcome::Failed(failure) => Err(failure.status()),
+                Reply::Bytes(_) => Err(Status::internal("a ModelInfer result without tensors")),
             }
         })
     }
@@ -567,27 +580,20 @@ impl tower_service::Service<Request<Bytes>> for Cold {
         Box::pin(async move {
             let (metadata, deadline) = call_info(req.metadata());
             let payload = req.into_inner();
-            let (guard, rx) = state.hub.submit(|slot| Item::Cold {
+            let (message, trailers) = unary_reply(&state, deadline, |slot| Item::Cold {
                 slot,
                 method,
                 payload,
                 metadata,
                 timeout: seconds_left(deadline),
-            });
-            let result = outcome(rx, deadline).await;
-            drop(guard);
-            match result? {
-                Outcome::Reply {
-                    message: Reply::Bytes(payload),
-                    trailers,
-                } => {
-                    if let Some(status) = too_large(payload.len(), state.max_message) {
-                        return Err(status);
-                    }
+            })
+            .await?;
+            match message {
+                Reply::Bytes(payload) => {
+                    sized(payload.len(), &state)?;
                     Ok(with_trailers(payload, trailers))
                 }
-                Outcome::Reply { .. } => Err(Status::internal("a cold RPC answered with tensors")),
-                Outcome::Failed(failure) => Err(failure.status()),
+                Reply::Infer(_) => Err(Status::internal("a cold RPC answered with tensors")),
             }
         })
     }

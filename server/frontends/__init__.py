@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 
-from .base import FrontEnd, Services, tls_files
+from .base import FrontEnd, Services
 from .grpcio import GrpcioFrontEnd
 
-__all__ = ["FRONT_ENDS", "FrontEnd", "Services", "build", "resolve", "tls_files"]
+__all__ = ["FRONT_ENDS", "FrontEnd", "Services", "build", "resolve"]
 
 FRONT_ENDS = ("auto", "native", "python")
 #: The extension module the native front end needs (``pip install ./native``).

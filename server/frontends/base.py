@@ -55,17 +55,3 @@ class FrontEnd(Protocol):
         """New TLS handshakes use this certificate chain, private key and client CA (PEM,
         already checked: server/credentials.py); open connections and their calls go on.
         Called on the event loop, only when the port was started with TLS."""
-
-
-def tls_files(settings: ServerSettings) -> tuple[bytes, bytes, bytes | None] | None:
-    """(certificate chain, private key, client CA or None) as PEM bytes from ``settings``,
-    or None without TLS. Raises ValueError for settings that do not fit together."""
-    s = settings
-    if s.tls_cert is None and s.tls_key is None:
-        if s.tls_client_ca is not None:
-            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
-        return None
-    if s.tls_cert is None or s.tls_key is None:
-        raise ValueError("TLS needs both --tls-cert and --tls-key")
-    client_ca = s.tls_client_ca.read_bytes() if s.tls_client_ca is not None else None
-    return s.tls_cert.read_bytes(), s.tls_key.read_bytes(), client_ca

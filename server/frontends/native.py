@@ -39,9 +39,10 @@ from tensorgate.protos import admin_pb2
 from tensorgate.protos import grpc_service_pb2 as pb
 
 from ..auth import TokenPolicy
+from ..credentials import tls_material
 from ..interceptors import map_errors, status_of
 from ..servicer import VARIANT_METADATA_KEY, WORKER_METADATA_KEY
-from .base import Services, tls_files
+from .base import Services
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,12 @@ class NativeFrontEnd:
         import tensorgate_native
 
         s = self.services.settings
-        pem = tls_files(s)
+        material = tls_material(s)
+        pem = (
+            None
+            if material is None
+            else (material.cert_chain, material.private_key, material.client_ca)
+        )
         sock = bind(s.host, s.port, s.reuse_port)
         self.port = sock.getsockname()[1]
         try:
