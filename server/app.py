@@ -11,7 +11,7 @@ import logging
 import signal
 import time
 
-from . import frontends
+from . import frontends, heap
 from .admin import RoutingAdminServicer
 from .admission import Admission
 from .auth import TokenPolicy
@@ -80,6 +80,7 @@ class Gateway:
         )
         self._poll_task: asyncio.Task[None] | None = None
         self._enough: bool | None = None  # require_models met, as last reported
+        self._gc_thresholds: tuple[int, int, int] | None = None  # before heap.configure
 
     async def start(self) -> None:
         s = self.settings
@@ -115,6 +116,7 @@ class Gateway:
         if self._poller is not None:
             self._poller.prime()  # changes made while loading are picked up by the first poll
         await self.repository.load_all()
+        self._gc_thresholds = heap.configure()  # heap.settle() follows, just below
         self.rollouts.open()
         self.ready = True
         await self.model_health_changed_async()
@@ -172,6 +174,8 @@ class Gateway:
         The server's own entry is SERVING once started, while ``require_models`` are ready."""
         if self.front_end is None:
             return
+        if self.ready:
+            heap.settle()  # models were loaded or unloaded: see server/heap.py
         for name, model in self.repository.models.items():
             await self.front_end.set_health(name, model.ready and not self.draining)
         if not self.ready or self.draining:
@@ -239,6 +243,9 @@ class Gateway:
         await self.repository.close()
         if self._metrics_server is not None:
             self._metrics_server.close()
+        if self._gc_thresholds is not None:
+            heap.restore(self._gc_thresholds)
+            self._gc_thresholds = None
 
     async def wait(self) -> None:
         assert self.front_end is not None

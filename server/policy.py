@@ -61,6 +61,10 @@ class RoutePolicy:
     breaker_cooldown_s: float = DEFAULT_BREAKER_COOLDOWN_S
     # Seconds a variant may take before the request moves on to its next fallback.
     attempt_timeout_s: float | None = None
+    # fallbacks_for's answers, by primary (not part of the policy's value).
+    _fallbacks: dict[str, tuple[str, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     @property
     def weighted(self) -> bool:
@@ -73,7 +77,14 @@ class RoutePolicy:
         return max(self.weights.get(variant, 0.0), 0.0) / total if total else 0.0
 
     def fallbacks_for(self, primary: str) -> tuple[str, ...]:
-        """The variants to try, in order, after ``primary`` fails."""
+        """The variants to try, in order, after ``primary`` fails (worked out once per
+        primary: the policy is immutable)."""
+        known = self._fallbacks.get(primary)
+        if known is None:
+            known = self._fallbacks[primary] = self._walk_fallbacks(primary)
+        return known
+
+    def _walk_fallbacks(self, primary: str) -> tuple[str, ...]:
         if self.fallback:
             return tuple(v for v in self.fallback if v != primary)
         order: list[str] = []

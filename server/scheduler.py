@@ -87,10 +87,12 @@ def _wake(waiter: asyncio.Future[None]) -> None:
 
 
 def _batch_key(inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None) -> tuple:
-    return (
-        tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(inputs.items())),
-        tuple(sorted(outputs)) if outputs else None,
-    )
+    if len(inputs) == 1:  # the common case, without the sort
+        ((n, a),) = inputs.items()
+        tensors: tuple = ((n, a.dtype.str, a.shape[1:]),)
+    else:
+        tensors = tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(inputs.items()))
+    return (tensors, tuple(sorted(outputs)) if outputs else None)
 
 
 class Scheduler:
@@ -117,6 +119,7 @@ class Scheduler:
         self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=name)
         self._workers: list[asyncio.Task[None]] = []
         self._on_queue_change = on_queue_change
+        self._reporting = False  # a queue length report is scheduled (_notify)
         self._closed = False
         self._active = 0  # requests taken off the queue and not yet answered
         # Run cheap executions on the loop (see INLINE_BUDGET_S); more instances ask for
@@ -198,6 +201,14 @@ class Scheduler:
         self._notify()
 
     def _notify(self) -> None:
+        """Report the queue's length, once per event loop iteration however many requests
+        came and went in it (the gauge's lock and a call per request showed under load)."""
+        if self._on_queue_change is not None and not self._reporting:
+            self._reporting = True
+            asyncio.get_running_loop().call_soon(self._report)
+
+    def _report(self) -> None:
+        self._reporting = False
         if self._on_queue_change is not None:
             self._on_queue_change(len(self._pending))
 

@@ -9,7 +9,7 @@ position, so its names are suggestions and it is matched by position (or by its
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NoReturn
 
 from tensorgate.backends import Signature, TensorSpec
@@ -26,13 +26,16 @@ class ModelSignature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int
+    # Looked up per request: worked out once.
+    output_names: tuple[str, ...] = field(init=False, compare=False, repr=False)
+    _inputs_by_name: dict[str, TensorSpec] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output_names", tuple(t.name for t in self.outputs))
+        object.__setattr__(self, "_inputs_by_name", {t.name: t for t in self.inputs})
 
     def input(self, name: str) -> TensorSpec | None:
-        return next((t for t in self.inputs if t.name == name), None)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.outputs)  # type: ignore[misc]
+        return self._inputs_by_name.get(name)
 
     def dims(self, spec: TensorSpec) -> list[int]:
         """``spec``'s shape as Triton's ModelConfig gives it: without the batch dimension
@@ -218,6 +221,11 @@ def _check_batch_dim(model: str, sig: ModelSignature) -> None:
                 )
 
 
+def _fits(got: Sequence[int], want: Sequence[int]) -> bool:
+    """Whether shape ``got`` matches ``want`` (same length; -1 there = any size)."""
+    return all(w == -1 or g == w for g, w in zip(got, want, strict=True))
+
+
 def validate_inputs(
     model: str, sig: ModelSignature, inputs: Sequence[InputTensor]
 ) -> dict[str, object]:
@@ -239,9 +247,7 @@ def validate_inputs(
                 f"{spec.datatype}"
             )
         shape = spec.shape or ()
-        if len(t.shape) != len(shape) or any(
-            want != -1 and got != want for got, want in zip(t.shape, shape, strict=True)
-        ):
+        if len(t.shape) != len(shape) or not _fits(t.shape, shape):
             raise InvalidInput(
                 f"input '{t.name}' of model '{model}': shape {list(t.shape)}, expected "
                 f"{list(shape)} (-1 = any size)"

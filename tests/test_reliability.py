@@ -547,3 +547,56 @@ def test_drain_ends_idle_streams_at_once(slow_repo: Path, tmp_path: Path) -> Non
         finally:
             release.set()
     server.stop()
+
+
+def test_the_heap_is_settled_after_load_and_model_changes(tmp_path: Path) -> None:
+    # server/heap.py: once the models are loaded the collector runs generation 0 every
+    # GEN0_THRESHOLD allocations and skips what was alive (frozen); each later change to the
+    # models collects everything again (an unloaded model's cycles go) and freezes anew;
+    # stop puts the collector back as it was (this test's own process runs the gateway).
+    import gc
+    import weakref
+
+    from tensorgate.server import heap
+    from tensorgate.server.app import Gateway
+    from tensorgate.server.settings import ServerSettings
+
+    root = tmp_path / "models"
+    build_mlp_onnx(root / "mlp" / "1" / "model.onnx", mlp_weights())
+    before = gc.get_threshold()
+
+    class Node:
+        pass
+
+    async def main() -> None:
+        gateway = Gateway(
+            ServerSettings(
+                repository=root, port=0, metrics_port=None, front_end=FRONT_END["current"]
+            )
+        )
+        await gateway.start()
+        assert gc.get_threshold()[0] == heap.GEN0_THRESHOLD
+        assert gc.get_freeze_count() > 0
+        cycle = Node()
+        cycle.me = cycle  # type: ignore[attr-defined]
+        gone = weakref.ref(cycle)
+        gc.freeze()  # as if it had been alive at the last settle: only a settle frees it
+        del cycle
+        gc.collect()
+        assert gone() is not None
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            await stub.RepositoryModelUnload(
+                pb.RepositoryModelUnloadRequest(model_name="mlp"), timeout=30
+            )
+            assert gone() is None, "the unload did not settle the heap"
+            await stub.RepositoryModelLoad(
+                pb.RepositoryModelLoadRequest(model_name="mlp"), timeout=60
+            )
+            reply = await stub.ModelInfer(encode_request("mlp", {"input": x64(1)}), timeout=5)
+            assert reply.model_name == "mlp"
+        await gateway.stop(grace=5)
+        assert gc.get_threshold() == before
+        assert gc.get_freeze_count() == 0
+
+    asyncio.run(main())
