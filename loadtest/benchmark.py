@@ -24,6 +24,9 @@ runs that other processes disturbed. Blocks (``--only``):
   same ONNX file (peers' bench_kserve.sh);
 - ``pytriton``:   Triton 2.51 through PyTriton 0.7 with an onnxruntime function on the same ONNX
   file, without and with dynamic batching (peers' bench_pytriton.sh);
+- ``compute``:    issue 18's compute-bound MLP (512-2048-2048-512, FP32 [1, 512]) at c=8 and 32:
+  the gateway (1 worker) without and with dynamic batching 32 / 500 us, and Triton's own
+  server the same two ways (the peers' Triton setup, its sizes changed); labels "wide 512:";
 - ``wide``:       the compute-bound model (``WIDE_MLP_SIZES``, server/demo.py) at c=32: in-process
   floor (batch 1 and 32), the gateway without and with dynamic batching, MLServer and TorchServe
   without and with their batching (through a second PEERS_HOME whose ``mlp`` is the wide model).
@@ -91,7 +94,10 @@ BLOCKS = (
     "triton",
     "big",
     "wide",
+    "compute",
 )
+#: The label of bench_triton.sh's runs (Triton's own server, the MLP in its Python backend).
+TRITON = "Triton 2.51 native front end, Python backend"
 # The peers' install script and the file it leaves behind, by block.
 PEER_INSTALLS = {
     "mlserver": ("install_mlserver.sh", "venv-mlserver/bin/mlserver"),
@@ -335,6 +341,7 @@ def bench_target(
     home: Path = PEERS_HOME,
     shape: str = "1,64",
     data: Path | None = None,
+    model: str = "mlp",
 ) -> None:
     sh(
         [
@@ -343,7 +350,7 @@ def bench_target(
             "--target",
             address,
             "--model",
-            "mlp",
+            model,
             "--input",
             "input",
             "--datatype",
@@ -670,6 +677,116 @@ def block_client(run: Run) -> None:
             )
 
 
+#: Issue 18's compute-bound MLP: 512 -> 2048 -> 2048 -> 512, FP32 [1, 512] (25 MB of weights).
+COMPUTE_SIZES = (512, 2048, 2048, 512)
+COMPUTE_TENSORS = MLP_TENSORS.replace("[-1, 64]", "[-1, 512]").replace("[-1, 10]", "[-1, 512]")
+
+
+def compute_model(work: Path) -> tuple[Path, Path]:
+    """The compute block's ONNX file and a [1, 512] sample request."""
+    from tensorgate.server.demo import build_dense_onnx, dense_weights
+
+    directory = work / "compute-model"
+    onnx = build_dense_onnx(directory / "model.onnx", dense_weights(COMPUTE_SIZES))
+    sample = directory / "sample_input.npy"
+    rng = np.random.default_rng(0)
+    np.save(sample, rng.random((1, COMPUTE_SIZES[0]), dtype=np.float32))
+    return onnx, sample
+
+
+def compute_repository(root: Path, onnx: Path, batched: bool) -> Path:
+    """Model ``mlp`` = the compute MLP; batched: 32 / 500 us, as Triton's ``mlpb``."""
+    (root / "mlp" / "onnx").mkdir(parents=True)
+    shutil.copy(onnx, root / "mlp" / "onnx" / "model.onnx")
+    head = 'default_variant = "onnx"\n' + ("max_batch_size = 32\n" if batched else "")
+    tail = "\n[batching]\nmax_queue_delay_us = 500\n" if batched else ""
+    (root / "mlp" / "config.toml").write_text(head + "\n" + COMPUTE_TENSORS + tail)
+    return root
+
+
+def triton_compute_repository(root: Path, onnx: Path) -> Path:
+    """The peers' Triton repository (triton/make_repo.sh: ``mlp`` plain, ``mlpb`` batched
+    32 / 500 us, ONNX Runtime with 1 thread in Triton's Python backend), its model file and
+    tensor sizes changed to the compute MLP's."""
+    sh(["bash", str(PEERS_DIR / "triton" / "make_repo.sh"), str(root)], check=True)
+    sizes = {"64": str(COMPUTE_SIZES[0]), "10": str(COMPUTE_SIZES[-1])}
+    for name in ("mlp", "mlpb"):
+        model_py = root / "models" / name / "1" / "model.py"
+        model_py.write_text(
+            model_py.read_text().replace(str(PEERS_HOME / "models" / "mlp.onnx"), str(onnx))
+        )
+        config = root / "models" / name / "config.pbtxt"
+        text = config.read_text()
+        for old, new in sizes.items():
+            text = text.replace(f"[ -1, {old} ]", f"[ -1, {new} ]").replace(
+                f"[ {old} ]", f"[ {new} ]"
+            )
+        config.write_text(text)
+    return root
+
+
+@contextmanager
+def triton_server(root: Path, work: Path, model: str) -> Iterator[tuple[str, int]]:
+    """Triton 2.51's own server on ``root`` (the peers' triton/serve.sh), in its own
+    session; yields (address, pid) once ``model`` is ready; SIGTERM (then SIGKILL) after."""
+    import socket
+
+    with socket.socket() as probe:  # a free port (and the next one, for its HTTP)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_file = (work / f"triton-{port}.log").open("wb")
+    proc = subprocess.Popen(
+        ["bash", str(PEERS_DIR / "triton" / "serve.sh"), str(root), str(port)],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "PEERS_HOME": str(PEERS_HOME)},
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        ready = [str(TOOLS_PY), str(PEERS_DIR / "wait_ready.py"), address, model, "120"]
+        if subprocess.run(ready, check=False).returncode != 0:
+            raise RuntimeError(f"Triton did not get ready: see {log_file.name}")
+        yield address, proc.pid
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log_file.close()
+
+
+def block_compute(run: Run) -> None:
+    """Issue 18's compute-bound MLP (COMPUTE_SIZES), c=8 and 32: the gateway (1 worker)
+    without and with dynamic batching 32 / 500 us, and Triton's own server the same two
+    ways (the peers' Triton setup, sizes changed). Labels start with "wide 512:"."""
+    onnx, sample = compute_model(run.work)
+    shape = f"1,{COMPUTE_SIZES[0]}"
+    c = "8,32"
+    for front_end in _front_ends():
+        for batched in (False, True):
+            what = "1 worker, ONNX Runtime" + (", dynamic batching 32, 500 us" if batched else "")
+            label = "wide 512: " + _tg_label(front_end, what)
+            log(label)
+            repo = run.work / f"compute-{batched}"
+            if not repo.exists():
+                compute_repository(repo, onnx, batched)
+            with gateway(repo, run.work, "--front-end", front_end) as (address, pid):
+                bench_target(run, address, pid, label, c=c, shape=shape, data=sample)
+    if not (PEERS_HOME / "venv-pytriton" / "bin" / "python").exists():
+        log("Triton is not installed (install_pytriton.sh): compute block without it")
+        return
+    triton = triton_compute_repository(run.work / "compute-triton", onnx)
+    for model, how in (("mlp", "plain"), ("mlpb", "dynamic batching 32/500us")):
+        label = f"wide 512: {TRITON} ({how})"
+        log(label)
+        with triton_server(triton, run.work, model) as (address, pid):
+            bench_target(run, address, pid, label, c=c, shape=shape, data=sample, model=model)
+
+
 def block_wide(run: Run) -> None:
     onnx, torchscript = wide_models(run.work)
     home = wide_peers_home(onnx, torchscript)
@@ -879,9 +996,6 @@ def targets(rows: list[dict]) -> list[str]:
     return [*lines, "", "Issue 18 (the native front end):", "", *native_targets(rows)]
 
 
-TRITON = "Triton 2.51 native front end, Python backend"
-
-
 def native_targets(rows: list[dict]) -> list[str]:
     """Issue 18's targets, as ratios inside this run."""
     r = Ratios()
@@ -911,16 +1025,22 @@ def native_targets(rows: list[dict]) -> list[str]:
           lower=True, key="server_cpu_ms_per_req")  # fmt: skip
     n2 = _best(_pick(small, "tensorgate native (2 workers, ONNX Runtime)", 32, exact=True))
     ratio("4. native --workers 2 vs --workers 1, c=32", n2, n1, 1.5)
-    wn = _best(_pick(wide, "wide: tensorgate native (1 worker, ONNX Runtime)", 32, exact=True))
-    wnb = _best(_pick(wide, "wide: tensorgate native (1 worker, ONNX Runtime, dynamic", 32))
-    wt = _best(_pick(wide, f"wide: {TRITON} (plain)", 32, exact=True))
-    wtb = _best(_pick(wide, f"wide: {TRITON} (dynamic", 32))
-    ratio("5. compute-bound, plain: native vs Triton", wn, wt, 1.0)
-    ratio("5. compute-bound, plain: CPU/request native vs Triton", wn, wt, 1.0, lower=True,
-          key="server_cpu_ms_per_req")  # fmt: skip
-    ratio("5. compute-bound, batched: native vs Triton", wnb, wtb, 1.0)
-    ratio("5. compute-bound, batched: CPU/request native vs Triton", wnb, wtb, 1.0, lower=True,
-          key="server_cpu_ms_per_req")  # fmt: skip
+    # Target 5 on the issue's 512-2048-2048-512 model (block compute, "wide 512:") where the
+    # run has it, else on block wide's model.
+    prefix = "wide 512: " if any(r["label"].startswith("wide 512: ") for r in wide) else "wide: "
+    for c in (8, 32):
+        one = f"{prefix}tensorgate native (1 worker, ONNX Runtime"
+        wn = _best(_pick(wide, f"{one})", c, exact=True))
+        wnb = _best(_pick(wide, f"{one}, dynamic", c))
+        wt = _best(_pick(wide, f"{prefix}{TRITON} (plain)", c, exact=True))
+        wtb = _best(_pick(wide, f"{prefix}{TRITON} (dynamic", c))
+        what = f"5. compute-bound ({prefix.rstrip(': ')}), c={c}"
+        ratio(f"{what}, plain: native vs Triton", wn, wt, 1.0)
+        ratio(f"{what}, plain: CPU/request native vs Triton", wn, wt, 1.0, lower=True,
+              key="server_cpu_ms_per_req")  # fmt: skip
+        ratio(f"{what}, batched: native vs Triton", wnb, wtb, 1.0)
+        ratio(f"{what}, batched: CPU/request native vs Triton", wnb, wtb, 1.0, lower=True,
+              key="server_cpu_ms_per_req")  # fmt: skip
     big = "1 worker, 1 MB FP32 in and out, ONNX Identity"
     ratio("6. 1 MB requests and replies: native vs python front end (MB/s)",
           _best(_pick(small, _tg_label("native", big), 8, exact=True)),
@@ -985,6 +1105,7 @@ def main() -> None:
             "triton": block_triton,
             "big": block_big,
             "wide": block_wide,
+            "compute": block_compute,
         }
         for name in BLOCKS:
             if name in blocks:
