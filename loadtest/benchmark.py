@@ -879,15 +879,16 @@ def report(rows: list[dict], machine: str) -> str:
     if wide:
         out += [
             "",
-            "Compute-bound model (wide MLP 64-4096-4096-10), c=32 (in-process: 1 caller). "
-            "Cells as above; in-process rows are rows/s.",
+            "Compute-bound models: rows labelled `wide:` serve the wide MLP 64-4096-4096-10 (block "
+            "wide), `wide 512:` issue 18's 512-2048-2048-512 (block compute); in-process rows: "
+            "1 caller, rows/s. Cells as above, one row per run; CPU: server CPU ms per request.",
             "",
-            "| server / config | tool | c=32 | CPU ms/req |",
-            "|---|---|---|---|",
+            "| server / config | tool | c | requests/s, p50, p99 | CPU ms/req |",
+            "|---|---|---|---|---|",
         ]
         for r in wide:
             cpu = r.get("server_cpu_ms_per_req", "")
-            out.append(f"| {r['label']} | {r['tool']} | {_cell(r)} | {cpu} |")
+            out.append(f"| {r['label']} | {r['tool']} | {r['c']} | {_cell(r)} | {cpu} |")
     out += ["", "Targets (ratios inside this run):", "", *targets(rows)]
     return "\n".join(out) + "\n"
 

@@ -10,8 +10,9 @@ answers nothing. So, once the models are loaded (and again after each change to 
   frameworks' modules and the server's own objects are not traversed again;
 - ``configure``: generation 0 every GEN0_THRESHOLD allocations instead of 700.
 
-Measured with the Python half of the native front end alone (cohorts of 32 batched MLP
-requests, no network): 36.6 -> 26 us of CPU per request; docs/benchmarks.md.
+Measured (docs/benchmarks.md, loadtest/results/heap-ab-20261206.jsonl): the native front
+end with dynamic batching on the MLP, h2load c=32, runs alternating with and without:
+11,867 -> 15,312 requests/s (medians of 3), 0.082 -> 0.062 ms of server CPU per request.
 
 And glibc's allocator (``tune_malloc``, from ``configure``): a request or reply of a
 megabyte or more is allocated with mmap and, when freed, given back to the kernel (munmap,
