@@ -192,6 +192,11 @@ def run_triton_script(script: str, *args: str, timeout: float = 120.0) -> dict:
             f"no tritonclient interpreter at {TRITON_PYTHON}; create it with: python -m venv "
             ".venv-triton && .venv-triton/bin/pip install 'tritonclient[grpc]==2.73.0'"
         )
+    # Once the script has printed, it exits at once: grpc's Channel.close, called from
+    # tritonclient's __del__ at interpreter exit, can wait forever on a lock (seen about one
+    # run in ten: InferenceServerClient.__del__ -> Channel._close -> Condition.wait, after
+    # every answer had arrived and the report was printed).
+    script += "\nimport os as _os, sys as _sys\n_sys.stdout.flush()\n_os._exit(0)\n"
     proc = subprocess.run(
         [str(TRITON_PYTHON), "-c", script, *args], capture_output=True, text=True, timeout=timeout
     )
