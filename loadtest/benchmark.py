@@ -321,14 +321,24 @@ def gateway(repo: Path, work: Path, *args: str) -> Iterator[tuple[str, int]]:
         port = json.loads(port_file.read_text())["grpc_port"]
         yield f"127.0.0.1:{port}", proc.pid
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        _stop(proc, 60, group=False)
         log_file.close()
+
+
+def _stop(proc: subprocess.Popen, grace: float, group: bool) -> None:
+    """SIGTERM to a server started in its own session (to the whole session with ``group``),
+    SIGKILL to the session after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    if group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def bench_target(
@@ -749,13 +759,7 @@ def triton_server(root: Path, work: Path, model: str) -> Iterator[tuple[str, int
             raise RuntimeError(f"Triton did not get ready: see {log_file.name}")
         yield address, proc.pid
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        _stop(proc, 30, group=True)
         log_file.close()
 
 

@@ -51,12 +51,11 @@ def configure() -> tuple[int, int, int]:
 def tune_malloc() -> bool:
     """Fixed mmap and trim thresholds for glibc's malloc (see the module docstring); False
     where the C library is not glibc. Process-wide and for good: ``restore`` leaves it."""
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
     if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
         return False
     return bool(
         mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)

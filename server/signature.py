@@ -221,11 +221,6 @@ def _check_batch_dim(model: str, sig: ModelSignature) -> None:
                 )
 
 
-def _fits(got: Sequence[int], want: Sequence[int]) -> bool:
-    """Whether shape ``got`` matches ``want`` (same length; -1 there = any size)."""
-    return all(w == -1 or g == w for g, w in zip(got, want, strict=True))
-
-
 def validate_inputs(
     model: str, sig: ModelSignature, inputs: Sequence[InputTensor]
 ) -> dict[str, object]:
@@ -247,7 +242,9 @@ def validate_inputs(
                 f"{spec.datatype}"
             )
         shape = spec.shape or ()
-        if len(t.shape) != len(shape) or not _fits(t.shape, shape):
+        if len(t.shape) != len(shape) or any(
+            want != -1 and got != want for got, want in zip(t.shape, shape, strict=True)
+        ):
             raise InvalidInput(
                 f"input '{t.name}' of model '{model}': shape {list(t.shape)}, expected "
                 f"{list(shape)} (-1 = any size)"
