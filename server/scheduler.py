@@ -12,6 +12,7 @@ Each caller gets exactly its own rows of the batch back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -81,6 +82,10 @@ class _Work:
     timings: Timings = field(default_factory=Timings)
 
 
+class _Abandoned(Exception):
+    """Every caller of an execution went away while it waited for a pool thread."""
+
+
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
@@ -122,6 +127,8 @@ class Scheduler:
         self._reporting = False  # a queue length report is scheduled (_notify)
         self._closed = False
         self._active = 0  # requests taken off the queue and not yet answered
+        # Executions handed to the pool and not yet returned (by id of their batch).
+        self._in_pool: dict[int, list[_Work]] = {}
         # Run cheap executions on the loop (see INLINE_BUDGET_S); more instances ask for
         # executions in parallel, which only the pool gives; a GPU variant waits on its
         # device, which the loop must not.
@@ -140,14 +147,26 @@ class Scheduler:
         self._fill_need = 0
 
     def start(self) -> None:
+        # Unbatched, one worker more than the pool has threads: while an execution runs,
+        # the next one already waits in the pool's queue, so a pool thread goes from one
+        # execution straight to the next instead of idling through a round trip over the
+        # event loop (the result's hand-back, the worker's wake-up, the next submission).
+        # Batched, a batch forms when an instance is free, so that it takes every request
+        # that came during the execution before it.
+        workers = self._instances + (1 if self._batching is None else 0)
         self._workers = [
             asyncio.create_task(self._worker(), name=f"{self._name}-worker-{i}")
-            for i in range(self._instances)
+            for i in range(workers)
         ]
 
     @property
     def queued(self) -> int:
-        return len(self._pending)
+        """Requests waiting: in the queue, and an execution handed to the pool that waits
+        there for a thread (see ``start``)."""
+        # The pool runs its executions in order, so all but the first ``instances`` wait
+        # there; one whose callers went away leaves the count at once.
+        staged = list(self._in_pool.values())[self._instances :]
+        return len(self._pending) + sum(1 for batch in staged for w in batch if not w.future.done())
 
     async def submit(
         self,
@@ -161,7 +180,7 @@ class Scheduler:
         refused the input) or BackendFailed."""
         if self._closed:
             raise Retired(f"variant {self._name} is unloading")
-        if len(self._pending) >= self._max_queue:
+        if self.queued >= self._max_queue:
             raise Overloaded(
                 f"variant {self._name}: queue is full ({self._max_queue} requests waiting); "
                 "retry later or raise [instances] max_queue_size"
@@ -194,10 +213,10 @@ class Scheduler:
             raise
 
     def _discard(self, work: _Work) -> None:
-        try:
+        # Taken by a worker already: it skips or finishes it (staged on the pool, it leaves
+        # the count of queued requests now).
+        with contextlib.suppress(ValueError):
             self._pending.remove(work)
-        except ValueError:
-            return  # already taken by a worker, which skips or finishes it
         self._notify()
 
     def _notify(self) -> None:
@@ -210,7 +229,7 @@ class Scheduler:
     def _report(self) -> None:
         self._reporting = False
         if self._on_queue_change is not None:
-            self._on_queue_change(len(self._pending))
+            self._on_queue_change(self.queued)
 
     # -- workers ---------------------------------------------------------------------------
     async def _worker(self) -> None:
@@ -290,9 +309,6 @@ class Scheduler:
                     self._filling = None
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Work]) -> None:
-        started = time.perf_counter()
-        for w in batch:
-            w.timings.queue = started - w.enqueued
         first = batch[0]
         if len(batch) == 1:
             inputs = first.inputs
@@ -306,13 +322,21 @@ class Scheduler:
         deadline = None if None in deadlines else max(deadlines)  # type: ignore[type-var]
         try:
             if inline:
+                started = time.perf_counter()
                 result = self._timed_infer(inputs, first.outputs, deadline)
             else:
-                result = await loop.run_in_executor(
-                    self._executor, self._timed_infer, inputs, first.outputs, deadline
-                )
+                self._in_pool[id(batch)] = batch
+                try:
+                    started, result = await loop.run_in_executor(
+                        self._executor, self._pooled, batch, inputs, deadline
+                    )
+                finally:
+                    del self._in_pool[id(batch)]
+                    self._notify()
             if len(batch) > 1:
                 parts = self._split(result, batch)
+        except _Abandoned:
+            return
         except Exception as e:
             error = self._error(e)
             now = time.monotonic()
@@ -321,6 +345,8 @@ class Scheduler:
                     w.future.set_exception(self._late(error, w.deadline, now))
             return
         compute = time.perf_counter() - started
+        for w in batch:
+            w.timings.queue = started - w.enqueued
         first.timings.execution_rows = sum(w.rows for w in batch)
         for i, w in enumerate(batch):
             w.timings.compute = compute
@@ -353,6 +379,23 @@ class Scheduler:
         timings.compute = time.perf_counter() - started
         timings.execution_rows = 1
         return result
+
+    def _pooled(
+        self, batch: list[_Work], inputs: Mapping[str, np.ndarray], deadline: float | None
+    ) -> tuple[float, dict[str, np.ndarray]]:
+        """An execution on a pool thread: (its start, its result). It may have waited in the
+        pool's queue behind another execution (see ``start``): skipped when every caller
+        went away meanwhile, refused when the batch's deadline passed."""
+        if all(w.future.done() for w in batch):
+            raise _Abandoned
+        started = time.perf_counter()
+        if deadline is not None and time.monotonic() >= deadline:
+            waited = started - batch[0].enqueued
+            raise DeadlineExceeded(
+                f"variant {self._name}: deadline passed after {waited * 1e3:.1f} ms in "
+                "the queue, before compute"
+            )
+        return started, self._timed_infer(inputs, batch[0].outputs, deadline)
 
     def _timed_infer(
         self,
@@ -426,7 +469,7 @@ class Scheduler:
         return error
 
     def _error(self, e: Exception) -> Exception:
-        if isinstance(e, BackendFailed):
+        if isinstance(e, BackendFailed | DeadlineExceeded):
             return e
         if isinstance(e, BackendInputError):
             return InvalidInput(f"variant {self._name}: {e}")

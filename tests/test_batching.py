@@ -175,6 +175,63 @@ def test_expired_and_cancelled_requests_never_reach_the_backend() -> None:
     run(main())
 
 
+def test_the_next_execution_waits_on_the_pool_not_on_the_loop() -> None:
+    async def main() -> None:
+        backend = RowSums()
+        s = Scheduler(backend, name="m/v")
+        s.start()
+        backend.gate.clear()
+        first = asyncio.ensure_future(_submit(s, np.ones((1, 3))))
+        await until(lambda: backend.entered == 1, "the first request in the backend")
+        second = asyncio.ensure_future(_submit(s, np.full((2, 3), 2.0)))
+        # Handed to the pool behind the first (a queued request all the same) ...
+        await until(lambda: s.queued == 1 and not s._pending, "the second staged on the pool")
+        backend.gate.set()
+        # ... so the pool thread starts it while the event loop is blocked: no round trip
+        # through the loop between two executions.
+        blocked_until = time.monotonic() + 10
+        while backend.entered < 2 and time.monotonic() < blocked_until:
+            time.sleep(0.001)
+        assert backend.entered == 2
+        assert (await second)["sum"].tolist() == [6.0, 6.0]
+        await first
+        assert s.queued == 0
+        await s.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+def test_a_staged_execution_whose_caller_left_never_runs(how: str) -> None:
+    async def main() -> None:
+        backend = RowSums()
+        s = Scheduler(backend, name="m/v", max_queue_size=1)
+        s.start()
+        backend.gate.clear()
+        hold = asyncio.ensure_future(_submit(s, np.ones((1, 3))))
+        await until(lambda: backend.entered == 1, "the first request in the backend")
+        expires = time.monotonic() + 0.05 if how == "deadline" else None
+        staged = asyncio.ensure_future(_submit(s, np.ones((1, 3)), expires))
+        await until(lambda: s.queued == 1 and not s._pending, "the second staged on the pool")
+        with pytest.raises(Overloaded, match="queue is full"):
+            await _submit(s, np.ones((1, 3)))
+        if how == "cancel":
+            staged.cancel()
+            await until(lambda: s.queued == 0, "the cancelled request to leave the count")
+        else:
+            await until(lambda: time.monotonic() > expires, "the deadline to pass")
+        backend.gate.set()
+        await hold
+        if how == "deadline":
+            with pytest.raises(DeadlineExceeded, match="before compute"):
+                await staged
+        await until(lambda: not s._in_pool, "the pool to finish")
+        assert backend.calls == [1]  # the staged one never reached the backend
+        await s.close()
+
+    run(main())
+
+
 def test_instances_run_concurrently() -> None:
     async def main() -> None:
         backend = RowSums()
