@@ -308,3 +308,51 @@ def test_an_unknown_measurement_mode_is_refused() -> None:
     tensorgate_native = pytest.importorskip("tensorgate_native")
     with socket.socket() as sock, pytest.raises(ValueError, match='not "fast"'):
         tensorgate_native.Server(fd=sock.fileno(), max_message_bytes=1024, mode="fast")
+
+
+def test_reply_tensors_from_arrays_bytes_and_buffers_and_the_arrays_let_go() -> None:
+    """``complete()`` refers to numpy arrays and bytes from the reply without a copy (other
+    buffers are copied) and lets them go once the reply is encoded: the next call into
+    the module drops the last reference, from the event loop's thread."""
+    import weakref
+
+    from tensorgate.server.frontends.native import bind
+
+    tensorgate_native = pytest.importorskip("tensorgate_native")
+
+    sock = bind("127.0.0.1", 0, reuse_port=False)
+    port = sock.getsockname()[1]
+    server = tensorgate_native.Server(fd=sock.fileno(), max_message_bytes=MAX_MESSAGE_BYTES)
+    sock.detach()
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            call = stub.ModelInfer.future(encode_request("m", {"x": x64(1)}), timeout=30)
+            items: list = []
+            wait_until(lambda: items.extend(server.take()) or items, 10, "the request in take()")
+            ((kind, slot, *_),) = items
+            assert kind == "infer"
+            y = np.arange(6, dtype=np.float32).reshape(2, 3) * 1.5
+            held = weakref.ref(y)
+            scratch = bytearray(np.float32([7.0]).tobytes())
+            outputs = [
+                ("y", "FP32", (2, 3), y),
+                ("s", "BYTES", (1,), b"\x02\x00\x00\x00hi"),
+                ("z", "FP32", (1,), scratch),
+            ]
+            server.complete([(slot, (0, "m", "1", "r", outputs, []))])
+            del y, outputs
+            scratch[:] = bytes(4)  # copied at complete(): the reply keeps 7.0
+            reply = call.result()
+        assert [o.name for o in reply.outputs] == ["y", "s", "z"]
+        got = np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(2, 3)
+        np.testing.assert_array_equal(got, np.arange(6, dtype=np.float32).reshape(2, 3) * 1.5)
+        assert reply.raw_output_contents[1] == b"\x02\x00\x00\x00hi"
+        assert np.frombuffer(reply.raw_output_contents[2], np.float32).tolist() == [7.0]
+        # The reply is encoded and sent: its reference to the array waits in pyo3's pool of
+        # deferred decrefs, which the next call into the module empties.
+        wait_until(lambda: server.take() == [] and held() is None, 10, "the array released")
+    finally:
+        server.stop(0)
+        server.wait()

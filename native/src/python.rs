@@ -4,7 +4,7 @@ use std::ffi::{c_int, c_void};
 use std::time::Duration;
 
 use bytes::Bytes;
-use numpy::{Element, PyArray1};
+use numpy::{Element, PyArray1, PyUntypedArray};
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
@@ -322,11 +322,33 @@ fn request_to_py<'py>(py: Python<'py>, r: ModelInferRequest) -> PyResult<Bound<'
 
 // -- Python → Rust ---------------------------------------------------------------------------
 
-/// The bytes of `data` (bytes, or any C-contiguous buffer such as a numpy array): one copy.
-fn raw_bytes(data: &Bound<'_, PyAny>) -> PyResult<Bytes> {
-    if let Ok(b) = data.cast::<PyBytes>() {
-        return Ok(Bytes::copy_from_slice(b.as_bytes()));
+/// A Python object whose memory a reply refers to instead of copying it: a `bytes` object
+/// or a numpy array, held by a strong reference. Dropped on a tokio thread (once the reply
+/// is encoded), the reference goes to pyo3's pool of deferred decrefs, which the next call
+/// into this module (`take`, `complete`) empties with the GIL held.
+struct Held {
+    _object: Py<PyAny>,
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the pointer is into the held object's memory, which lives as long as the
+// reference and does not move: a bytes object is immutable; a numpy array's data pointer
+// is fixed for its lifetime (`resize` refuses an array that another reference holds), and
+// the pipeline hands over arrays it no longer writes. Only reads happen through `ptr`.
+unsafe impl Send for Held {}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: see `unsafe impl Send`: `len` readable bytes at `ptr` while `_object` lives.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
+}
+
+/// The bytes of `data` for a reply: a `bytes` object or a C-contiguous numpy array without
+/// a copy (see `Held`), any other C-contiguous buffer copied once.
+fn raw_bytes(data: &Bound<'_, PyAny>) -> PyResult<Bytes> {
+    let zero_copy = data.is_instance_of::<PyBytes>() || data.is_instance_of::<PyUntypedArray>();
     let mut view = std::mem::MaybeUninit::<ffi::Py_buffer>::zeroed();
     // SAFETY: a simple (contiguous, unformatted) buffer request; on success the view is
     // initialized, read for its length, then released exactly once.
@@ -335,13 +357,17 @@ fn raw_bytes(data: &Bound<'_, PyAny>) -> PyResult<Bytes> {
             return Err(PyErr::fetch(data.py()));
         }
         let view = view.assume_init_mut();
-        let out = if view.len > 0 {
-            Bytes::copy_from_slice(std::slice::from_raw_parts(
-                view.buf as *const u8,
-                view.len as usize,
-            ))
-        } else {
+        let (ptr, len) = (view.buf as *const u8, view.len as usize);
+        let out = if len == 0 {
             Bytes::new()
+        } else if zero_copy {
+            Bytes::from_owner(Held {
+                _object: data.clone().unbind(),
+                ptr,
+                len,
+            })
+        } else {
+            Bytes::copy_from_slice(std::slice::from_raw_parts(ptr, len))
         };
         ffi::PyBuffer_Release(view);
         Ok(out)
