@@ -121,6 +121,7 @@ class Scheduler:
         self._batching = batching
         self._pending: deque[_Work] = deque()
         self._arrived = asyncio.Event()
+        self._staging = asyncio.Event()  # wakes the stager (see start)
         self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=name)
         self._workers: list[asyncio.Task[None]] = []
         self._on_queue_change = on_queue_change
@@ -147,17 +148,19 @@ class Scheduler:
         self._fill_need = 0
 
     def start(self) -> None:
-        # Unbatched, one worker more than the pool has threads: while an execution runs,
-        # the next one already waits in the pool's queue, so a pool thread goes from one
-        # execution straight to the next instead of idling through a round trip over the
-        # event loop (the result's hand-back, the worker's wake-up, the next submission).
-        # Batched, a batch forms when an instance is free, so that it takes every request
-        # that came during the execution before it.
-        workers = self._instances + (1 if self._batching is None else 0)
         self._workers = [
             asyncio.create_task(self._worker(), name=f"{self._name}-worker-{i}")
-            for i in range(workers)
+            for i in range(self._instances)
         ]
+        # Unbatched, one more worker that stages the next execution on the pool while every
+        # pool thread computes: a thread then goes from one execution straight to the next
+        # instead of idling through a round trip over the event loop (the result's
+        # hand-back, a worker's wake-up, the next submission). It sleeps while executions
+        # run on the loop. Batched, a batch forms when an instance is free, so that it
+        # takes every request that came during the execution before it.
+        if self._batching is None:
+            stager = self._worker(staging=True)
+            self._workers.append(asyncio.create_task(stager, name=f"{self._name}-stager"))
 
     @property
     def queued(self) -> int:
@@ -199,6 +202,8 @@ class Scheduler:
             work.key = _batch_key(inputs, outputs)
         self._pending.append(work)
         self._arrived.set()
+        if self._pool_full():
+            self._staging.set()
         filling = self._filling
         if filling is not None and len(self._pending) >= self._fill_need:
             _wake(filling)
@@ -232,9 +237,16 @@ class Scheduler:
             self._on_queue_change(self.queued)
 
     # -- workers ---------------------------------------------------------------------------
-    async def _worker(self) -> None:
+    def _pool_full(self) -> bool:
+        return len(self._in_pool) >= self._instances
+
+    async def _worker(self, staging: bool = False) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if staging:
+                while not (self._pending and self._pool_full()):
+                    self._staging.clear()
+                    await self._staging.wait()
             while not self._pending:
                 self._arrived.clear()
                 await self._arrived.wait()
@@ -326,6 +338,8 @@ class Scheduler:
                 result = self._timed_infer(inputs, first.outputs, deadline)
             else:
                 self._in_pool[id(batch)] = batch
+                if self._pending and self._pool_full():
+                    self._staging.set()
                 try:
                     started, result = await loop.run_in_executor(
                         self._executor, self._pooled, batch, inputs, deadline
