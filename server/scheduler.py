@@ -166,6 +166,8 @@ class Scheduler:
     def queued(self) -> int:
         """Requests waiting: in the queue, and an execution handed to the pool that waits
         there for a thread (see ``start``)."""
+        if len(self._in_pool) <= self._instances:
+            return len(self._pending)
         # The pool runs its executions in order, so all but the first ``instances`` wait
         # there; one whose callers went away leaves the count at once.
         staged = list(self._in_pool.values())[self._instances :]

@@ -73,14 +73,21 @@ async def until(condition, what: str, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.001)
 
 
+async def held(**options) -> tuple[RowSums, Scheduler, asyncio.Future]:
+    """A started scheduler whose backend holds its first request (1 row) at the gate."""
+    backend = RowSums()
+    s = Scheduler(backend, name="m/v", **options)
+    s.start()
+    backend.gate.clear()
+    first = asyncio.ensure_future(_submit(s, np.ones((1, 3))))
+    await until(lambda: backend.entered == 1, "the first request in the backend")
+    return backend, s, first
+
+
 def test_concurrent_requests_are_stacked_and_split_back() -> None:
     async def main() -> None:
-        backend = RowSums()
-        s = Scheduler(backend, name="m/v", batching=BatchPolicy(8, max_queue_delay=0.05))
-        s.start()
-        backend.gate.clear()  # the first request holds the only instance
-        first = asyncio.ensure_future(_submit(s, np.ones((1, 3))))
-        await until(lambda: backend.entered == 1, "the first request in the backend")
+        # The first request holds the only instance.
+        backend, s, first = await held(batching=BatchPolicy(8, max_queue_delay=0.05))
         xs = [np.full((rows, 3), float(i)) for i, rows in enumerate([1, 2, 3, 2], start=1)]
         rest = [asyncio.ensure_future(_submit(s, x)) for x in xs]
         await until(lambda: s.queued == 4, "four queued requests")
@@ -97,12 +104,7 @@ def test_concurrent_requests_are_stacked_and_split_back() -> None:
 
 def test_batch_never_exceeds_max_and_incompatible_shapes_are_not_mixed() -> None:
     async def main() -> None:
-        backend = RowSums()
-        s = Scheduler(backend, name="m/v", batching=BatchPolicy(4, max_queue_delay=0.05))
-        s.start()
-        backend.gate.clear()
-        hold = asyncio.ensure_future(_submit(s, np.ones((1, 3))))
-        await until(lambda: backend.entered == 1, "the first request in the backend")
+        backend, s, hold = await held(batching=BatchPolicy(4, max_queue_delay=0.05))
         narrow = [asyncio.ensure_future(_submit(s, np.ones((1, 3)))) for _ in range(6)]
         wide = [asyncio.ensure_future(_submit(s, np.ones((1, 5)))) for _ in range(2)]
         await until(lambda: s.queued == 8, "eight queued requests")
@@ -150,12 +152,7 @@ def test_a_filling_batch_runs_as_soon_as_it_is_full() -> None:
 
 def test_expired_and_cancelled_requests_never_reach_the_backend() -> None:
     async def main() -> None:
-        backend = RowSums()
-        s = Scheduler(backend, name="m/v", max_queue_size=2)
-        s.start()
-        backend.gate.clear()
-        hold = asyncio.ensure_future(_submit(s, np.ones((1, 3))))
-        await until(lambda: backend.entered == 1, "the first request in the backend")
+        backend, s, hold = await held(max_queue_size=2)
         expires = time.monotonic() + 0.01
         expired = asyncio.ensure_future(_submit(s, np.ones((1, 3)), expires))
         cancelled = asyncio.ensure_future(_submit(s, np.ones((1, 3))))
@@ -177,12 +174,7 @@ def test_expired_and_cancelled_requests_never_reach_the_backend() -> None:
 
 def test_the_next_execution_waits_on_the_pool_not_on_the_loop() -> None:
     async def main() -> None:
-        backend = RowSums()
-        s = Scheduler(backend, name="m/v")
-        s.start()
-        backend.gate.clear()
-        first = asyncio.ensure_future(_submit(s, np.ones((1, 3))))
-        await until(lambda: backend.entered == 1, "the first request in the backend")
+        backend, s, first = await held()
         second = asyncio.ensure_future(_submit(s, np.full((2, 3), 2.0)))
         # Handed to the pool behind the first (a queued request all the same) ...
         await until(lambda: s.queued == 1 and not s._pending, "the second staged on the pool")
@@ -204,12 +196,7 @@ def test_the_next_execution_waits_on_the_pool_not_on_the_loop() -> None:
 @pytest.mark.parametrize("how", ["cancel", "deadline"])
 def test_a_staged_execution_whose_caller_left_never_runs(how: str) -> None:
     async def main() -> None:
-        backend = RowSums()
-        s = Scheduler(backend, name="m/v", max_queue_size=1)
-        s.start()
-        backend.gate.clear()
-        hold = asyncio.ensure_future(_submit(s, np.ones((1, 3))))
-        await until(lambda: backend.entered == 1, "the first request in the backend")
+        backend, s, hold = await held(max_queue_size=1)
         expires = time.monotonic() + 0.05 if how == "deadline" else None
         staged = asyncio.ensure_future(_submit(s, np.ones((1, 3)), expires))
         await until(lambda: s.queued == 1 and not s._pending, "the second staged on the pool")
