@@ -132,6 +132,50 @@ def test_every_datatype_round_trips_in_raw_contents(client: Client) -> None:
         np.testing.assert_array_equal(got, want)
 
 
+def test_large_replies_share_a_connection_with_small_calls(client: Client) -> None:
+    # Megabyte replies go out as many DATA frames (the native front end writes a pass's
+    # frames together and puts off its flush); concurrent calls on one channel, large and
+    # small, each get their own bytes back, and none waits on another's flush.
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(7)
+    sizes = [(3 << 20) // 4 + 5, 1, 257, (1 << 20) // 4, 4096 + 3, 20_000]
+    arrays = [rng.random(n, dtype=np.float32) for n in sizes for _ in range(4)]
+
+    others = {f"in_{dt}": _identity_value(dt) for dt in IDENTITY_DATATYPES if dt != "FP32"}
+
+    def round_trip(x: np.ndarray) -> bool:
+        got = client.infer("identity", {**others, "in_FP32": x}, timeout=60)["out_FP32"]
+        return got.dtype == np.float32 and np.array_equal(got, x)
+
+    with ThreadPoolExecutor(len(arrays)) as pool:
+        results = list(pool.map(round_trip, arrays))
+    assert all(results), [x.size for x, ok in zip(arrays, results, strict=True) if not ok]
+
+
+def test_a_large_stream_reply_arrives_before_the_next_request(server) -> None:
+    # A stream's reply has no trailers behind it: nothing but the reply itself may bring
+    # its last DATA frames out. Each request is sent only once the previous reply arrived.
+    import queue
+
+    from tensorgate.codec import decode_response, encode_request
+
+    others = {f"in_{dt}": _identity_value(dt) for dt in IDENTITY_DATATYPES if dt != "FP32"}
+    rng = np.random.default_rng(11)
+    arrays = [rng.random(n, dtype=np.float32) for n in ((1 << 20) // 4, 9, (2 << 20) // 4 + 1)]
+    requests: queue.Queue = queue.Queue()
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        replies = stub.ModelStreamInfer(iter(requests.get, None), timeout=60)
+        for i, x in enumerate(arrays):
+            requests.put(encode_request("identity", {**others, "in_FP32": x}, request_id=str(i)))
+            reply = next(replies)
+            assert reply.error_message == "" and reply.infer_response.id == str(i)
+            np.testing.assert_array_equal(decode_response(reply.infer_response)["out_FP32"], x)
+        requests.put(None)
+        assert list(replies) == []
+
+
 def test_bf16_round_trips(client: Client) -> None:
     import ml_dtypes
 

@@ -7,6 +7,7 @@ pub mod grpc;
 pub mod handover;
 pub mod reflection;
 pub mod server;
+pub mod socket;
 pub mod tls;
 
 #[cfg(feature = "python")]

@@ -14,7 +14,7 @@ use tonic_health::ServingStatus;
 
 use crate::grpc::{Gateway, State};
 use crate::handover::Hub;
-use crate::tls;
+use crate::{socket, tls};
 
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -23,6 +23,9 @@ const STREAM_WINDOW: u32 = 4 << 20;
 const CONNECTION_WINDOW: u32 = 16 << 20;
 const MAX_FRAME: u32 = 256 << 10;
 const SEND_BUFFER: usize = 4 << 20;
+/// The socket's buffers (`socket`).
+const READ_BUFFER: usize = 256 << 10;
+const WRITE_BUFFER: usize = 256 << 10;
 /// After the last call finished during a stop, how long to wait for late arrivals.
 const SETTLE: Duration = Duration::from_millis(50);
 
@@ -170,6 +173,7 @@ async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((tcp, _)) => {
                     let _ = tcp.set_nodelay(true);
+                    let tcp = socket::Buffered::new(tcp, READ_BUFFER, WRITE_BUFFER);
                     let watcher = graceful.watcher();
                     let service = TowerToHyperService::new(gateway.clone());
                     let tls = tls.read().unwrap().clone();
