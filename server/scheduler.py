@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -25,29 +24,12 @@ import numpy as np
 from tensorgate.backends import Backend, BackendError
 from tensorgate.backends.base import BackendInputError, BackendUnreachable
 from tensorgate.errors import BackendFailed, DeadlineExceeded, InvalidInput, Overloaded, Unavailable
-
-log = logging.getLogger(__name__)
+from tensorgate.server.inline import InlineCost
 
 
 class Retired(Unavailable):
     """The variant was unloaded (or replaced by a reload) before the request reached it:
     no verdict on its health. The pipeline retries once on the model now loaded."""
-
-
-#: A single-instance CPU variant runs an execution on the event loop thread instead of its
-#: pool when it is expected to cost less than this: handing a call to a thread and back
-#: costs more CPU and GIL hand-overs under load (~0.3-0.4 ms per request at c=32,
-#: docs/benchmarks.md) than such a model computes (the demo MLP in ONNX Runtime: ~20 us).
-#: It also bounds how long one execution may hold the loop, where every other RPC waits.
-INLINE_BUDGET_S = 150e-6
-#: Executions per update of a variant's cost estimate, and before the first one (those
-#: run in the pool).
-INLINE_WINDOW = 32
-INLINE_FIRST = 8
-#: Once estimated, one execution in this many is measured (reading a thread's CPU clock is
-#: a system call, twice per execution): the estimate is renewed every
-#: INLINE_WINDOW * INLINE_SAMPLE executions.
-INLINE_SAMPLE = 8
 
 
 @dataclass(slots=True)
@@ -130,18 +112,12 @@ class Scheduler:
         self._active = 0  # requests taken off the queue and not yet answered
         # Executions handed to the pool and not yet returned (by id of their batch).
         self._in_pool: dict[int, list[_Work]] = {}
-        # Run cheap executions on the loop (see INLINE_BUDGET_S); more instances ask for
-        # executions in parallel, which only the pool gives; a GPU variant waits on its
+        # Run cheap executions on the loop (tensorgate.server.inline); more instances ask
+        # for executions in parallel, which only the pool gives; a GPU variant waits on its
         # device, which the loop must not.
-        self._may_inline = may_inline and instances == 1 and backend.may_run_inline
-        # CPU seconds per input element of a typical execution (None: not measured yet).
-        # Thread CPU time, not wall time: preemption on a shared machine and waits for the
-        # GIL (up to the 5 ms switch interval in a pool thread under load) cost only their
-        # wake-ups, and the estimate is a 25th percentile, so one unlucky execution cannot
-        # flip the variant between the loop and its pool.
-        self._cost_per_element: float | None = None
-        self._costs: list[float] = []
-        self._executions = 0
+        self._inline = (
+            InlineCost(name) if may_inline and instances == 1 and backend.may_run_inline else None
+        )
         # A worker waiting for a batch to fill (``_fill``), and how many queued requests
         # should wake it.
         self._filling: asyncio.Future[None] | None = None
@@ -421,44 +397,19 @@ class Scheduler:
     ) -> dict[str, np.ndarray]:
         """One backend execution, on whichever thread runs it; measures its CPU cost when
         the variant may run on the loop."""
-        measure = self._may_inline
-        if measure and self._cost_per_element is not None:
-            self._executions += 1
-            measure = self._executions % INLINE_SAMPLE == 0
+        cost = self._inline
+        measure = cost is not None and cost.sample()
         started = time.thread_time() if measure else 0.0
         if self._backend.accepts_deadline:
             result = self._backend.infer(inputs, outputs, deadline=deadline)  # type: ignore[call-arg]
         else:
             result = self._backend.infer(inputs, outputs)
         if measure:
-            self._observe(time.thread_time() - started, inputs)
+            cost.observe(time.thread_time() - started, inputs)  # type: ignore[union-attr]
         return result
 
     def _cheap(self, inputs: Mapping[str, np.ndarray]) -> bool:
-        """Whether an execution on ``inputs`` may run on the loop: expected to cost less
-        than the inline budget, the typical cost per element times this request's
-        elements, so that a large request to a small model never holds the loop."""
-        per_element = self._cost_per_element
-        if per_element is None:
-            return False
-        return per_element * sum(a.size for a in inputs.values()) < INLINE_BUDGET_S
-
-    def _observe(self, cpu: float, inputs: Mapping[str, np.ndarray]) -> None:
-        """Record one execution's CPU cost; re-estimate from the 25th percentile of the
-        cost per element once per INLINE_WINDOW executions (the first after INLINE_FIRST).
-        Runs on the loop or a pool thread: the list swap and appends are atomic (GIL)."""
-        costs = self._costs
-        costs.append(cpu / max(1, sum(a.size for a in inputs.values())))
-        known = self._cost_per_element is not None
-        if len(costs) >= (INLINE_WINDOW if known else INLINE_FIRST):
-            self._costs = []
-            self._cost_per_element = sorted(costs)[len(costs) // 4]
-            if not known:
-                log.debug(
-                    "variant %s: ~%.3g us of CPU per input element",
-                    self._name,
-                    self._cost_per_element * 1e6,
-                )
+        return self._inline is not None and self._inline.cheap(inputs)
 
     def _split(
         self, result: dict[str, np.ndarray], batch: list[_Work]

@@ -17,14 +17,8 @@ import pytest
 
 from tensorgate.backends import Backend, BackendOptions, Signature
 from tensorgate.errors import DeadlineExceeded
-from tensorgate.server.scheduler import (
-    INLINE_BUDGET_S,
-    INLINE_FIRST,
-    INLINE_SAMPLE,
-    INLINE_WINDOW,
-    Scheduler,
-    Timings,
-)
+from tensorgate.server.inline import INLINE_BUDGET_S, INLINE_FIRST, INLINE_SAMPLE, INLINE_WINDOW
+from tensorgate.server.scheduler import Scheduler, Timings
 
 
 class Doubler(Backend):
@@ -109,7 +103,7 @@ def test_one_slow_execution_moves_nothing() -> None:
             backend.burn = INLINE_BUDGET_S * 10 if i == INLINE_SAMPLE - 1 else 0.0
             await _call(s, i)
             if i == INLINE_SAMPLE - 1:
-                assert max(s._costs) > INLINE_BUDGET_S * 5  # it was measured
+                assert max(s._inline.costs) > INLINE_BUDGET_S * 5  # it was measured
         await _call(s, 1.0)
         assert backend.threads[-1] == loop_thread
         await s.close()
