@@ -3,15 +3,20 @@
 //! h2 reads into a buffer sized for the frame it is parsing (8-16 KiB) and writes every DATA
 //! frame with its own `writev` and flush, so a 1 MB request took ~120 `recvfrom` calls and a
 //! 1 MB reply ~60 `writev` calls, each a loopback packet and a wake-up of the peer. Here reads
-//! take what the socket holds, and the DATA frames of one pass over the connection's streams go
-//! out together: a flush that follows a large write is put off until h2's next flush that
-//! follows none (h2 flushes once more at the end of every pass, and the task is woken so that
-//! pass comes). Small writes (headers, small replies) are flushed at once, as before.
+//! take what the socket holds (into a buffer that grows while reads fill it, so an idle or
+//! small-message connection keeps a small one), and the DATA frames of one pass over the
+//! connection's streams go out together: a flush that follows a large write is put off until
+//! h2's next flush that follows none (h2 flushes once more at the end of every pass, and the
+//! task is woken so that pass comes). Small writes (headers, small replies) are flushed at
+//! once, as before.
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
+
+/// The read buffer's first size; it doubles, up to the maximum given, each time a read fills it.
+const FIRST_READ: usize = 16 << 10;
 
 /// A write larger than this is a full-size DATA frame (16 KiB is the smallest maximum frame
 /// size a peer may set, and h2 writes frames that size when a message is larger) and its
@@ -20,15 +25,25 @@ use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter, ReadBuf};
 const LARGE_WRITE: usize = 16 << 10;
 
 pub struct Buffered<T> {
-    io: BufWriter<BufReader<T>>,
+    io: BufWriter<T>,
+    /// read from the socket, not yet taken: `read[start..end]` (empty until the first read)
+    read: Vec<u8>,
+    start: usize,
+    end: usize,
+    read_max: usize,
     /// a large write since the last flush: the flush may wait
     large: bool,
 }
 
 impl<T: AsyncRead + AsyncWrite> Buffered<T> {
+    /// `read_buffer`: the read buffer's largest size; `write_buffer`: the write buffer's size.
     pub fn new(io: T, read_buffer: usize, write_buffer: usize) -> Self {
         Self {
-            io: BufWriter::with_capacity(write_buffer, BufReader::with_capacity(read_buffer, io)),
+            io: BufWriter::with_capacity(write_buffer, io),
+            read: Vec::new(),
+            start: 0,
+            end: 0,
+            read_max: read_buffer.max(FIRST_READ),
             large: false,
         }
     }
@@ -36,11 +51,27 @@ impl<T: AsyncRead + AsyncWrite> Buffered<T> {
 
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Buffered<T> {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
+        out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let me = self.get_mut();
+        if me.start == me.end {
+            if me.read.is_empty() {
+                me.read.resize(FIRST_READ, 0);
+            }
+            let mut buf = ReadBuf::new(&mut me.read);
+            std::task::ready!(Pin::new(me.io.get_mut()).poll_read(cx, &mut buf))?;
+            let n = buf.filled().len();
+            (me.start, me.end) = (0, n);
+            if n == me.read.len() && n < me.read_max {
+                me.read.resize((2 * n).min(me.read_max), 0);
+            }
+        }
+        let n = (me.end - me.start).min(out.remaining());
+        out.put_slice(&me.read[me.start..me.start + n]);
+        me.start += n;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -159,6 +190,27 @@ mod tests {
         fn wakes(&self) -> usize {
             self.wakes.0.load(Ordering::SeqCst)
         }
+    }
+
+    #[test]
+    fn reads_take_what_the_socket_holds_in_a_buffer_that_grows_while_reads_fill_it() {
+        let mut rig = Rig::new(64 << 10);
+        let sent: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let mut cx = Context::from_waker(&rig.waker);
+        let wrote = Pin::new(&mut rig.peer).poll_write(&mut cx, &sent);
+        assert!(matches!(wrote, Poll::Ready(Ok(n)) if n == sent.len()));
+        let (mut got, mut sizes) = (Vec::new(), Vec::new());
+        while got.len() < sent.len() {
+            let mut space = [0u8; 8 << 10]; // h2 asks for about this much at a time
+            let mut buf = ReadBuf::new(&mut space);
+            let read = Pin::new(&mut rig.socket).poll_read(&mut cx, &mut buf);
+            assert!(matches!(read, Poll::Ready(Ok(()))));
+            got.extend_from_slice(buf.filled());
+            sizes.push(rig.socket.read.len());
+        }
+        assert_eq!(got, sent);
+        assert_eq!(sizes[0], 32 << 10); // the first read filled 16 KiB: doubled
+        assert_eq!(*sizes.last().unwrap(), 64 << 10); // and no further than the maximum
     }
 
     #[test]
