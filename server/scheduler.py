@@ -257,7 +257,8 @@ class Scheduler:
 
     async def _fill(self, batch: list[_Work]) -> None:
         """Add queued requests that stack with ``batch[0]`` until the batch is full, a
-        preferred size is reached with nothing more queued, or the delay has passed.
+        preferred size is reached with nothing more queued, or the delay since ``batch[0]``
+        arrived has passed.
 
         It sleeps until the delay ends or enough requests are queued to reach the next
         size worth running (``submit`` wakes it): one wake-up per batch, not one per
@@ -265,7 +266,9 @@ class Scheduler:
         policy = self._batching
         assert policy is not None
         rows = batch[0].rows
-        until = time.perf_counter() + policy.max_queue_delay
+        # The delay counts from the first request's arrival (as Triton's does): time it
+        # spent queued behind a running execution is time it already waited for company.
+        until = batch[0].enqueued + policy.max_queue_delay
         loop = asyncio.get_running_loop()
         while rows < policy.max_batch_size:
             skipped: list[_Work] = []

@@ -150,6 +150,22 @@ def test_a_filling_batch_runs_as_soon_as_it_is_full() -> None:
     run(main())
 
 
+def test_the_queue_delay_counts_from_the_first_requests_arrival() -> None:
+    async def main() -> None:
+        delay = 2.0
+        backend, s, first = await held(batching=BatchPolicy(8, max_queue_delay=delay))
+        second = asyncio.ensure_future(_submit(s, np.ones((1, 3))))
+        await until(lambda: s.queued == 1, "the second request queued")
+        await asyncio.sleep(delay + 0.05)  # it waits behind the held execution past its delay
+        backend.gate.set()
+        # Its batch runs at once, not after another full delay counted from now.
+        await asyncio.wait_for(asyncio.gather(first, second), timeout=delay / 2)
+        assert backend.calls == [1, 1]
+        await s.close()
+
+    run(main())
+
+
 def test_expired_and_cancelled_requests_never_reach_the_backend() -> None:
     async def main() -> None:
         backend, s, hold = await held(max_queue_size=2)
