@@ -328,11 +328,12 @@ class IsolatedBackend(Backend):
             if self._restarting:
                 return
             self._restarting = True
+            # Started under the lock: unload() joins whatever thread it finds here.
             self._restarter = threading.Thread(
                 target=self._restart, name=f"isolated-{self.label}-restart", daemon=True
             )
+            self._restarter.start()
         log.error("%s; calls to it answer UNAVAILABLE until it is restarted", worker.death)
-        self._restarter.start()
 
     def _restart(self) -> None:
         """The restart thread: start workers, with growing delays, until one loads."""
