@@ -407,8 +407,8 @@ class Scheduler:
             result = self._backend.infer(inputs, outputs, deadline=deadline)  # type: ignore[call-arg]
         else:
             result = self._backend.infer(inputs, outputs)
-        if measure:
-            cost.observe(time.thread_time() - started, inputs)  # type: ignore[union-attr]
+        if measure and cost is not None:
+            cost.observe(time.thread_time() - started, inputs)
         return result
 
     def _cheap(self, inputs: Mapping[str, np.ndarray]) -> bool:

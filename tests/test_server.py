@@ -4,7 +4,9 @@ stubs for hand-made requests, grpc health and reflection, and a /metrics scrape.
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -14,7 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from tensorgate.clients import Client, InferenceError
-from tensorgate.codec import serialize_bytes
+from tensorgate.codec import decode_response, encode_request, serialize_bytes
 from tensorgate.protos import grpc_service_pb2 as pb
 from tensorgate.protos import grpc_service_pb2_grpc as pb_grpc
 from tensorgate.server.demo import mlp_reference, mlp_weights
@@ -123,6 +125,13 @@ def _identity_value(dt: str, n: int = 4) -> np.ndarray:
     return (np.arange(n) * 3 + 1).astype(np_dtype)
 
 
+def _identity_inputs(fp32: np.ndarray) -> dict[str, np.ndarray]:
+    """The identity model's inputs: ``fp32`` as ``in_FP32``, a small value for the rest."""
+    inputs = {f"in_{dt}": _identity_value(dt) for dt in IDENTITY_DATATYPES}
+    inputs["in_FP32"] = fp32
+    return inputs
+
+
 def test_every_datatype_round_trips_in_raw_contents(client: Client) -> None:
     inputs = {f"in_{dt}": _identity_value(dt) for dt in IDENTITY_DATATYPES}
     result = client.infer("identity", inputs)
@@ -136,16 +145,12 @@ def test_large_replies_share_a_connection_with_small_calls(client: Client) -> No
     # Megabyte replies go out as many DATA frames (the native front end writes a pass's
     # frames together and puts off its flush); concurrent calls on one channel, large and
     # small, each get their own bytes back, and none waits on another's flush.
-    from concurrent.futures import ThreadPoolExecutor
-
     rng = np.random.default_rng(7)
     sizes = [(3 << 20) // 4 + 5, 1, 257, (1 << 20) // 4, 4096 + 3, 20_000]
     arrays = [rng.random(n, dtype=np.float32) for n in sizes for _ in range(4)]
 
-    others = {f"in_{dt}": _identity_value(dt) for dt in IDENTITY_DATATYPES if dt != "FP32"}
-
     def round_trip(x: np.ndarray) -> bool:
-        got = client.infer("identity", {**others, "in_FP32": x}, timeout=60)["out_FP32"]
+        got = client.infer("identity", _identity_inputs(x), timeout=60)["out_FP32"]
         return got.dtype == np.float32 and np.array_equal(got, x)
 
     with ThreadPoolExecutor(len(arrays)) as pool:
@@ -156,11 +161,6 @@ def test_large_replies_share_a_connection_with_small_calls(client: Client) -> No
 def test_a_large_stream_reply_arrives_before_the_next_request(server) -> None:
     # A stream's reply has no trailers behind it: nothing but the reply itself may bring
     # its last DATA frames out. Each request is sent only once the previous reply arrived.
-    import queue
-
-    from tensorgate.codec import decode_response, encode_request
-
-    others = {f"in_{dt}": _identity_value(dt) for dt in IDENTITY_DATATYPES if dt != "FP32"}
     rng = np.random.default_rng(11)
     arrays = [rng.random(n, dtype=np.float32) for n in ((1 << 20) // 4, 9, (2 << 20) // 4 + 1)]
     requests: queue.Queue = queue.Queue()
@@ -168,7 +168,7 @@ def test_a_large_stream_reply_arrives_before_the_next_request(server) -> None:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         replies = stub.ModelStreamInfer(iter(requests.get, None), timeout=60)
         for i, x in enumerate(arrays):
-            requests.put(encode_request("identity", {**others, "in_FP32": x}, request_id=str(i)))
+            requests.put(encode_request("identity", _identity_inputs(x), request_id=str(i)))
             reply = next(replies)
             assert reply.error_message == "" and reply.infer_response.id == str(i)
             np.testing.assert_array_equal(decode_response(reply.infer_response)["out_FP32"], x)
