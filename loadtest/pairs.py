@@ -2,7 +2,7 @@
 
     .venv/bin/python loadtest/pairs.py                          # 5 rounds, ~15 min
     ROUNDS=3 D=8 .venv/bin/python loadtest/pairs.py --only batched,big
-    .venv/bin/python loadtest/pairs.py --report loadtest/results/pairs-<time>.jsonl
+    .venv/bin/python loadtest/pairs.py --report loadtest/results/pairs-<time>.jsonl [...] [--md F]
 
 ``benchmark.py`` runs each server once, minutes away from the one it is compared with; on
 this machine the speed of everything drifts by a third between phases a few minutes long,
@@ -247,13 +247,29 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(PAIRS), help=f"pairs: {','.join(PAIRS)}")
     parser.add_argument("--out", type=Path, default=None, help="results file (.jsonl)")
     parser.add_argument(
-        "--report", type=Path, default=None, help="only print the report of an earlier results file"
+        "--report",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="only report earlier results files (several: their rounds one after another)",
     )
+    parser.add_argument("--md", type=Path, default=None, help="write the report here")
     args = parser.parse_args()
     if args.report:
-        md = args.report.with_suffix(".md")
-        first = md.read_text().splitlines()[0] if md.exists() else ""
-        text = report(bm.load(args.report), first.removeprefix("Machine: ") or "?")
+        rows, offset = [], 0
+        for path in args.report:
+            mine = bm.load(path)
+            for r in mine:
+                if "round" in r:
+                    r["round"] = int(r["round"]) + offset
+            offset = max([offset, *(int(r["round"]) for r in mine if "round" in r)])
+            rows += mine
+        md, earlier = (
+            args.md or args.report[0].with_suffix(".md"),
+            args.report[0].with_suffix(".md"),
+        )
+        first = earlier.read_text().splitlines()[0] if earlier.exists() else ""
+        text = report(rows, first.removeprefix("Machine: ") or "?")
         md.write_text(text)
         print(text)
         return
