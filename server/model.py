@@ -74,7 +74,12 @@ class Model:
 
     @property
     def ready(self) -> bool:
-        return self.signature is not None and any(v.ready for v in self.variants.values())
+        if self.signature is None:
+            return False
+        for v in self.variants.values():  # noqa: SIM110 - a loop: any() costs more, per request
+            if v.state is State.READY:
+                return True
+        return False
 
     def ready_variants(self) -> Iterator[Variant]:
         return (v for v in self.variants.values() if v.ready)

@@ -14,6 +14,7 @@ import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 
 from tensorgate.inference import InferenceRequest
@@ -66,7 +67,7 @@ class RoutePolicy:
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )
 
-    @property
+    @cached_property  # the policy is immutable; asked once per request
     def weighted(self) -> bool:
         """Whether unpinned requests are split by weight (else: the default variant)."""
         return any(w > 0 for w in self.weights.values())

@@ -151,7 +151,7 @@ class Attempts(Protocol):
     fallbacks: list[tuple[str, str, str]]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs a call per field
 class Plan:
     """Where one request goes: ``primary`` first, then ``fallbacks`` in order, all under
     the one ``policy`` it was planned with."""

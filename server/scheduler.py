@@ -52,7 +52,7 @@ class BatchPolicy:
     preferred_batch_sizes: tuple[int, ...] = ()
 
 
-@dataclass(eq=False)  # compared by identity: the queue removes abandoned work
+@dataclass(eq=False, slots=True)  # compared by identity: the queue removes abandoned work
 class _Work:
     inputs: Mapping[str, np.ndarray]
     outputs: Sequence[str] | None
@@ -76,9 +76,9 @@ def _wake(waiter: asyncio.Future[None]) -> None:
 def _batch_key(inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None) -> tuple:
     if len(inputs) == 1:  # the common case, without the sort
         ((n, a),) = inputs.items()
-        tensors: tuple = ((n, a.dtype.str, a.shape[1:]),)
+        tensors: tuple = ((n, a.dtype, a.shape[1:]),)
     else:
-        tensors = tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(inputs.items()))
+        tensors = tuple((n, a.dtype, a.shape[1:]) for n, a in sorted(inputs.items()))
     return (tensors, tuple(sorted(outputs)) if outputs else None)
 
 
