@@ -53,8 +53,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -1114,23 +1114,30 @@ def main() -> None:
         }
         for name in BLOCKS:
             if name in blocks:
-                started = len(load(out)) if out.exists() else 0
-                steps[name](run)
-                if name == "wide":
-                    _tag_wide(out, started)
+                with tagging(out, _tag_wide) if name == "wide" else nullcontext():
+                    steps[name](run)
     text = report(_mark_wide(load(out) if out.exists() else []), where)
     out.with_suffix(".md").write_text(text)
     print("\n" + text)
 
 
-def _tag_wide(out: Path, start: int) -> None:
-    """Peers' scripts label their runs without the model: tag the wide block's lines."""
+@contextmanager
+def tagging(out: Path, tag: Callable[[dict], None]) -> Iterator[None]:
+    """``tag`` every line the block appends to the results file ``out`` (the peers' scripts
+    write their own lines, without what the caller knows about the run)."""
+    start = len(load(out)) if out.exists() else 0
+    yield
     rows = load(out)
     for r in rows[start:]:
-        r["_wide"] = True
-        if not r["label"].startswith("wide"):
-            r["label"] = f"wide: {r['label']}"
+        tag(r)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _tag_wide(r: dict) -> None:
+    """Peers' scripts label their runs without the model: the wide block's lines say it."""
+    r["_wide"] = True
+    if not r["label"].startswith("wide"):
+        r["label"] = f"wide: {r['label']}"
 
 
 def _mark_wide(rows: list[dict]) -> list[dict]:

@@ -26,7 +26,6 @@ of ``loadtest/results/pairs-<time>.jsonl`` also carries ``pair`` and ``round``. 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -115,22 +114,6 @@ def _goals() -> dict[str, list[Goal]]:
 
 
 PAIRS = tuple(_goals())
-
-
-class Rounds:
-    """The run's results file; tags what each side appended with its pair and round."""
-
-    def __init__(self, run: bm.Run) -> None:
-        self.run = run
-
-    def side(self, pair: str, number: int, measure: Callable[[], None]) -> None:
-        out = self.run.out
-        start = len(bm.load(out)) if out.exists() else 0
-        measure()
-        rows = bm.load(out)
-        for r in rows[start:]:
-            r["pair"], r["round"] = pair, number
-        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _sides(run: bm.Run, pairs: list[str]) -> dict[str, tuple[Callable[[], None], ...]]:
@@ -264,11 +247,9 @@ def main() -> None:
                     r["round"] = int(r["round"]) + offset
             offset = max([offset, *(int(r["round"]) for r in mine if "round" in r)])
             rows += mine
-        md, earlier = (
-            args.md or args.report[0].with_suffix(".md"),
-            args.report[0].with_suffix(".md"),
-        )
+        earlier = args.report[0].with_suffix(".md")  # its first line names the machine
         first = earlier.read_text().splitlines()[0] if earlier.exists() else ""
+        md = args.md or earlier
         text = report(rows, first.removeprefix("Machine: ") or "?")
         md.write_text(text)
         print(text)
@@ -286,13 +267,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tensorgate-pairs-") as work:
         run = bm.Run(out, "8,32", int(os.environ.get("D", "10")), Path(work))
         bm.log(f"results -> {out} ({rounds} rounds, D={run.d} s); {where}")
-        sides, tagger = _sides(run, pairs), Rounds(run)
+        sides = _sides(run, pairs)
         for number in range(1, rounds + 1):
             for pair in pairs:
                 first, second = sides[pair]
-                order = (first, second) if number % 2 else (second, first)
-                for measure in order:
-                    tagger.side(pair, number, measure)
+                for measure in (first, second) if number % 2 else (second, first):
+                    with bm.tagging(out, lambda r, p=pair, n=number: r.update(pair=p, round=n)):
+                        measure()
     text = report(bm.load(out) if out.exists() else [], where)
     out.with_suffix(".md").write_text(text)
     print("\n" + text)
