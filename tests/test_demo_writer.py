@@ -124,7 +124,13 @@ def writable_home(tmp_path: Path, uid: int) -> Path:
 def run_demo(
     directory: Path, uid: int, tmp_path: Path, umask: int = 0o077
 ) -> subprocess.CompletedProcess[str]:
-    """The real `tensorgate demo DIRECTORY`, as ``uid``, under a strict umask."""
+    """The real `tensorgate demo DIRECTORY`, as ``uid``, under a strict umask.
+
+    The umask is subprocess's own argument, not a ``preexec_fn``: with one, Python forks
+    instead of vforking, gRPC's event engine (live in this process from earlier tests)
+    restarts its poller in the child, and the child's close_fds can close the poller's
+    epoll fd under it: an abort (SIGABRT, "epoll_wait error: Bad file descriptor") before
+    the command even runs, now and then (CI, 2026-12-06)."""
     home = writable_home(tmp_path, uid)
     return subprocess.run(
         [*as_uid(uid), sys.executable, *CLI, "demo", str(directory)],
@@ -132,7 +138,7 @@ def run_demo(
         text=True,
         timeout=300,
         env={**ENV, "HOME": str(home), "TMPDIR": str(home)},
-        preexec_fn=lambda: os.umask(umask),
+        umask=umask,
     )
 
 
