@@ -34,7 +34,9 @@ runs that other processes disturbed. Blocks (``--only``):
 Results: one JSON line per run in ``loadtest/results/benchmark-<time>.jsonl`` and the tables
 and target ratios in the ``.md`` beside it (also printed). Env: ``C`` (concurrencies of the
 small-MLP runs, default 1,8,32), ``D`` (seconds per run, default 10), ``PEERS_HOME``
-(default ~/peers), ``PEERS_DIR`` (default ../shared/peers next to the checkout); to run
+(default ~/peers), ``PEERS_DIR`` (default ../shared/peers next to the checkout),
+``BENCH_SESSION`` (``own``, the default: the gateway and Triton's server each in a session of
+their own; ``shared``: in this script's, with h2load; see ``SESSION``); to run
 fewer configurations: ``TG_CONFIGS`` (1w,2w,1wb,2wb,torch), ``MLS_VARIANTS`` ("0:plain
 1:plain 0:batched"), ``TS_CONFIGS`` ("1 2 1b8"), ``WIDE_TG_CONFIGS`` (1w,1wb,2wb),
 ``WIDE_MLS`` ("0:plain 0:batched"), ``WIDE_TS`` ("1 1b32"), ``PYTRITON_VARIANTS`` ("plain
@@ -56,6 +58,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from common import tree_cpu_seconds  # loadtest/common.py, beside this script
@@ -95,6 +98,18 @@ BLOCKS = (
     "big",
     "wide",
     "compute",
+)
+#: Where the servers run relative to the load tool, for the kernel's scheduler: "own" (the
+#: default: each server in its own session, as in a container of its own) or "shared" (the
+#: load tool's session; its own process group, so it still stops as one). With autogroup
+#: scheduling (/proc/sys/kernel/sched_autogroup_enabled, 1 here) a session is a scheduling
+#: group: with "own", a server's threads share the cores with h2load's as two groups of equal
+#: weight, not thread by thread (docs/benchmarks.md, "Where the server runs").
+SESSION = os.environ.get("BENCH_SESSION", "own")
+if SESSION not in ("own", "shared"):
+    raise SystemExit(f"BENCH_SESSION={SESSION!r}: own or shared")
+SERVER_SESSION: dict[str, Any] = (
+    {"start_new_session": True} if SESSION == "own" else {"process_group": 0}
 )
 #: The label of bench_triton.sh's runs (Triton's own server, the MLP in its Python backend).
 TRITON = "Triton 2.51 native front end, Python backend"
@@ -286,7 +301,8 @@ def wide_peers_home(onnx: Path, torchscript: Path) -> Path:
 
 @contextmanager
 def gateway(repo: Path, work: Path, *args: str) -> Iterator[tuple[str, int]]:
-    """``tensorgate serve`` in its own session; yields (address, pid); SIGTERM at the end."""
+    """``tensorgate serve`` in its own session (or not: ``BENCH_SESSION``); yields
+    (address, pid); SIGTERM at the end."""
     port_file = work / f"ports-{time.monotonic_ns()}.json"
     log_file = (work / f"{port_file.stem}.log").open("wb")
     proc = subprocess.Popen(
@@ -309,8 +325,8 @@ def gateway(repo: Path, work: Path, *args: str) -> Iterator[tuple[str, int]]:
         ],
         stdout=log_file,
         stderr=subprocess.STDOUT,
-        start_new_session=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        **SERVER_SESSION,
     )
     try:
         deadline = time.monotonic() + 180
@@ -738,7 +754,8 @@ def triton_compute_repository(root: Path, onnx: Path) -> Path:
 @contextmanager
 def triton_server(root: Path, work: Path, model: str) -> Iterator[tuple[str, int]]:
     """Triton 2.51's own server on ``root`` (the peers' triton/serve.sh), in its own
-    session; yields (address, pid) once ``model`` is ready; SIGTERM (then SIGKILL) after."""
+    session (or not: ``BENCH_SESSION``); yields (address, pid) once ``model`` is ready;
+    SIGTERM (then SIGKILL) after."""
     import socket
 
     with socket.socket() as probe:  # a free port (and the next one, for its HTTP)
@@ -749,8 +766,8 @@ def triton_server(root: Path, work: Path, model: str) -> Iterator[tuple[str, int
         ["bash", str(PEERS_DIR / "triton" / "serve.sh"), str(root), str(port)],
         stdout=log_file,
         stderr=subprocess.STDOUT,
-        start_new_session=True,
         env={**os.environ, "PEERS_HOME": str(PEERS_HOME)},
+        **SERVER_SESSION,
     )
     address = f"127.0.0.1:{port}"
     try:
@@ -1062,7 +1079,9 @@ def machine() -> str:
     load = os.getloadavg()
     return (
         f"{os.cpu_count()} vCPU {cpu}, Python {sys.version.split()[0]}, "
-        f"load average at the start {load[0]:.2f}"
+        f"load average at the start {load[0]:.2f}, servers in "
+        f"{'their own session' if SESSION == 'own' else 'the load tool session'} "
+        f"(BENCH_SESSION={SESSION})"
     )
 
 

@@ -20,7 +20,9 @@ the report gives each round's ratio, their median and how many rounds reach the 
 
 Runs go through the same ``bench_target.sh`` as benchmark.py's, with its labels; each line
 of ``loadtest/results/pairs-<time>.jsonl`` also carries ``pair`` and ``round``. Env: ``ROUNDS``
-(default 5), ``D`` (seconds per run, default 10), ``PEERS_HOME``, ``PEERS_DIR``.
+(default 5), ``D`` (seconds per run, default 10), ``BENCH_SESSION`` (``own``, the default, or
+``shared``: where the servers run for the scheduler, see benchmark.py), ``PEERS_HOME``,
+``PEERS_DIR``.
 """
 
 from __future__ import annotations
@@ -272,7 +274,8 @@ def main() -> None:
             for pair in pairs:
                 first, second = sides[pair]
                 for measure in (first, second) if number % 2 else (second, first):
-                    with bm.tagging(out, lambda r, p=pair, n=number: r.update(pair=p, round=n)):
+                    tag = {"pair": pair, "round": number, "session": bm.SESSION}
+                    with bm.tagging(out, lambda r, t=tag: r.update(t)):
                         measure()
     text = report(bm.load(out) if out.exists() else [], where)
     out.with_suffix(".md").write_text(text)
