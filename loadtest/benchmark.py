@@ -35,8 +35,9 @@ Results: one JSON line per run in ``loadtest/results/benchmark-<time>.jsonl`` an
 and target ratios in the ``.md`` beside it (also printed). Env: ``C`` (concurrencies of the
 small-MLP runs, default 1,8,32), ``D`` (seconds per run, default 10), ``PEERS_HOME``
 (default ~/peers), ``PEERS_DIR`` (default ../shared/peers next to the checkout),
-``BENCH_SESSION`` (``own``, the default: the gateway and Triton's server each in a session of
-their own; ``shared``: in this script's, with h2load; see ``SESSION``); to run
+``BENCH_SESSION`` (``own``, the default: the gateway and Triton's server of the compute block
+each in a session of their own; ``shared``: in this script's, with h2load; see ``SESSION``; the
+peers' scripts start theirs in their own session either way); to run
 fewer configurations: ``TG_CONFIGS`` (1w,2w,1wb,2wb,torch), ``MLS_VARIANTS`` ("0:plain
 1:plain 0:batched"), ``TS_CONFIGS`` ("1 2 1b8"), ``WIDE_TG_CONFIGS`` (1w,1wb,2wb),
 ``WIDE_MLS`` ("0:plain 0:batched"), ``WIDE_TS`` ("1 1b32"), ``PYTRITON_VARIANTS`` ("plain
