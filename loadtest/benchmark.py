@@ -35,9 +35,10 @@ Results: one JSON line per run in ``loadtest/results/benchmark-<time>.jsonl`` an
 and target ratios in the ``.md`` beside it (also printed). Env: ``C`` (concurrencies of the
 small-MLP runs, default 1,8,32), ``D`` (seconds per run, default 10), ``PEERS_HOME``
 (default ~/peers), ``PEERS_DIR`` (default ../shared/peers next to the checkout),
-``BENCH_SESSION`` (``own``, the default: the gateway and Triton's server of the compute block
-each in a session of their own; ``shared``: in this script's, with h2load; see ``SESSION``; the
-peers' scripts start theirs in their own session either way); to run
+``BENCH_SESSION`` (``own``, the default: the gateway and Triton's server each in a session of
+their own, as the peers' scripts do; ``shared``: in this script's, with h2load, Triton's
+started here rather than by bench_triton.sh; see ``SESSION``; the other peers' scripts start
+theirs in their own session either way); to run
 fewer configurations: ``TG_CONFIGS`` (1w,2w,1wb,2wb,torch), ``MLS_VARIANTS`` ("0:plain
 1:plain 0:batched"), ``TS_CONFIGS`` ("1 2 1b8"), ``WIDE_TG_CONFIGS`` (1w,1wb,2wb),
 ``WIDE_MLS`` ("0:plain 0:batched"), ``WIDE_TS`` ("1 1b32"), ``PYTRITON_VARIANTS`` ("plain
@@ -464,12 +465,25 @@ def block_tensorgate(run: Run) -> None:
 
 
 def block_triton(run: Run, home: Path = PEERS_HOME, c: str | None = None) -> None:
-    """Triton 2.51's own C++ server, the MLP in its Python backend, plain and batched."""
-    log("Triton 2.51 native front end (peers' bench_triton.sh)")
-    sh(
-        ["bash", str(PEERS_DIR / "bench_triton.sh")],
-        env={**run.env, "PEERS_HOME": str(home), "C": c or run.c},
-    )
+    """Triton 2.51's own C++ server, the MLP in its Python backend, plain and batched: the
+    peers' bench_triton.sh, or with ``BENCH_SESSION=shared`` the same repository and runs
+    with the server started here, in this script's session (the peers' script would start
+    it in its own)."""
+    if SESSION == "own":
+        log("Triton 2.51 native front end (peers' bench_triton.sh)")
+        sh(
+            ["bash", str(PEERS_DIR / "bench_triton.sh")],
+            env={**run.env, "PEERS_HOME": str(home), "C": c or run.c},
+        )
+        return
+    repo = run.work / f"triton-{home.name}"
+    make_repo = PEERS_DIR / "triton" / "make_repo.sh"
+    sh(["bash", str(make_repo), str(repo)], env={"PEERS_HOME": str(home)}, check=True)
+    for model, how in (("mlp", "plain"), ("mlpb", "dynamic batching 32/500us")):
+        label = f"{TRITON} ({how})"
+        log(f"{label}, in this session")
+        with triton_server(repo, run.work, model) as (address, pid):
+            bench_target(run, address, pid, label, c=c or run.c, home=home, model=model)
 
 
 #: The 1 MB block: FP32 [1, BIG_ELEMENTS] in and out of an ONNX Identity.
