@@ -476,9 +476,7 @@ def block_triton(run: Run, home: Path = PEERS_HOME, c: str | None = None) -> Non
             env={**run.env, "PEERS_HOME": str(home), "C": c or run.c},
         )
         return
-    repo = run.work / f"triton-{home.name}"
-    make_repo = PEERS_DIR / "triton" / "make_repo.sh"
-    sh(["bash", str(make_repo), str(repo)], env={"PEERS_HOME": str(home)}, check=True)
+    repo = triton_repository(run.work / f"triton-{home.name}", home)
     for model, how in (("mlp", "plain"), ("mlpb", "dynamic batching 32/500us")):
         label = f"{TRITON} ({how})"
         log(f"{label}, in this session")
@@ -745,11 +743,19 @@ def compute_repository(root: Path, onnx: Path, batched: bool) -> Path:
     return root
 
 
+def triton_repository(root: Path, home: Path = PEERS_HOME) -> Path:
+    """The peers' Triton repository at ``root`` (triton/make_repo.sh: ``mlp`` plain, ``mlpb``
+    batched 32 / 500 us, ONNX Runtime with 1 thread in Triton's Python backend) over
+    ``home``'s MLP."""
+    make_repo = PEERS_DIR / "triton" / "make_repo.sh"
+    sh(["bash", str(make_repo), str(root)], env={"PEERS_HOME": str(home)}, check=True)
+    return root
+
+
 def triton_compute_repository(root: Path, onnx: Path) -> Path:
-    """The peers' Triton repository (triton/make_repo.sh: ``mlp`` plain, ``mlpb`` batched
-    32 / 500 us, ONNX Runtime with 1 thread in Triton's Python backend), its model file and
-    tensor sizes changed to the compute MLP's."""
-    sh(["bash", str(PEERS_DIR / "triton" / "make_repo.sh"), str(root)], check=True)
+    """The peers' Triton repository (``triton_repository``), its model file and tensor
+    sizes changed to the compute MLP's."""
+    triton_repository(root)
     sizes = {"64": str(COMPUTE_SIZES[0]), "10": str(COMPUTE_SIZES[-1])}
     for name in ("mlp", "mlpb"):
         model_py = root / "models" / name / "1" / "model.py"

@@ -142,9 +142,7 @@ def _sides(run: bm.Run, pairs: list[str]) -> dict[str, tuple[Callable[[], None],
     sides: dict[str, tuple[Callable[[], None], ...]] = {}
     if "batched" in pairs:
         small = bm.small_repository(work / "small-batched", batched=True)
-        triton_small = work / "triton-small"
-        make_repo = bm.PEERS_DIR / "triton" / "make_repo.sh"
-        bm.sh(["bash", str(make_repo), str(triton_small)], check=True)
+        triton_small = bm.triton_repository(work / "triton-small")
         sides["batched"] = (
             gateway(small, "native", native_b, "8,32"),
             triton(triton_small, TRITON_BATCHED, "8,32"),
