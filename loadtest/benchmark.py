@@ -477,11 +477,7 @@ def block_triton(run: Run, home: Path = PEERS_HOME, c: str | None = None) -> Non
         )
         return
     repo = triton_repository(run.work / f"triton-{home.name}", home)
-    for model, how in (("mlp", "plain"), ("mlpb", "dynamic batching 32/500us")):
-        label = f"{TRITON} ({how})"
-        log(f"{label}, in this session")
-        with triton_server(repo, run.work, model) as (address, pid):
-            bench_target(run, address, pid, label, c=c or run.c, home=home, model=model)
+    triton_runs(run, repo, "", c or run.c, home=home)
 
 
 #: The 1 MB block: FP32 [1, BIG_ELEMENTS] in and out of an ONNX Identity.
@@ -772,6 +768,17 @@ def triton_compute_repository(root: Path, onnx: Path) -> Path:
     return root
 
 
+def triton_runs(run: Run, repo: Path, prefix: str, c: str, **target: Any) -> None:
+    """Both models of a peers' Triton repository (``triton_repository``), each on a Triton
+    server started here (``triton_server``), labelled as bench_triton.sh labels them after
+    ``prefix``; ``target``: more of ``bench_target``'s arguments."""
+    for model, how in (("mlp", "plain"), ("mlpb", "dynamic batching 32/500us")):
+        label = f"{prefix}{TRITON} ({how})"
+        log(label)
+        with triton_server(repo, run.work, model) as (address, pid):
+            bench_target(run, address, pid, label, c=c, model=model, **target)
+
+
 @contextmanager
 def triton_server(root: Path, work: Path, model: str) -> Iterator[tuple[str, int]]:
     """Triton 2.51's own server on ``root`` (the peers' triton/serve.sh), in its own
@@ -822,11 +829,7 @@ def block_compute(run: Run) -> None:
         log("Triton is not installed (install_pytriton.sh): compute block without it")
         return
     triton = triton_compute_repository(run.work / "compute-triton", onnx)
-    for model, how in (("mlp", "plain"), ("mlpb", "dynamic batching 32/500us")):
-        label = f"wide 512: {TRITON} ({how})"
-        log(label)
-        with triton_server(triton, run.work, model) as (address, pid):
-            bench_target(run, address, pid, label, c=c, shape=shape, data=sample, model=model)
+    triton_runs(run, triton, "wide 512: ", c, shape=shape, data=sample)
 
 
 def block_wide(run: Run) -> None:
